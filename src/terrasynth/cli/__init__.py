@@ -1,0 +1,1 @@
+"""The ``terrasynth`` command line."""

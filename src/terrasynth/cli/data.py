@@ -1,0 +1,159 @@
+"""``terrasynth data build | info | preview``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from terrasynth.errors import TerrasynthError
+from terrasynth.modalities import default_registry
+
+app = typer.Typer(help="Build, inspect and preview chip stores.", no_args_is_help=True)
+console = Console(stderr=True)
+
+
+def _parse_inputs(values: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        if "=" not in v:
+            raise TerrasynthError(f"--input expects MOD=FILE, got '{v}'")
+        mod, path = v.split("=", 1)
+        if mod in out:
+            raise TerrasynthError(f"--input names modality '{mod}' twice")
+        out[mod.strip()] = path.strip()
+    return out
+
+
+@app.command()
+def build(
+    sources: Annotated[
+        list[Path] | None, typer.Argument(help="Source folders (auto-detected).")
+    ] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Store to create.")] = Path(
+        "store"
+    ),
+    input_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--input", help="Generic mode: MOD=FILE, a GeoTIFF of modality MOD (repeatable)."
+        ),
+    ] = None,
+    modalities: Annotated[
+        list[Path] | None,
+        typer.Option("--modalities", help="YAML file of extra modalities (repeatable)."),
+    ] = None,
+    chip_size: Annotated[int, typer.Option(help="Chip size in pixels.")] = 64,
+    min_valid: Annotated[
+        float, typer.Option(help="Valid-pixel fraction for a band to count.")
+    ] = 0.5,
+    block_size: Annotated[float, typer.Option(help="Split block size in metres.")] = 2560.0,
+    seed: Annotated[int, typer.Option(help="Seed of the split assignment.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+    strict: Annotated[bool, typer.Option(help="Refuse unrecognised source paths.")] = False,
+) -> None:
+    """Build an aligned chip store from any supported sources."""
+    from terrasynth.data.build import build_store
+    from terrasynth.data.split import SplitConfig
+
+    registry = default_registry(list(modalities or []))
+    inputs = _parse_inputs(input_ or [])
+    if not sources and not inputs:
+        raise TerrasynthError("give source folders and/or --input MOD=FILE")
+    if chip_size <= 0 or chip_size % 16:
+        raise TerrasynthError("--chip-size must be a positive multiple of 16")
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[chips]} chips"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as progress:
+        task = progress.add_task("building", total=None, chips=0)
+
+        def on_scene(source: str, scene, n: int) -> None:
+            progress.update(
+                task,
+                description=f"{source}: {scene.scene_id}",
+                chips=progress.tasks[task].fields["chips"] + n,
+            )
+
+        report = build_store(
+            sources or [],
+            output,
+            registry,
+            inputs=inputs or None,
+            chip_size=chip_size,
+            min_valid=min_valid,
+            split=SplitConfig(block_size_m=block_size, seed=seed),
+            overwrite=overwrite,
+            strict=strict,
+            on_scene=on_scene,
+        )
+    if report.skipped:
+        names = ", ".join(Path(p).name for p in report.skipped)
+        console.print(
+            f"[yellow]skipped {len(report.skipped)} path(s) in no recognised source "
+            f"format[/] (--strict refuses them): {names}",
+            soft_wrap=True,
+        )
+    for name, n in report.chips_per_source.items():
+        console.print(
+            f"{name}: {report.scenes_per_source[name]} scenes, {n} chips, "
+            f"{report.seconds_per_source[name]:.1f} s"
+        )
+    typer.echo(f"wrote {report.chips} chips to {report.path}")
+
+
+@app.command()
+def info(
+    store: Annotated[Path, typer.Argument(help="A chip store.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show modalities, counts per split, grids and sources of a store."""
+    from terrasynth.data.store import ChipStore
+
+    s = ChipStore.open(store).summary()
+    if as_json:
+        typer.echo(json.dumps(s, indent=2))
+        return
+    out = Console()
+    out.print(
+        f"[bold]{store}[/]: {s['chips']} chips of {s['chip_size']} px; splits "
+        + ", ".join(f"{k} {v}" for k, v in s["splits"].items())
+    )
+    t = Table("modality", "train", "val", "test", title="chips per modality and split")
+    for m, c in s["modalities"].items():
+        t.add_row(m, str(c["train"]), str(c["val"]), str(c["test"]))
+    out.print(t)
+    t = Table("source", "scenes", "chips", "licence", title="sources")
+    for name, v in s["sources"].items():
+        t.add_row(name, str(v["scenes"]), str(v["chips"]), v["licence"])
+    out.print(t)
+    out.print("CRS: " + ", ".join(s["crs"]))
+    out.print("GSD (m): " + ", ".join(f"{g:g}" for g in s["gsd_m"]))
+
+
+@app.command()
+def preview(
+    store: Annotated[Path, typer.Argument(help="A chip store.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG file to write.")] = Path(
+        "preview.png"
+    ),
+    chips: Annotated[int, typer.Option("-n", "--chips", help="Chips per modality.")] = 6,
+    seed: Annotated[int, typer.Option(help="Seed of the chip choice.")] = 0,
+) -> None:
+    """Render a quick-look PNG of chips, one row per modality."""
+    from terrasynth.data.preview import render_preview
+    from terrasynth.data.store import ChipStore
+
+    path = render_preview(ChipStore.open(store), output, chips_per_modality=chips, seed=seed)
+    typer.echo(f"wrote {path}")

@@ -1,0 +1,108 @@
+"""Put every layer of a scene on the scene's reference grid, per band group.
+
+Each modality's finest band group lands on the scene grid; coarser groups land on the same
+footprint at their storage factor (``BandGroup.factor``: 2x, 4x coarser), so native
+resolution differences inside a modality survive. Resampling follows the modality's kind:
+bilinear for continuous values, nearest for class codes. Nodata travels as a validity mask;
+no value is invented where a source has none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from rasterio.warp import Resampling, reproject
+
+from terrasynth.data.scene import Grid, Layer, Scene
+from terrasynth.modalities import Modality, Registry
+
+
+@dataclass
+class AlignedGroup:
+    """One band group of one modality on the scene grid (scaled by the group factor)."""
+
+    bands: tuple[str, ...]
+    data: np.ndarray  # (C, H, W) float32 physical values, or class indices for categorical
+    valid: np.ndarray  # (C, H, W) bool
+    grid: Grid
+
+
+@dataclass
+class AlignedScene:
+    """A scene whose rasters all share one footprint; image-level labels kept aside."""
+
+    scene: Scene
+    groups: dict[tuple[str, str], AlignedGroup]
+
+
+def _resampling(modality: Modality) -> Resampling:
+    return Resampling.nearest if modality.kind == "categorical" else Resampling.bilinear
+
+
+def _warp_band(
+    src: np.ndarray, src_valid: np.ndarray, layer: Layer, dst: Grid, resampling: Resampling
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reproject one band and its validity onto ``dst``."""
+    out = np.zeros((dst.height, dst.width), np.float32)
+    # NaN marks invalid input so bilinear weights never mix nodata into valid pixels.
+    src_f = np.where(src_valid, src.astype(np.float32), np.nan)
+    reproject(
+        src_f,
+        out,
+        src_transform=layer.transform,
+        src_crs=layer.crs,
+        dst_transform=dst.transform,
+        dst_crs=dst.crs,
+        src_nodata=np.nan,
+        dst_nodata=np.nan,
+        resampling=resampling,
+    )
+    valid = np.isfinite(out)
+    return np.where(valid, out, 0.0).astype(np.float32), valid
+
+
+def align_scene(scene: Scene, registry: Registry) -> AlignedScene:
+    """Reproject all raster layers of ``scene`` onto its grid, per (modality, group)."""
+    groups: dict[tuple[str, str], AlignedGroup] = {}
+    for layer in scene.layers:
+        modality = registry[layer.modality]
+        resampling = _resampling(modality)
+        valid_all = layer.valid_mask()
+        codes = modality.class_index() if modality.kind == "categorical" else None
+        for b, band in enumerate(layer.bands):
+            group = modality.group_of(band)
+            key = (modality.name, group.name)
+            if key not in groups:
+                dst = scene.grid.scaled(group.factor)
+                shape = (len(group.bands), dst.height, dst.width)
+                groups[key] = AlignedGroup(
+                    group.bands, np.zeros(shape, np.float32), np.zeros(shape, bool), dst
+                )
+            target = groups[key]
+            src = layer.data[b]
+            src_valid = valid_all[b]
+            if codes is not None:
+                src, src_valid = _codes_to_index(src, src_valid, codes, modality)
+            data, valid = _warp_band(src, src_valid, layer, target.grid, resampling)
+            c = group.bands.index(band)
+            # A band given by several layers (rare) keeps the first valid value.
+            fill = valid & ~target.valid[c]
+            target.data[c][fill] = data[fill]
+            target.valid[c] |= valid
+    return AlignedScene(scene, groups)
+
+
+def _codes_to_index(
+    codes: np.ndarray, valid: np.ndarray, index: dict[int, int], modality: Modality
+) -> tuple[np.ndarray, np.ndarray]:
+    """Map legend codes to class indices 0..K-1; codes outside the legend become invalid."""
+    lut_size = max(max(index) + 1, int(codes.max(initial=0)) + 1)
+    lut = np.full(lut_size, -1, np.int32)
+    for code, i in index.items():
+        lut[code] = i
+    idx = lut[np.clip(codes, 0, lut_size - 1).astype(np.int64)]
+    if modality.nodata is not None:
+        valid = valid & (codes != modality.nodata)
+    ok = valid & (idx >= 0) & (codes >= 0)
+    return np.where(ok, idx, 0), ok

@@ -1,0 +1,282 @@
+"""A chip store as a PyTorch dataset, a chunk-aware sampler, geometric augmentation, collate.
+
+A sample is a flat dict of tensors whose shapes are the same for every chip of a store (an
+absent modality is zeros with its availability flag False), so batches stack directly:
+
+    "<mod>/<group>"        float32 (C, h, w), normalised with the store's statistics
+                           (categorical: int64 (h, w) class index, -1 where invalid)
+    "<mod>/<group>/valid"  bool (h, w)
+    "<mod>/bands"          bool (C_total,)   band-level availability
+    "<mod>/labels"         float32 (K,)      image-level labels (multilabel modalities)
+    "available"            bool (M,)         one flag per modality, in ``dataset.modalities``
+    "location"             float32 (2,)      lat, lon of the chip centre
+    "time"                 float32 (1,)      days since 1970 (NaN when unknown)
+    "transform"            float64 (6,)      affine of the (augmented) chip grid
+    "gsd"                  float32 ()        metres per pixel
+    "index"                int64 ()          row in the store
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler, default_collate
+
+from terrasynth.data.stats import apply_transform
+from terrasynth.data.store import CHUNK_CHIPS, ChipStore
+from terrasynth.errors import TerrasynthError
+
+Sample = dict[str, Any]
+
+
+class ChipDataset(Dataset):
+    """Chips of one split of a store, normalised, with optional augmentation."""
+
+    def __init__(
+        self,
+        store: ChipStore | str | Path,
+        split: str | None = None,
+        modalities: list[str] | None = None,
+        transform: Any = None,
+        cache_chunks: int = 64,
+    ) -> None:
+        self.store = store if isinstance(store, ChipStore) else ChipStore.open(store)
+        self.path = self.store.path
+        self.indices = self.store.indices(split)
+        self.registry = self.store.registry
+        self.modalities = modalities or self.store.modalities
+        for m in self.modalities:
+            if m not in self.store.modalities:
+                raise TerrasynthError(f"modality '{m}' is not in store {self.path}")
+        self.transform = transform
+        self.cache_chunks = cache_chunks
+        self.chip_size = self.store.chip_size
+        stats = self.store.stats
+        self._norm: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for m in self.modalities:
+            mod = self.registry[m]
+            if mod.kind != "continuous":
+                continue
+            bands = stats.get(m, {}).get("bands", {})
+            mean = np.array([bands.get(b, {}).get("mean", 0.0) for b in mod.bands], np.float32)
+            std = np.array([bands.get(b, {}).get("std", 1.0) for b in mod.bands], np.float32)
+            self._norm[m] = (mean, std)
+        table = self.store.table
+        self._location = table[["lat", "lon"]].to_numpy(np.float32)
+        self._time = table["time_days"].to_numpy(np.float32)
+        self._gsd = table["gsd_m"].to_numpy(np.float32)
+        self._affine = np.stack(table["transform"].to_numpy()).astype(np.float64)
+        self._has = np.stack([table[f"has_{m}"].to_numpy(bool) for m in self.modalities], 1)
+        self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # zarr handles are reopened in each DataLoader worker.
+        state = self.__dict__.copy()
+        state["store"] = None
+        state["_cache"] = OrderedDict()
+        return state
+
+    def _array(self, key: str, index: int) -> np.ndarray:
+        """Row ``index`` of array ``key``, read a whole chunk at a time."""
+        chunk = index // CHUNK_CHIPS
+        hit = self._cache.get((key, chunk))
+        if hit is None:
+            if self.store is None:
+                self.store = ChipStore.open(self.path)
+            arr = self.store.array(key)
+            hit = arr[chunk * CHUNK_CHIPS : (chunk + 1) * CHUNK_CHIPS]
+            self._cache[(key, chunk)] = hit
+            if len(self._cache) > self.cache_chunks * max(1, len(self.modalities) * 3):
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end((key, chunk))
+        return hit[index % CHUNK_CHIPS]
+
+    def __getitem__(self, i: int) -> Sample:
+        idx = int(self.indices[i])
+        sample: Sample = {}
+        for j, m in enumerate(self.modalities):
+            # An absent modality is never read: its zeros come without touching the store.
+            read = self._read_modality if self._has[idx, j] else self._absent_modality
+            sample.update(read(m, idx))
+        sample["available"] = torch.from_numpy(self._has[idx].copy())
+        sample["location"] = torch.from_numpy(self._location[idx].copy())
+        sample["time"] = torch.tensor([self._time[idx]], dtype=torch.float32)
+        sample["transform"] = torch.from_numpy(self._affine[idx].copy())
+        sample["gsd"] = torch.tensor(self._gsd[idx])
+        sample["index"] = torch.tensor(idx)
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return sample
+
+    def _read_modality(self, m: str, idx: int) -> Sample:
+        mod = self.registry[m]
+        if mod.kind == "multilabel":
+            labels = self._array(f"{m}/labels", idx).astype(np.float32)
+            return {f"{m}/labels": torch.from_numpy(labels)}
+        band_avail = self._array(f"{m}/bands", idx)
+        out: Sample = {f"{m}/bands": torch.from_numpy(band_avail.copy())}
+        offset = 0
+        for group in mod.groups:
+            data = self._array(f"{m}/{group.name}/data", idx)
+            valid = self._array(f"{m}/{group.name}/valid", idx)
+            n = len(group.bands)
+            if mod.kind == "categorical":
+                x = torch.from_numpy(np.where(valid, data[0].astype(np.int64), -1))
+            else:
+                mean, std = self._norm[m]
+                sl = slice(offset, offset + n)
+                v = apply_transform(data.astype(np.float32), mod.transform)
+                v = (v - mean[sl, None, None]) / std[sl, None, None]
+                v *= band_avail[sl, None, None]
+                x = torch.from_numpy(v.astype(np.float32))
+            out[f"{m}/{group.name}"] = x
+            out[f"{m}/{group.name}/valid"] = torch.from_numpy(valid.copy())
+            offset += n
+        return out
+
+    def _absent_modality(self, m: str, idx: int) -> Sample:
+        mod = self.registry[m]
+        if mod.kind == "multilabel":
+            return {f"{m}/labels": torch.zeros(mod.num_classes)}
+        out: Sample = {f"{m}/bands": torch.zeros(len(mod.bands), dtype=torch.bool)}
+        for group in mod.groups:
+            h = self.chip_size // group.factor
+            if mod.kind == "categorical":
+                out[f"{m}/{group.name}"] = torch.full((h, h), -1, dtype=torch.int64)
+            else:
+                out[f"{m}/{group.name}"] = torch.zeros(len(group.bands), h, h)
+            out[f"{m}/{group.name}/valid"] = torch.zeros(h, h, dtype=torch.bool)
+        return out
+
+
+class ChunkShuffleSampler(Sampler[int]):
+    """Random order that visits store chunks one at a time (shuffled chunks, shuffled inside).
+
+    Random access into a chunked store costs a chunk read per chip; this order reads each
+    chunk once per epoch while keeping batches well mixed across chunks of one source.
+    """
+
+    def __init__(self, dataset: ChipDataset, seed: int = 0) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng((self.seed, self.epoch))
+        chunks = self.dataset.indices // CHUNK_CHIPS
+        order = rng.permutation(np.unique(chunks))
+        for c in order:
+            members = np.flatnonzero(chunks == c)
+            yield from rng.permutation(members).tolist()
+
+
+class RandomCropFlip:
+    """Crop and flip/rotate every raster of a sample together, keeping groups registered.
+
+    Crop offsets are multiples of the coarsest group factor so each band group is cut at
+    the same ground position; the chip's affine transform is updated to match.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        chip_size: int,
+        max_factor: int = 4,
+        flips: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        if size % max_factor or size > chip_size:
+            raise ValueError(f"crop size must be a multiple of {max_factor} and <= {chip_size}")
+        self.size, self.chip_size, self.max_factor, self.flips = size, chip_size, max_factor, flips
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+    def _randint(self, n: int) -> int:
+        return int(torch.randint(n, (1,), generator=self.generator))
+
+    def __call__(self, sample: Sample) -> Sample:
+        steps = (self.chip_size - self.size) // self.max_factor + 1
+        r0 = self._randint(steps) * self.max_factor
+        c0 = self._randint(steps) * self.max_factor
+        k = self._randint(4) if self.flips else 0
+        flip = bool(self._randint(2)) if self.flips else False
+        out: Sample = {}
+        for key, x in sample.items():
+            if not _is_raster(key, x):
+                out[key] = x
+                continue
+            f = self.chip_size // x.shape[-1]
+            n = self.size // f
+            y = x[..., r0 // f : r0 // f + n, c0 // f : c0 // f + n]
+            if flip:
+                y = torch.flip(y, dims=(-1,))
+            out[key] = torch.rot90(y, k, dims=(-2, -1)).contiguous()
+        out["transform"] = _augmented_affine(sample["transform"], r0, c0, self.size, flip, k)
+        return out
+
+
+def _is_raster(key: str, x: Any) -> bool:
+    return (
+        isinstance(x, torch.Tensor)
+        and x.ndim >= 2
+        and "/" in key
+        and not key.endswith(("/bands", "/labels"))
+    )
+
+
+def _augmented_affine(
+    t: torch.Tensor, r0: int, c0: int, size: int, flip: bool, k: int
+) -> torch.Tensor:
+    """Affine of the output pixel grid: crop, then horizontal flip, then ``k`` rot90s."""
+    a, b, c, d, e, f = t.tolist()
+    m = np.array([[a, b, c], [d, e, f], [0, 0, 1]], np.float64)
+    m = m @ np.array([[1, 0, c0], [0, 1, r0], [0, 0, 1]], np.float64)
+    if flip:
+        m = m @ np.array([[-1, 0, size], [0, 1, 0], [0, 0, 1]], np.float64)
+    for _ in range(k):
+        # torch.rot90 (counter-clockwise): output (r, c) shows input (c, size - 1 - r);
+        # in pixel-corner coordinates input (x, y) = (size - y', x').
+        m = m @ np.array([[0, -1, size], [1, 0, 0], [0, 0, 1]], np.float64)
+    return torch.tensor([m[0, 0], m[0, 1], m[0, 2], m[1, 0], m[1, 1], m[1, 2]], dtype=torch.float64)
+
+
+def collate_chips(batch: list[Sample]) -> Sample:
+    """Stack samples; availability flags stay per chip ("available", "<mod>/bands")."""
+    out = default_collate(batch)
+    out["available"] = out["available"].bool()
+    return out
+
+
+def max_group_factor(dataset: ChipDataset) -> int:
+    """Coarsest band-group factor among the dataset's modalities."""
+    factors = [g.factor for m in dataset.modalities for g in dataset.registry[m].groups]
+    return max(factors, default=1) if factors else 1
+
+
+def chips_per_second(loader: torch.utils.data.DataLoader, max_batches: int) -> float:
+    """Chips per second drawn through ``loader`` (for the benchmarks)."""
+    import time
+
+    n, t0 = 0, time.perf_counter()
+    for i, batch in enumerate(loader):
+        n += len(batch["index"])
+        if i + 1 >= max_batches:
+            break
+    return n / max(time.perf_counter() - t0, math.ulp(1.0))

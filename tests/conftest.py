@@ -1,0 +1,45 @@
+"""Shared fixtures: the real data in ../shared/data and small stores built from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ZION = DATA / "zion_landsat8_srtm_nlcd"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not DATA.exists():
+        skip = pytest.mark.skip(reason=f"real data folder {DATA} not found")
+        for item in items:
+            if "needs_data" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def zion_scene():
+    """The Zion folder as one Scene, read directly with read_layer (no reader involved)."""
+    from terrasynth.data.raster_io import read_layer
+    from terrasynth.data.scene import Scene
+
+    layers = [read_layer(ZION / f"landsat_b{b}.tif", "landsat8", [f"B{b}"]) for b in (2, 3, 4, 5)]
+    layers.append(read_layer(ZION / "srtm.tif", "dem", ["elevation"]))
+    layers.append(read_layer(ZION / "nlcd2011.tif", "landcover_nlcd", ["class"], categorical=True))
+    return Scene("zion", "test", "CC0-1.0", layers[0].grid, layers)
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory) -> Path:
+    """A store built through the CLI code path from three real sources."""
+    from terrasynth.data.build import build_store
+    from terrasynth.modalities import default_registry
+
+    out = tmp_path_factory.mktemp("stores") / "small"
+    build_store(
+        [ZION, DATA / "bigearthnet_v1_examples", DATA / "eolearn_eopatch"],
+        out,
+        default_registry(),
+    )
+    return out

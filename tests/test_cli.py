@@ -1,0 +1,238 @@
+"""The command line as a user meets it: builds, info, preview, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+from tests.conftest import DATA, ZION
+
+pytestmark = pytest.mark.needs_data
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "terrasynth.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, pattern: str) -> None:
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: ")
+    assert pattern in lines[0], lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def nothing_left(folder: Path, name: str) -> bool:
+    return not any(p.name in (name, f".{name}.partial") for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def landsat_4326(tmp_path_factory) -> Path:
+    """Real Zion Landsat bands reprojected to EPSG:4326, odd size, with a nodata region."""
+    out = tmp_path_factory.mktemp("geo") / "zion_landsat_4326.tif"
+    srcs = [rasterio.open(ZION / f"landsat_b{b}.tif") for b in (2, 3, 4, 5)]
+    s0 = srcs[0]
+    window = rasterio.windows.Window(100, 200, 333, 271)
+    bounds = rasterio.windows.bounds(window, s0.transform)
+    tr, w, h = calculate_default_transform(s0.crs, "EPSG:4326", 333, 271, *bounds)
+    dst = np.zeros((4, h, w), np.uint16)
+    for i, s in enumerate(srcs):
+        reproject(
+            s.read(1, window=window),
+            dst[i],
+            src_transform=s.window_transform(window),
+            src_crs=s.crs,
+            dst_transform=tr,
+            dst_crs="EPSG:4326",
+            src_nodata=65535,
+            dst_nodata=65535,
+            resampling=Resampling.bilinear,
+        )
+    dst[:, : h // 3, :] = 65535  # a nodata strip, as at a scene edge
+    with rasterio.open(
+        out,
+        "w",
+        driver="GTiff",
+        width=w,
+        height=h,
+        count=4,
+        dtype="uint16",
+        crs="EPSG:4326",
+        transform=tr,
+        nodata=65535,
+    ) as f:
+        f.write(dst)
+    return out
+
+
+def test_help_and_unknown_command():
+    assert cli("--help").returncode == 0
+    assert cli("frobnicate").returncode != 0
+
+
+def test_build_info_preview_from_several_sources(tmp_path):
+    store = tmp_path / "store"
+    res = cli(
+        "data", "build", str(ZION), str(DATA / "ssl4eo_s12"), str(DATA / "flair2"), "-o", str(store)
+    )
+    assert res.returncode == 0, res.stderr
+    info = cli("data", "info", str(store), "--json")
+    s = json.loads(info.stdout)
+    assert set(s["sources"]) == {"band_folder", "ssl4eo_s12", "flair"}
+    assert (
+        s["modalities"]["s1grd"]["train"]
+        + s["modalities"]["s1grd"]["test"]
+        + s["modalities"]["s1grd"]["val"]
+        > 0
+    )
+    text = cli("data", "info", str(store))
+    assert "landcover_flair" in text.stdout and "train" in text.stdout
+    png = tmp_path / "p.png"
+    res = cli("data", "preview", str(store), "-o", str(png), "-n", "3")
+    assert res.returncode == 0, res.stderr
+    img = __import__("matplotlib.image", fromlist=["imread"]).imread(png)
+    assert img.shape[0] > 300 and img.std() > 0.05
+
+
+def test_generic_mode_epsg4326_with_nodata(tmp_path, landsat_4326):
+    store = tmp_path / "g"
+    res = cli(
+        "data",
+        "build",
+        "--input",
+        f"landsat8={landsat_4326}",
+        "--input",
+        f"dem={ZION / 'srtm.tif'}",
+        "-o",
+        str(store),
+        "--chip-size",
+        "32",
+    )
+    assert res.returncode == 0, res.stderr
+    from terrasynth.data.store import ChipStore
+
+    st = ChipStore.open(store)
+    assert set(st.table["crs"]) == {"EPSG:4326"}
+    assert st.table["has_dem"].all()
+    valid = st.array("landsat8/r30m/valid")[:]
+    assert valid.mean() < 1.0  # the nodata strip is carried as invalid, not filled
+    data = st.array("landsat8/r30m/data")[:]
+    assert (data[:, 0][valid] > 5000).all()  # real DN where valid
+
+
+def test_truncated_file_fails_cleanly(tmp_path):
+    src = tmp_path / "zion"
+    shutil.copytree(ZION, src)
+    f = src / "landsat_b4.tif"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    res = cli("data", "build", str(src), "-o", str(tmp_path / "out"))
+    assert_one_line_error(res, "landsat_b4.tif")
+    assert nothing_left(tmp_path, "out")
+
+
+def test_band_count_mismatch(tmp_path):
+    res = cli(
+        "data", "build", "--input", f"s2l2a={ZION / 'landsat_b2.tif'}", "-o", str(tmp_path / "out")
+    )
+    assert_one_line_error(res, "12 band")
+    assert nothing_left(tmp_path, "out")
+
+
+def test_unknown_modality(tmp_path):
+    res = cli(
+        "data",
+        "build",
+        "--input",
+        f"sentinel9={ZION / 'landsat_b2.tif'}",
+        "-o",
+        str(tmp_path / "out"),
+    )
+    assert_one_line_error(res, "unknown modality 'sentinel9'")
+
+
+def test_non_overlapping_extents(tmp_path, landsat_4326):
+    far = tmp_path / "far.tif"
+    with rasterio.open(landsat_4326) as s:
+        profile = s.profile
+        profile["transform"] = rasterio.Affine(
+            s.transform.a, 0, s.transform.c + 40, 0, s.transform.e, s.transform.f
+        )
+        data = s.read()
+    with rasterio.open(far, "w", **profile) as d:
+        d.write(data)
+    res = cli(
+        "data",
+        "build",
+        "--input",
+        f"landsat8={landsat_4326}",
+        "--input",
+        f"dem={far}",
+        "-o",
+        str(tmp_path / "out"),
+    )
+    assert_one_line_error(res, "overlap")
+    assert nothing_left(tmp_path, "out")
+
+
+def test_out_of_range_values_are_refused(tmp_path):
+    # 16-bit Landsat DN given as NDVI (range -1..1): a scaling mistake, refused
+    res = cli(
+        "data", "build", "--input", f"ndvi={ZION / 'landsat_b2.tif'}", "-o", str(tmp_path / "out")
+    )
+    assert_one_line_error(res, "far outside its range")
+    assert nothing_left(tmp_path, "out")
+
+
+def test_unrecognised_folder_alone_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = cli("data", "build", str(tmp_path / "empty"), "-o", str(tmp_path / "out"))
+    assert_one_line_error(res, "not a recognised source format")
+
+
+def test_user_modality_from_config_file(tmp_path):
+    """A modality defined in a YAML file enters a store with no code change."""
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(
+        "modalities:\n"
+        "  oli_red:\n"
+        "    description: Landsat 8 OLI red band, DN\n"
+        "    kind: continuous\n"
+        "    units: DN\n"
+        "    value_range: [0, 65535]\n"
+        "    groups:\n"
+        "      - {name: r30m, gsd: 30, bands: [red]}\n"
+    )
+    store = tmp_path / "s"
+    res = cli(
+        "data",
+        "build",
+        "--modalities",
+        str(cfg),
+        "--input",
+        f"oli_red={ZION / 'landsat_b4.tif'}",
+        "--input",
+        f"dem={ZION / 'srtm.tif'}",
+        "-o",
+        str(store),
+    )
+    assert res.returncode == 0, res.stderr
+    from terrasynth.data.store import ChipStore
+
+    st = ChipStore.open(store)
+    assert "oli_red" in st.modalities
+    assert st.array("oli_red/r30m/data").shape[1:] == (1, 64, 64)
+    assert st.stats["oli_red"]["bands"]["red"]["mean"] > 1000

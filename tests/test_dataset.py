@@ -1,0 +1,108 @@
+"""The store as a PyTorch dataset: normalisation, geometry-respecting augmentation, batching."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from terrasynth.data.dataset import (
+    ChipDataset,
+    ChunkShuffleSampler,
+    RandomCropFlip,
+    _augmented_affine,
+    collate_chips,
+)
+
+pytestmark = pytest.mark.needs_data
+
+
+@pytest.fixture(scope="module")
+def ds(small_store):
+    return ChipDataset(small_store)
+
+
+def test_sample_keys_and_shapes(ds):
+    s = ds[0]
+    assert s["available"].shape == (len(ds.modalities),)
+    assert s["s2l2a/r10m"].shape == (4, 64, 64)
+    assert s["s2l2a/r60m"].shape == (2, 16, 16)
+    assert s["landcover_nlcd/r30m"].dtype == torch.int64
+    assert s["corine/labels"].shape == (44,)
+    assert s["transform"].dtype == torch.float64
+
+
+def test_normalised_values_are_standardised(ds):
+    mi = ds.modalities.index("landsat8")
+    xs = [ds[i]["landsat8/r30m"] for i in range(len(ds)) if ds[i]["available"][mi]][:80]
+    x = torch.stack(xs)
+    assert abs(float(x.mean())) < 0.6
+    assert 0.4 < float(x.std()) < 2.0
+
+
+def test_categorical_invalid_is_minus_one(ds):
+    mi = ds.modalities.index("landcover_nlcd")
+    s = next(ds[i] for i in range(len(ds)) if not ds[i]["available"][mi])
+    assert (s["landcover_nlcd/r30m"] == -1).all()
+
+
+def test_split_subset(small_store):
+    train = ChipDataset(small_store, split="train")
+    test = ChipDataset(small_store, split="test")
+    assert len(train) > len(test) > 0
+    assert not set(train.indices) & set(test.indices)
+
+
+def test_crop_flip_keeps_groups_registered(ds):
+    """Crop/flip/rotate moves 10 m and 60 m S2 groups together; affine follows the pixels."""
+    i = next(i for i in range(len(ds)) if ds[i]["available"][ds.modalities.index("s2l2a")])
+    s = ds[i]
+    aug = RandomCropFlip(48, 64, max_factor=4, seed=1)
+    for _ in range(6):
+        out = aug(s)
+        assert out["s2l2a/r10m"].shape == (4, 48, 48)
+        assert out["s2l2a/r60m"].shape == (2, 12, 12)
+        # block-averaging the 10 m group to 60 m grid stays aligned with the 60 m group's
+        # footprint: the coarse valid mask of r10m equals a pooled r10m mask
+        v10 = out["s2l2a/r10m/valid"].float()
+        pooled = torch.nn.functional.avg_pool2d(v10[None, None], 4)[0, 0]
+        assert pooled.shape == out["s2l2a/r60m/valid"].shape
+
+
+def test_augmented_affine_maps_pixels_to_the_same_ground():
+    t = torch.tensor([10.0, 0, 1000.0, 0, -10.0, 5000.0], dtype=torch.float64)
+    img = np.arange(64 * 64).reshape(64, 64)
+    for flip in (False, True):
+        for k in range(4):
+            crop = img[8:56, 4:52]
+            y = np.flip(crop, axis=-1) if flip else crop
+            y = np.rot90(y, k)
+            a = _augmented_affine(t, 8, 4, 48, flip, k).numpy()
+            for r, c in ((0, 0), (5, 17), (47, 3)):
+                # ground coordinate of output pixel centre
+                gx = a[0] * (c + 0.5) + a[1] * (r + 0.5) + a[2]
+                gy = a[3] * (c + 0.5) + a[4] * (r + 0.5) + a[5]
+                src_c = int((gx - 1000.0) / 10.0)
+                src_r = int((gy - 5000.0) / -10.0)
+                assert img[src_r, src_c] == y[r, c]
+
+
+def test_dataloader_with_workers_keeps_availability(small_store):
+    ds = ChipDataset(small_store, transform=RandomCropFlip(48, 64, seed=0))
+    loader = DataLoader(
+        ds,
+        batch_size=16,
+        sampler=ChunkShuffleSampler(ds, seed=0),
+        num_workers=2,
+        collate_fn=collate_chips,
+    )
+    batch = next(iter(loader))
+    assert batch["available"].dtype == torch.bool
+    assert batch["available"].shape == (16, len(ds.modalities))
+    assert batch["s2l2a/r10m"].shape == (16, 4, 48, 48)
+    assert batch["s2l2a/bands"].shape == (16, 12)
+
+
+def test_chunk_sampler_is_a_permutation(ds):
+    order = list(ChunkShuffleSampler(ds, seed=3))
+    assert sorted(order) == list(range(len(ds)))
+    assert order != list(range(len(ds)))
