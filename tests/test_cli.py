@@ -236,3 +236,51 @@ def test_user_modality_from_config_file(tmp_path):
     assert "oli_red" in st.modalities
     assert st.array("oli_red/r30m/data").shape[1:] == (1, 64, 64)
     assert st.stats["oli_red"]["bands"]["red"]["mean"] > 1000
+
+
+def test_generic_mode_per_resolution_files_and_scaling(tmp_path):
+    """S2 L1C delivered as one file per resolution, in DN: bands named by descriptions."""
+    folder = DATA / "s2l1c_brandenburg"
+    files = sorted(folder.glob("*_[126]0m.tif"))
+    assert len(files) == 3
+    args = [a for f in files for a in ("--input", f"s2l1c={f}")]
+    store = tmp_path / "bb"
+    # DN given as reflectance: refused with a hint, nothing left behind
+    res = cli("data", "build", *args, "-o", str(store))
+    assert_one_line_error(res, "--scale")
+    assert nothing_left(tmp_path, "bb")
+    res = cli("data", "build", *args, "--scale", "s2l1c=0.0001", "-o", str(store))
+    assert res.returncode == 0, res.stderr
+    from terrasynth.data.store import ChipStore
+
+    st = ChipStore.open(store)
+    assert st.array("s2l1c/bands")[:].all()  # all 13 bands found across the three files
+    means = {b: v["mean"] for b, v in st.stats["s2l1c"]["bands"].items()}
+    assert means["B10"] < 0.01 < means["B02"] < 0.4  # cirrus band dark, visible plausible
+
+
+def test_generic_mode_band_subset_in_the_key(tmp_path):
+    f = DATA / "s2l2a_dolomites" / "S2_L2A_Tofane_202206_B02B03B04B08.tif"
+    store = tmp_path / "d"
+    res = cli(
+        "data",
+        "build",
+        "--input",
+        f"s2l2a:B02,B03,B04,B08={f}",
+        "--scale",
+        "s2l2a=0.0001",
+        "--offset",
+        "s2l2a=-0.1",
+        "-o",
+        str(store),
+    )
+    assert res.returncode == 0, res.stderr
+    from terrasynth.data.store import ChipStore
+
+    st = ChipStore.open(store)
+    avail = st.array("s2l2a/bands")[:]
+    assert avail[:, :4].all() and not avail[:, 4:].any()
+    res = cli("data", "build", "--input", f"s2l2a:B02,B03={f}", "-o", str(tmp_path / "e"))
+    assert_one_line_error(res, "file has 4")
+    res = cli("data", "build", "--input", f"s2l2a:B99,B03,B04,B08={f}", "-o", str(tmp_path / "e"))
+    assert_one_line_error(res, "no band 'B99'")

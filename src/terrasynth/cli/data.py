@@ -18,15 +18,26 @@ app = typer.Typer(help="Build, inspect and preview chip stores.", no_args_is_hel
 console = Console(stderr=True)
 
 
-def _parse_inputs(values: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
+def _parse_numbers(values: list[str], option: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for v in values:
+        mod, sep, num = v.partition("=")
+        try:
+            out[mod.strip()] = float(num)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise TerrasynthError(f"{option} expects MOD=NUMBER, got '{v}'")
+    return out
+
+
+def _parse_inputs(values: list[str]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
     for v in values:
         if "=" not in v:
             raise TerrasynthError(f"--input expects MOD=FILE, got '{v}'")
         mod, path = v.split("=", 1)
-        if mod in out:
-            raise TerrasynthError(f"--input names modality '{mod}' twice")
-        out[mod.strip()] = path.strip()
+        out.append((mod.strip(), path.strip()))
     return out
 
 
@@ -43,6 +54,13 @@ def build(
         typer.Option(
             "--input", help="Generic mode: MOD=FILE, a GeoTIFF of modality MOD (repeatable)."
         ),
+    ] = None,
+    scale: Annotated[
+        list[str] | None,
+        typer.Option("--scale", help="Generic mode: MOD=FACTOR; physical = raw * FACTOR + OFFSET."),
+    ] = None,
+    offset: Annotated[
+        list[str] | None, typer.Option("--offset", help="Generic mode: MOD=OFFSET (see --scale).")
     ] = None,
     modalities: Annotated[
         list[Path] | None,
@@ -63,6 +81,9 @@ def build(
 
     registry = default_registry(list(modalities or []))
     inputs = _parse_inputs(input_ or [])
+    scales = _parse_numbers(scale or [], "--scale")
+    offsets = _parse_numbers(offset or [], "--offset")
+    scaling = {m: (scales.get(m, 1.0), offsets.get(m, 0.0)) for m in {*scales, *offsets}}
     if not sources and not inputs:
         raise TerrasynthError("give source folders and/or --input MOD=FILE")
     if chip_size <= 0 or chip_size % 16:
@@ -91,6 +112,7 @@ def build(
             output,
             registry,
             inputs=inputs or None,
+            scaling=scaling,
             chip_size=chip_size,
             min_valid=min_valid,
             split=SplitConfig(block_size_m=block_size, seed=seed),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +50,8 @@ def check_layer_values(scene: Scene, registry: Registry) -> None:
         if med < lo - width or med > hi + width:
             raise InputError(
                 f"{scene.scene_id}: {mod.name} values (median {med:.4g}) are far outside its "
-                f"range [{lo:g}, {hi:g}] {mod.units}; check the modality, scale and units"
+                f"range [{lo:g}, {hi:g}] {mod.units}; check the modality, scale and units "
+                "(--scale/--offset for your own files)"
             )
 
 
@@ -74,7 +75,8 @@ def build_store(
     output: str | Path,
     registry: Registry,
     *,
-    inputs: dict[str, str] | None = None,
+    inputs: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+    scaling: dict[str, tuple[float, float]] | None = None,
     chip_size: int = 64,
     min_valid: float = 0.5,
     split: SplitConfig | None = None,
@@ -94,7 +96,7 @@ def build_store(
         raise TerrasynthError("no recognised source given")
     jobs: list[tuple[str, Iterator[Scene]]] = [(s.name, s.scenes(str(p))) for p, s in found]
     if inputs:
-        jobs.append(("generic", iter([generic_scene(inputs, registry)])))
+        jobs.append(("generic", iter([generic_scene(inputs, registry, scaling=scaling)])))
     writer = StoreWriter(output, registry, chip_size, split, overwrite=overwrite)
     report = BuildReport(Path(output), 0, skipped=skipped)
     try:

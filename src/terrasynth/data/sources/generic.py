@@ -1,7 +1,8 @@
 """Generic mode: users' own GeoTIFFs given as ``--input MOD=FILE``.
 
-Each file holds bands of one registry modality: all of them in registry order, or a subset
-named by the file's band descriptions (e.g. "B04", "B03", "B02"; case-insensitive). Files may
+Each file holds bands of one registry modality: all of them in registry order, a subset
+named by the file's band descriptions (e.g. "B04", "B03", "B02"; case-insensitive), or a
+subset named in the key, ``--input s2l2a:B04,B03,B02=rgb.tif`` (file band order). Files may
 be in any CRS and size and need not be co-registered; the first input's grid is the scene's
 reference grid, and every other input must overlap its footprint. A modality with several
 band groups (s2l2a) read from one file is one layer on one grid; alignment resamples it per
@@ -12,6 +13,7 @@ file's nodata marks invalid pixels.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +31,11 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _band_layout(path: Path, modality: Modality) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """Band names and 1-based file indexes: by band descriptions, else registry order."""
+def _band_layout(
+    path: Path, modality: Modality, given: tuple[str, ...] = ()
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Band names and 1-based file indexes: as given, by band descriptions, else registry
+    order."""
     if not path.exists():
         raise InputError(f"{path}: file not found")
     try:
@@ -39,7 +44,15 @@ def _band_layout(path: Path, modality: Modality) -> tuple[tuple[str, ...], tuple
     except RasterioError as exc:
         raise InputError(f"{path}: unreadable raster ({_first_line(exc)})") from exc
     by_lower = {b.lower(): b for b in modality.bands}
-    named = tuple(by_lower.get((d or "").strip().lower(), "") for d in descriptions)
+    if given:
+        if len(given) != count:
+            raise InputError(
+                f"{path}: {len(given)} band(s) named for {modality.name} "
+                f"({', '.join(given)}), file has {count}"
+            )
+        return given, tuple(range(1, count + 1))
+    # A description names a band by its first word: "B04", "B04 red (L2A DN)", "VV".
+    named = tuple(by_lower.get(((d or "").split() or [""])[0].lower(), "") for d in descriptions)
     if all(named) and len(set(named)) == len(named):
         return named, tuple(range(1, count + 1))
     if count == len(modality.bands):
@@ -69,24 +82,43 @@ def _overlaps(grid: Grid, ref: Grid, path: Path) -> bool:
 
 
 def generic_scene(
-    inputs: dict[str, str | Path],
+    inputs: Mapping[str, str | Path] | Iterable[tuple[str, str | Path]],
     registry: Registry | None = None,
     scene_id: str | None = None,
+    scaling: dict[str, tuple[float, float]] | None = None,
 ) -> Scene:
-    """One scene from ``{modality: file}``; the first file's grid is the reference grid."""
-    if not inputs:
+    """One scene from ``{modality: file}`` (or ``(modality, file)`` pairs, so one modality
+    may come in several files, e.g. one per resolution); the first file's grid is the
+    reference grid.
+
+    ``scaling`` maps a modality to ``(scale, offset)``: physical = raw * scale + offset
+    (e.g. ``(1e-4, -0.1)`` for Sentinel-2 L2A DN of processing baseline 04.00 and later).
+    """
+    items = list(inputs.items() if isinstance(inputs, Mapping) else inputs)
+    if not items:
         raise InputError("no input files given (use --input MOD=FILE)")
     registry = registry if registry is not None else default_registry()
-    first = Path(next(iter(inputs.values())))
+    first = Path(items[0][1])
     layers: list[Layer] = []
-    for name, file in inputs.items():
+    for key, file in items:
         path = Path(file)
+        name, _, band_spec = key.partition(":")
         modality = registry[name]  # UnknownModalityError names the known ones
         if not modality.is_raster:
             raise InputError(f"{path}: {name} is a {modality.kind} modality, not a raster")
-        bands, indexes = _band_layout(path, modality)
+        given = tuple(b.strip() for b in band_spec.split(",") if b.strip())
+        for band in given:
+            modality.group_of(band)  # a clear error for a band the modality lacks
+        bands, indexes = _band_layout(path, modality, given)
+        scale, offset = (scaling or {}).get(name, (1.0, 0.0))
         layer = read_layer(
-            path, name, bands, indexes=indexes, categorical=modality.kind == "categorical"
+            path,
+            name,
+            bands,
+            indexes=indexes,
+            scale=scale,
+            offset=offset,
+            categorical=modality.kind == "categorical",
         )
         if layers and not _overlaps(layer.grid, layers[0].grid, path):
             raise InputError(f"{path} does not overlap {first}")
