@@ -32,8 +32,9 @@ def test_coregistration_ndvi_water_vs_forest(aligned):
     reg = default_registry()
     ls = aligned.groups[("landsat8", "r30m")]
     lc = aligned.groups[("landcover_nlcd", "r30m")]
-    red, nir = ls.data[2], ls.data[3]
-    ok = ls.valid[2] & ls.valid[3] & lc.valid[0]
+    r, n = ls.bands.index("B4"), ls.bands.index("B5")
+    red, nir = ls.data[r], ls.data[n]
+    ok = ls.valid[r] & ls.valid[n] & lc.valid[0]
     ndvi = (nir - red) / np.maximum(nir + red, 1.0)
     index = reg["landcover_nlcd"].class_index()
     cls = lc.data[0]
@@ -69,5 +70,6 @@ def test_nodata_stays_invalid(zion_scene):
     valid[:, :200, :] = False
     scene = replace(zion_scene, layers=[replace(layer, valid=valid)])
     g = align_scene(scene, default_registry()).groups[("landsat8", "r30m")]
-    assert not g.valid[0, :199, :].any()
-    assert g.valid[0, 250:, :].mean() > 0.5
+    b2 = g.bands.index("B2")
+    assert not g.valid[b2, :199, :].any()
+    assert g.valid[b2, 250:, :].mean() > 0.5

@@ -29,7 +29,16 @@ def test_cut_chips_on_zion(zion_scene):
     assert 250 < len(chips) <= 22 * 17
     c = chips[0]
     data, valid = c.groups[("landsat8", "r30m")]
-    assert data.shape == (4, 64, 64) and valid.shape == (4, 64, 64)
+    assert data.shape == (7, 64, 64) and valid.shape == (7, 64, 64)  # B1..B7
+    assert c.band_available["landsat8"] == {
+        "B1": False,
+        "B2": True,
+        "B3": True,
+        "B4": True,
+        "B5": True,
+        "B6": False,
+        "B7": False,
+    }
     # chip grids tile the scene grid exactly
     assert c.grid.transform.a == zion_scene.grid.transform.a
     assert c.grid.crs == zion_scene.grid.crs

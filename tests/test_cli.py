@@ -114,7 +114,7 @@ def test_generic_mode_epsg4326_with_nodata(tmp_path, landsat_4326):
         "data",
         "build",
         "--input",
-        f"landsat8={landsat_4326}",
+        f"landsat8:B2,B3,B4,B5={landsat_4326}",
         "--input",
         f"dem={ZION / 'srtm.tif'}",
         "-o",
@@ -131,7 +131,7 @@ def test_generic_mode_epsg4326_with_nodata(tmp_path, landsat_4326):
     valid = st.array("landsat8/r30m/valid")[:]
     assert valid.mean() < 1.0  # the nodata strip is carried as invalid, not filled
     data = st.array("landsat8/r30m/data")[:]
-    assert (data[:, 0][valid] > 5000).all()  # real DN where valid
+    assert (data[:, 1][valid] > 5000).all()  # real B2 DN where valid
 
 
 def test_truncated_file_fails_cleanly(tmp_path):
@@ -178,7 +178,7 @@ def test_non_overlapping_extents(tmp_path, landsat_4326):
         "data",
         "build",
         "--input",
-        f"landsat8={landsat_4326}",
+        f"landsat8:B2,B3,B4,B5={landsat_4326}",
         "--input",
         f"dem={far}",
         "-o",

@@ -285,7 +285,7 @@ def test_generic_scene_from_real_files(tmp_path: Path, landsat_tif: Path) -> Non
     dem, crs, transform = _dem_crop(landsat_tif)
     dem[:, :10, :] = 65535  # a no-data strip along the northern edge
     dem_tif = _write(tmp_path / "dem.tif", dem, crs, transform, nodata=65535)
-    scene = generic_scene({"landsat8": landsat_tif, "dem": str(dem_tif)})
+    scene = generic_scene({"landsat8:B2,B3,B4,B5": landsat_tif, "dem": str(dem_tif)})
     assert scene.scene_id == "landsat" and scene.source == "generic" and scene.licence == "user"
     assert scene.grid.crs.to_epsg() == 32612
     assert (scene.grid.width, scene.grid.height) == (200, 160)
@@ -327,7 +327,9 @@ def test_generic_wrong_band_count(tmp_path: Path, landsat_tif: Path) -> None:
         three = _write(tmp_path / "three.tif", src.read([1, 2, 3]), src.crs, src.transform)
     with pytest.raises(InputError) as exc:
         generic_scene({"landsat8": three})
-    assert _one_line(exc).endswith("landsat8 expects 4 bands (B2, B3, B4, B5), file has 3")
+    assert _one_line(exc).endswith(
+        "landsat8 expects 7 bands (B1, B2, B3, B4, B5, B6, B7), file has 3"
+    )
     with pytest.raises(InputError) as exc:
         generic_scene({"s2l2a": three})
     msg = _one_line(exc)
@@ -346,7 +348,7 @@ def test_generic_non_overlapping_extent(tmp_path: Path, landsat_tif: Path) -> No
     dem, crs, transform = _dem_crop(landsat_tif, shift_deg=40.0)
     far = _write(tmp_path / "far_dem.tif", dem, crs, transform, nodata=65535)
     with pytest.raises(InputError) as exc:
-        generic_scene({"landsat8": landsat_tif, "dem": far})
+        generic_scene({"landsat8:B2,B3,B4,B5": landsat_tif, "dem": far})
     assert _one_line(exc) == f"{far} does not overlap {landsat_tif}"
 
 

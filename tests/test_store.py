@@ -68,7 +68,7 @@ def test_chip_georeference_matches_the_source_raster(store):
         col0, row0 = ~src.transform @ (tr.c, tr.f)
         window = rasterio.windows.Window(round(col0), round(row0), 64, 64)
         expected = src.read(1, window=window).astype(np.float32)
-    got = store.array("landsat8/r30m/data")[i][2]
+    got = store.array("landsat8/r30m/data")[i][3]  # B4 in B1..B7
     valid = store.array("landsat8/r30m/valid")[i]
     assert np.allclose(got[valid], expected[valid], atol=0.5)
 

@@ -73,7 +73,9 @@ def build(
     block_size: Annotated[float, typer.Option(help="Split block size in metres.")] = 2560.0,
     seed: Annotated[int, typer.Option(help="Seed of the split assignment.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
-    strict: Annotated[bool, typer.Option(help="Refuse unrecognised source paths.")] = False,
+    strict: Annotated[
+        bool, typer.Option(help="Refuse unrecognised source paths and inputs that look wrong.")
+    ] = False,
 ) -> None:
     """Build an aligned chip store from any supported sources."""
     from terrasynth.data.build import build_store
@@ -120,6 +122,8 @@ def build(
             strict=strict,
             on_scene=on_scene,
         )
+    for line in dict.fromkeys(report.warnings):
+        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True, highlight=False)
     if report.skipped:
         names = ", ".join(Path(p).name for p in report.skipped)
         console.print(
@@ -135,6 +139,14 @@ def build(
     typer.echo(f"wrote {report.chips} chips to {report.path}")
 
 
+def _bands_text(all_bands: tuple[str, ...], present: list[str], modality: str) -> str:
+    if not all_bands:
+        return modality
+    if len(present) == len(all_bands):
+        return f"{modality} (all {len(all_bands)} bands)"
+    return f"{modality} ({', '.join(present)} of {len(all_bands)})"
+
+
 @app.command()
 def info(
     store: Annotated[Path, typer.Argument(help="A chip store.")],
@@ -143,7 +155,9 @@ def info(
     """Show modalities, counts per split, grids and sources of a store."""
     from terrasynth.data.store import ChipStore
 
-    s = ChipStore.open(store).summary()
+    opened = ChipStore.open(store)
+    reg = opened.registry
+    s = opened.summary()
     if as_json:
         typer.echo(json.dumps(s, indent=2))
         return
@@ -156,9 +170,21 @@ def info(
     for m, c in s["modalities"].items():
         t.add_row(m, str(c["train"]), str(c["val"]), str(c["test"]))
     out.print(t)
-    t = Table("source", "scenes", "chips", "licence", title="sources")
+    t = Table(
+        "source",
+        "scenes",
+        "train/val/test",
+        "modalities (bands)",
+        "dates",
+        "licence",
+        title="sources",
+    )
     for name, v in s["sources"].items():
-        t.add_row(name, str(v["scenes"]), str(v["chips"]), v["licence"])
+        mods = "\n".join(_bands_text(reg[m].bands, b, m) for m, b in v["modalities"].items())
+        d = v["dates"]
+        dates = f"{d['count']}: {d['first']} .. {d['last']}" if d["count"] else "-"
+        splits = "/".join(str(v["splits"][k]) for k in ("train", "val", "test"))
+        t.add_row(name, str(v["scenes"]), splits, mods, dates, v["licence"])
     out.print(t)
     out.print("CRS: " + ", ".join(s["crs"]))
     out.print("GSD (m): " + ", ".join(f"{g:g}" for g in s["gsd_m"]))

@@ -36,6 +36,30 @@ class AlignedScene:
     groups: dict[tuple[str, str], AlignedGroup]
 
 
+def reference_grid(layers: list[Layer], registry: Registry, prefer: str | None = None) -> Grid:
+    """The grid a scene's layers are aligned onto: the finest one no band loses detail on.
+
+    A band of native GSD ``g`` in group factor ``f``, delivered at pixel size ``r``, is stored
+    at ``base * f``; it keeps its detail when ``base * f <= max(r, g)``. The base is the
+    smallest such bound over all bands, applied to the finest layer's footprint: S2 20 m
+    bands delivered at 20 m (with their 10 m siblings resampled to 20 m) give a 10 m base,
+    so the 20 m group is stored at 20 m, not 40 m. ``prefer`` restricts the choice to one
+    modality's layers.
+    """
+    pool = [la for la in layers if la.modality == prefer] or layers
+
+    def base(layer: Layer) -> float:
+        mod = registry[layer.modality]
+        r = layer.grid.ground_resolution_m()
+        if not mod.groups:
+            return r
+        return min(max(r, mod.group_of(b).gsd) / mod.group_of(b).factor for b in layer.bands)
+
+    best = min(pool, key=base)
+    r = best.grid.ground_resolution_m()
+    return best.grid.refined(max(1, round(r / base(best))))
+
+
 def _resampling(modality: Modality) -> Resampling:
     return Resampling.nearest if modality.kind == "categorical" else Resampling.bilinear
 

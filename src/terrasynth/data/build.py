@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-
 from terrasynth.data.align import align_scene
-from terrasynth.data.chips import cut_chips
+from terrasynth.data.chips import cut_chips, pad_grid
 from terrasynth.data.scene import Scene, Source
 from terrasynth.data.sources import detect_source, generic_scene
 from terrasynth.data.split import SplitConfig
 from terrasynth.data.store import StoreWriter
+from terrasynth.data.validate import check_layer
 from terrasynth.errors import InputError, TerrasynthError
 from terrasynth.modalities import Registry
 
@@ -28,31 +27,17 @@ class BuildReport:
     chips_per_source: dict[str, int] = field(default_factory=dict)
     seconds_per_source: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
-def check_layer_values(scene: Scene, registry: Registry) -> None:
-    """Refuse layers whose values are far outside their modality's physical range.
-
-    "Far" means the median of valid values lies outside the range widened by its own width:
-    the signature of a unit or scaling mistake (DN given as reflectance, metres as km),
-    not of a few outliers.
-    """
+def check_scene_values(scene: Scene, registry: Registry, strict: bool) -> list[str]:
+    """Range checks of every layer (see ``terrasynth.data.validate``); returns warnings."""
+    warnings = []
     for layer in scene.layers:
-        mod = registry[layer.modality]
-        if mod.kind != "continuous" or mod.value_range is None:
-            continue
-        values = layer.data[layer.valid_mask()]
-        if values.size == 0:
-            continue
-        lo, hi = mod.value_range
-        width = hi - lo
-        med = float(np.median(values))
-        if med < lo - width or med > hi + width:
-            raise InputError(
-                f"{scene.scene_id}: {mod.name} values (median {med:.4g}) are far outside its "
-                f"range [{lo:g}, {hi:g}] {mod.units}; check the modality, scale and units "
-                "(--scale/--offset for your own files)"
-            )
+        w = check_layer(layer, registry[layer.modality], scene.scene_id, strict=strict)
+        if w is not None:
+            warnings.append(w)
+    return warnings
 
 
 def resolve_sources(paths: Iterable[str | Path], strict: bool) -> tuple[list, list[str]]:
@@ -94,29 +79,35 @@ def build_store(
     found, skipped = resolve_sources(paths, strict)
     if not found and not inputs:
         raise TerrasynthError("no recognised source given")
-    jobs: list[tuple[str, Iterator[Scene]]] = [(s.name, s.scenes(str(p))) for p, s in found]
+    jobs: list[tuple[str, Iterator[Scene]]] = [
+        (s.name, s.scenes(str(p), registry)) for p, s in found
+    ]
     if inputs:
         jobs.append(("generic", iter([generic_scene(inputs, registry, scaling=scaling)])))
     writer = StoreWriter(output, registry, chip_size, split, overwrite=overwrite)
     report = BuildReport(Path(output), 0, skipped=skipped)
     try:
-        for name, scenes in jobs:
+        for _reader, scenes in jobs:
             t0 = time.perf_counter()
             for scene in scenes:
-                check_layer_values(scene, registry)
-                aligned = align_scene(scene, registry)
+                report.warnings += check_scene_values(scene, registry, strict)
+                grid, inside = pad_grid(scene.grid, chip_size)
+                aligned = align_scene(replace(scene, grid=grid), registry)
                 n = 0
-                for chip in cut_chips(aligned, chip_size, split, min_valid):
+                # In a padded scene, availability is judged on the part the scene covers.
+                for chip in cut_chips(aligned, chip_size, split, min_valid, coverage=inside):
                     writer.add(chip, scene)
                     n += 1
-                report.scenes_per_source[name] = report.scenes_per_source.get(name, 0) + 1
-                report.chips_per_source[name] = report.chips_per_source.get(name, 0) + n
+                src = scene.source
+                report.scenes_per_source[src] = report.scenes_per_source.get(src, 0) + 1
+                report.chips_per_source[src] = report.chips_per_source.get(src, 0) + n
                 report.chips += n
                 if on_scene is not None:
-                    on_scene(name, scene, n)
-            report.seconds_per_source[name] = (
-                report.seconds_per_source.get(name, 0.0) + time.perf_counter() - t0
-            )
+                    on_scene(src, scene, n)
+                report.seconds_per_source[src] = (
+                    report.seconds_per_source.get(src, 0.0) + time.perf_counter() - t0
+                )
+                t0 = time.perf_counter()
         writer.close(
             {
                 "build": {

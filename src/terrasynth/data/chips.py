@@ -32,6 +32,20 @@ class Chip:
     split: str
 
 
+def pad_grid(grid: Grid, size: int) -> tuple[Grid, float]:
+    """Grow ``grid`` (centred) to at least ``size`` x ``size`` pixels.
+
+    Returns the padded grid and the fraction of it the original grid covers. Padding is
+    never filled: alignment leaves it invalid, so a 17 px patch becomes a 64 px chip whose
+    outer pixels are marked as no data.
+    """
+    width, height = max(grid.width, size), max(grid.height, size)
+    if (width, height) == (grid.width, grid.height):
+        return grid, 1.0
+    col, row = -((width - grid.width) // 2), -((height - grid.height) // 2)
+    return grid.window(col, row, width, height), grid.width * grid.height / (width * height)
+
+
 def chip_offsets(size: int, chip: int, step: int) -> list[int]:
     """Start offsets along one axis (multiples of ``step``).
 
@@ -47,7 +61,8 @@ def chip_offsets(size: int, chip: int, step: int) -> list[int]:
     n = -(-size // chip)
     if n == 1:
         return [((size - chip) // 2) // step * step]
-    return [round(i * (size - chip) / (n - 1)) // step * step for i in range(n)]
+    offsets = [round(i * (size - chip) / (n - 1)) // step * step for i in range(n)]
+    return sorted(set(offsets))
 
 
 def cut_chips(
@@ -55,6 +70,7 @@ def cut_chips(
     chip_size: int,
     split: SplitConfig,
     min_valid: float = 0.5,
+    coverage: float = 1.0,
 ) -> Iterator[Chip]:
     """Yield the chips of ``aligned`` that hold at least one available raster modality.
 
@@ -84,7 +100,7 @@ def cut_chips(
                 if data.shape[1:] != (n, n):
                     continue
                 frac = valid.reshape(valid.shape[0], -1).mean(axis=1)
-                avail = frac >= min_valid
+                avail = frac >= scene.min_valid.get(mod, min_valid) * coverage
                 if not avail.any():
                     continue
                 groups[(mod, gname)] = (data.copy(), valid.copy())

@@ -18,6 +18,7 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from terrasynth.errors import InputError
+from terrasynth.modalities import Registry
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,17 @@ class Grid:
             self.transform @ Affine.scale(factor),
             -(-self.width // factor),
             -(-self.height // factor),
+        )
+
+    def refined(self, factor: int) -> Grid:
+        """The same footprint at ``factor`` times finer pixels."""
+        if factor == 1:
+            return self
+        return Grid(
+            self.crs,
+            self.transform @ Affine.scale(1 / factor),
+            self.width * factor,
+            self.height * factor,
         )
 
     def window(self, col: int, row: int, width: int, height: int) -> Grid:
@@ -135,6 +147,7 @@ class Scene:
     layers: list[Layer]
     time: datetime | None = None
     labels: dict[str, list[int]] = field(default_factory=dict)
+    min_valid: dict[str, float] = field(default_factory=dict)  # per-modality availability
 
     @property
     def modalities(self) -> list[str]:
@@ -154,6 +167,6 @@ class Source(Protocol):
         """True if ``path`` is in this reader's format (cheap: look at names, not pixels)."""
         ...
 
-    def scenes(self, path: str) -> Iterator[Scene]:
-        """Yield the scenes found under ``path``."""
+    def scenes(self, path: str, registry: Registry | None = None) -> Iterator[Scene]:
+        """Yield the scenes found under ``path`` (``registry``: user modalities, if any)."""
         ...

@@ -20,9 +20,7 @@ next to the target and renamed into place only when complete.
 
 from __future__ import annotations
 
-import json
 import shutil
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -301,6 +299,38 @@ class ChipStore:
     def array(self, key: str) -> zarr.Array:
         return self.root[key]
 
+    def source_summary(self, source: str) -> dict[str, Any]:
+        """One source: licence, scenes, chips per split, modalities with their bands, dates."""
+        t = self.table
+        rows = (t["source"] == source).to_numpy()
+        sub = t[rows]
+        registry = self.registry
+        modalities: dict[str, list[str]] = {}
+        for m in self.modalities:
+            has = sub[f"has_{m}"].to_numpy(bool)
+            if not has.any():
+                continue
+            mod = registry[m]
+            if mod.groups:
+                present = self.array(f"{m}/bands")[:][rows][has].any(axis=0)
+                modalities[m] = [b for b, p in zip(mod.bands, present, strict=True) if p]
+            else:
+                modalities[m] = []
+        days = sub["time_days"].dropna()
+        dates = sorted({str(d.date()) for d in pd.to_datetime(days, unit="D")})
+        return {
+            "licence": self.root.attrs["sources"][source]["licence"],
+            "scenes": int(sub["scene_id"].nunique()),
+            "chips": int(len(sub)),
+            "splits": {s: int((sub["split"] == s).sum()) for s in SPLITS},
+            "modalities": modalities,
+            "dates": {
+                "count": len(dates),
+                "first": dates[0] if dates else None,
+                "last": dates[-1] if dates else None,
+            },
+        }
+
     def summary(self) -> dict[str, Any]:
         """Counts per modality and split, for ``terrasynth data info``."""
         t = self.table
@@ -313,19 +343,7 @@ class ChipStore:
             "chip_size": self.chip_size,
             "splits": {s: int((t["split"] == s).sum()) for s in SPLITS},
             "modalities": per_mod,
-            "sources": self.root.attrs["sources"],
+            "sources": {name: self.source_summary(name) for name in self.root.attrs["sources"]},
             "crs": sorted(t["crs"].unique().tolist()),
             "gsd_m": sorted({round(float(g), 2) for g in t["gsd_m"]}),
         }
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
-
-
-def iter_rows(store: ChipStore, indices: Iterable[int]) -> Iterable[pd.Series]:
-    for i in indices:
-        yield store.table.iloc[int(i)]

@@ -53,6 +53,7 @@ class Modality:
     units: str
     groups: tuple[BandGroup, ...]
     value_range: tuple[float, float] | None = None
+    expected_range: tuple[float, float] | None = None  # where most valid values lie
     transform: str = "none"
     nodata: float | None = None
     legend: tuple[LegendEntry, ...] = ()
@@ -99,6 +100,8 @@ class Modality:
         }
         if self.value_range is not None:
             d["value_range"] = list(self.value_range)
+        if self.expected_range is not None:
+            d["expected_range"] = list(self.expected_range)
         if self.transform != "none":
             d["transform"] = self.transform
         if self.nodata is not None:
@@ -157,6 +160,7 @@ def modality_from_dict(name: str, d: Mapping[str, Any]) -> Modality:
     vr = d.get("value_range")
     if kind == "continuous" and vr is None:
         raise TerrasynthError(f"{where}: a continuous modality needs value_range [low, high]")
+    er = d.get("expected_range")
     rgb = tuple(d.get("rgb") or ())
     for b in rgb:
         if b not in all_bands:
@@ -168,6 +172,7 @@ def modality_from_dict(name: str, d: Mapping[str, Any]) -> Modality:
         units=str(d.get("units", "")),
         groups=groups,
         value_range=(float(vr[0]), float(vr[1])) if vr is not None else None,
+        expected_range=(float(er[0]), float(er[1])) if er is not None else None,
         transform=transform,
         nodata=d.get("nodata"),
         legend=legend,

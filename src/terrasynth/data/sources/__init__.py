@@ -12,6 +12,7 @@ from terrasynth.data.scene import Source
 from terrasynth.data.sources.band_folder import BandFolderSource
 from terrasynth.data.sources.bigearthnet_v1 import BigEarthNetV1Source
 from terrasynth.data.sources.bigearthnet_v2 import BigEarthNetV2Source
+from terrasynth.data.sources.described import DescribedSource
 from terrasynth.data.sources.eopatch import EOPatchSource
 from terrasynth.data.sources.flair import FlairSource
 from terrasynth.data.sources.generic import generic_scene
@@ -20,6 +21,7 @@ from terrasynth.data.sources.ssl4eo import SSL4EOSource
 from terrasynth.errors import InputError
 
 SOURCES: tuple[Source, ...] = (
+    DescribedSource(),  # a user's own description wins over format detection
     BigEarthNetV1Source(),
     BigEarthNetV2Source(),
     SSL4EOSource(),

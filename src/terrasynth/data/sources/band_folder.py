@@ -22,6 +22,7 @@ from pathlib import Path
 from terrasynth.data.raster_io import read_layer, stack_layers
 from terrasynth.data.scene import Layer, Scene
 from terrasynth.errors import InputError
+from terrasynth.modalities import Registry
 
 # file-name regex (whole name, case-insensitive) -> (modality, band, scale, offset, categorical)
 BAND_FILES: dict[str, tuple[str, str, float, float, bool]] = {
@@ -58,7 +59,7 @@ class BandFolderSource:
         except OSError:
             return False
 
-    def scenes(self, path: str) -> Iterator[Scene]:
+    def scenes(self, path: str, registry: Registry | None = None) -> Iterator[Scene]:
         folder = Path(path)
         found = _matches(folder)
         if len(found) < 2:

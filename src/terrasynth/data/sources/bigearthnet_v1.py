@@ -28,7 +28,7 @@ from pathlib import Path
 from terrasynth.data.raster_io import read_json, read_layer, stack_layers
 from terrasynth.data.scene import Layer, Scene
 from terrasynth.errors import InputError
-from terrasynth.modalities import Modality, default_registry
+from terrasynth.modalities import Modality, Registry, default_registry
 
 LICENCE = "CDLA-Permissive-1.0"
 S2_PATCH = re.compile(r"^S2[AB]_MSIL2A_\d{8}T\d{5,6}_\d+_\d+$")
@@ -138,7 +138,7 @@ class BigEarthNetV1Source:
             pairs[partner] = folder
         return pairs
 
-    def scenes(self, path: str) -> Iterator[Scene]:
+    def scenes(self, path: str, registry: Registry | None = None) -> Iterator[Scene]:
         root = Path(path)
         if not root.is_dir():
             raise InputError(f"{root}: not a folder of BigEarthNet v1 patches")

@@ -50,7 +50,7 @@ from safetensors.numpy import load as load_safetensors
 
 from terrasynth.data.scene import Grid, Layer, Scene
 from terrasynth.errors import InputError
-from terrasynth.modalities import Modality, default_registry
+from terrasynth.modalities import Modality, Registry, default_registry
 
 LICENCE = "CDLA-Permissive-1.0"
 METADATA = "metadata.parquet"
@@ -152,7 +152,7 @@ class BigEarthNetV2Source:
             return False
         return all(c in names for c in COLUMNS)
 
-    def scenes(self, path: str) -> Iterator[Scene]:
+    def scenes(self, path: str, registry: Registry | None = None) -> Iterator[Scene]:
         found = _locate(Path(path))
         if found is None:
             raise InputError(f"{path}: no BigEarthNet v2 LMDB (data.mdb) with {METADATA}")

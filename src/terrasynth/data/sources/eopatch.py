@@ -32,6 +32,7 @@ from rasterio.transform import from_bounds
 from terrasynth.data.raster_io import read_json
 from terrasynth.data.scene import Grid, Layer, Scene
 from terrasynth.errors import InputError
+from terrasynth.modalities import Registry
 
 MAX_CLOUD = 0.10  # dates with at least this cloud fraction are skipped
 REFERENCE_FILE = "REFERENCE_SCENES.npy"
@@ -119,7 +120,7 @@ class EOPatchSource:
         except OSError:
             return False
 
-    def scenes(self, path: str) -> Iterator[Scene]:
+    def scenes(self, path: str, registry: Registry | None = None) -> Iterator[Scene]:
         p = Path(path)
         patches = [p] if _is_eopatch(p) else _child_patches(p)
         if not patches:

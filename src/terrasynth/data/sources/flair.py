@@ -24,6 +24,7 @@ from pathlib import Path
 from terrasynth.data.raster_io import read_layer
 from terrasynth.data.scene import Layer, Scene
 from terrasynth.errors import InputError
+from terrasynth.modalities import Registry
 
 LICENCE = "Etalab-2.0"
 AERIAL_BANDS = ("R", "G", "B", "NIR")
@@ -84,7 +85,7 @@ class FlairSource:
         except OSError:
             return False
 
-    def scenes(self, path: str) -> Iterator[Scene]:
+    def scenes(self, path: str, registry: Registry | None = None) -> Iterator[Scene]:
         p = Path(path)
         samples = [p] if _is_sample(p) else _child_samples(p)
         if not samples:

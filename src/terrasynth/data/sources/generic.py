@@ -21,6 +21,7 @@ import rasterio
 from rasterio.errors import CRSError, RasterioError
 from rasterio.warp import transform_bounds
 
+from terrasynth.data.align import reference_grid
 from terrasynth.data.raster_io import read_layer
 from terrasynth.data.scene import Grid, Layer, Scene
 from terrasynth.errors import InputError
@@ -127,7 +128,7 @@ def generic_scene(
         scene_id=scene_id or first.stem,
         source="generic",
         licence="user",
-        grid=layers[0].grid,
+        grid=reference_grid(layers[:1], registry),
         layers=layers,
         time=None,
     )

@@ -62,7 +62,7 @@ class MajorTOMSource:
         p = Path(path)
         return p.is_dir() and next(_iter_products(p), None) is not None
 
-    def scenes(self, path: str) -> Iterator[Scene]:
+    def scenes(self, path: str, registry: Registry | None = None) -> Iterator[Scene]:
         p = Path(path)
         products = list(_iter_products(p)) if p.is_dir() else []
         if not products:

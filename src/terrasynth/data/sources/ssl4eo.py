@@ -86,7 +86,7 @@ class SSL4EOSource:
             return True
         return any(_is_location(loc) for kind in _KINDS for loc in _first_dirs(p / kind))
 
-    def scenes(self, path: str) -> Iterator[Scene]:
+    def scenes(self, path: str, registry: Registry | None = None) -> Iterator[Scene]:
         p = Path(path)
         if _is_location(p):
             root, locations = p.parent.parent, [p.name]

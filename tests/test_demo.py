@@ -1,0 +1,63 @@
+"""The demo (terrasynth.demo) on the BigEarthNet examples shipped in bigearthnet-common.
+
+Needs no data folder: the archives come with an installed dependency.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+
+from terrasynth.data.store import ChipStore
+from terrasynth.demo import run_demo
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("run") / "demo"
+    return out, run_demo(out)
+
+
+def test_demo_writes_report_preview_and_store(demo):
+    out, report = demo
+    assert report == out / "report.html" and report.is_file()
+    text = report.read_text()
+    for word in ("s2l2a", "s1grd", "corine", "preview.png", "24 chips", "CDLA-Permissive-1.0"):
+        assert word in text, word
+    img = mpimg.imread(out / "preview.png")
+    assert img.ndim == 3 and img.shape[0] > 200 and img[..., :3].std() > 0.1
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporary files left
+
+
+def test_demo_store_holds_the_six_patches(demo):
+    out, _ = demo
+    store = ChipStore.open(out / "store")
+    t = store.table
+    assert len(store) == 24
+    assert t["scene_id"].nunique() == 6
+    assert t["scene_id"].value_counts().eq(4).all()
+    assert set(t["source"]) == {"bigearthnet_v1"}
+    assert set(t["licence"]) == {"CDLA-Permissive-1.0"}
+    assert store.modalities == ["s2l2a", "s1grd", "corine"]
+    assert store.available("s1grd").all() and store.available("corine").all()
+    assert store.array("s2l2a/r10m/data").shape == (24, 4, 64, 64)
+    assert store.array("corine/labels")[:].any(axis=1).all()  # every patch has labels
+
+
+def test_cli_demo(tmp_path):
+    out = tmp_path / "cli-demo"
+    res = subprocess.run(
+        [sys.executable, "-m", "terrasynth.cli.main", "demo", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    report = (out / "report.html").resolve()
+    assert str(report) in res.stdout
+    assert report.is_file() and (out / "preview.png").is_file()
+    assert len(ChipStore.open(out / "store")) == 24
