@@ -74,6 +74,7 @@ class ChipDataset(Dataset):
         self._affine = np.stack(table["transform"].to_numpy()).astype(np.float64)
         self._has = np.stack([table[f"has_{m}"].to_numpy(bool) for m in self.modalities], 1)
         self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._absent: dict[str, Sample] = {}
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -145,6 +146,12 @@ class ChipDataset(Dataset):
         return out
 
     def _absent_modality(self, m: str, idx: int) -> Sample:
+        # The same zero tensors serve every chip lacking ``m`` (read-only by contract).
+        if m not in self._absent:
+            self._absent[m] = self._zeros(m)
+        return self._absent[m]
+
+    def _zeros(self, m: str) -> Sample:
         mod = self.registry[m]
         if mod.kind == "multilabel":
             return {f"{m}/labels": torch.zeros(mod.num_classes)}

@@ -103,28 +103,10 @@ def layer_from_raster(
     return Layer(modality, tuple(bands), data, raster.crs, raster.transform, valid)
 
 
-def read_layer(
-    path: str | Path,
-    modality: str,
-    bands: Sequence[str],
-    *,
-    indexes: Sequence[int] | None = None,
-    scale: float = 1.0,
-    offset: float = 0.0,
-    nodata: float | None = None,
-    categorical: bool = False,
-) -> Layer:
-    """Read bands of a raster file as a :class:`Layer` (see :func:`layer_from_raster`)."""
-    return layer_from_raster(
-        open_raster(path),
-        modality,
-        bands,
-        indexes=indexes,
-        scale=scale,
-        offset=offset,
-        nodata=nodata,
-        categorical=categorical,
-    )
+def read_layer(path: str | Path, modality: str, bands: Sequence[str], **options: Any) -> Layer:
+    """Read bands of a raster file as a :class:`Layer`; ``options`` as for
+    :func:`layer_from_raster` (indexes, scale, offset, nodata, categorical)."""
+    return layer_from_raster(open_raster(path), modality, bands, **options)
 
 
 def stack_layers(layers: list[Layer]) -> list[Layer]:
