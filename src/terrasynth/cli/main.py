@@ -28,9 +28,65 @@ def _not_yet(what: str, issue: str) -> None:
 
 
 @app.command()
-def train() -> None:
-    """Train a model on a chip store (arrives with the model issue)."""
-    _not_yet("terrasynth train", "the model and its training are in progress")
+def train(
+    store: Annotated[Path, typer.Option("-d", "--data", help="Chip store to train on.")],
+    run: Annotated[Path, typer.Option("-o", "--output", help="Run folder.")],
+    preset: Annotated[str, typer.Option(help="Model size: tiny, small or base.")] = "tiny",
+    steps: Annotated[int, typer.Option(help="Optimiser steps in all.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Chips per process and micro-step.")] = 16,
+    accumulate: Annotated[int, typer.Option(help="Micro-steps per optimiser step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 200,
+    time_limit: Annotated[float, typer.Option(help="Stop after this many minutes (0: no).")] = 0.0,
+    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast.")] = True,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in the output folder.")] = False,
+) -> None:
+    """Train the scene model on a chip store (multi-GPU/-node: launch with torchrun)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from terrasynth.training.trainer import TrainConfig, Trainer
+
+    cfg = TrainConfig(
+        preset=preset,
+        steps=steps,
+        batch_size=batch_size,
+        accumulate=accumulate,
+        lr=lr,
+        checkpoint_every=checkpoint_every,
+        time_limit_min=time_limit,
+        bf16=bf16,
+        num_workers=workers,
+        seed=seed,
+    )
+    trainer = Trainer(store, run, cfg, resume=resume)
+    show = trainer.rank == 0
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        disable=not show,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(
+            "training", total=trainer.cfg.steps, completed=trainer.step, info=""
+        )
+
+        def on_log(rec: dict) -> None:
+            progress.update(
+                task,
+                completed=rec["step"],
+                info=f"loss {rec['loss']:.3f} · {rec['samples_per_s']:.1f} chips/s",
+            )
+
+        reason = trainer.train(on_log)
+    if show:
+        typer.echo(f"{reason} at step {trainer.step}; model in {run / 'model'}")
+    if reason == "interrupted":
+        raise typer.Exit(130)
 
 
 @app.command()

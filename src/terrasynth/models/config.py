@@ -1,0 +1,102 @@
+"""Model configuration: sizes, presets, and the modality table the model was built for.
+
+A config round-trips to JSON and is saved with every checkpoint, together with the registry
+entries of its modalities and the normalisation statistics of the store it was trained on,
+so a saved model needs nothing else to generate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from terrasynth.errors import TerrasynthError
+from terrasynth.modalities import Modality, Registry
+
+# Vector modalities have no pixels: each is one token of this many numbers.
+LOCATION_DIM = 3  # unit vector on the sphere
+TIME_DIM = 3  # sin / cos of day of year, scaled year
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model (sizes and modality table)."""
+
+    modalities: dict[str, dict[str, Any]] = field(default_factory=dict)  # registry entries
+    stats: dict[str, Any] = field(default_factory=dict)  # the store's statistics
+    image_size: int = 32  # training crop, pixels of the base grid
+    patch_size: int = 8  # base-grid pixels per token side
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    scene_tokens: int = 8
+    use_location: bool = True
+    use_time: bool = True
+    preset: str = "custom"
+
+    @property
+    def registry(self) -> Registry:
+        return Registry.from_dict({"modalities": self.modalities})
+
+    def raster_modalities(self) -> list[Modality]:
+        reg = self.registry
+        return [reg[m] for m in self.modalities if reg[m].is_raster]
+
+    def vector_modalities(self) -> dict[str, int]:
+        """Name -> vector size of the one-token modalities (labels, location, time)."""
+        reg = self.registry
+        out = {m: reg[m].num_classes for m in self.modalities if reg[m].kind == "multilabel"}
+        if self.use_location:
+            out["location"] = LOCATION_DIM
+        if self.use_time:
+            out["time"] = TIME_DIM
+        return out
+
+    def validate(self) -> None:
+        if self.image_size % self.patch_size:
+            raise TerrasynthError("image_size must be a multiple of patch_size")
+        for mod in self.raster_modalities():
+            for g in mod.groups:
+                if self.patch_size % g.factor:
+                    raise TerrasynthError(
+                        f"patch_size {self.patch_size} is not divisible by the factor "
+                        f"{g.factor} of {mod.name}/{g.name}"
+                    )
+        if self.dim % self.heads:
+            raise TerrasynthError("dim must be a multiple of heads")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> ModelConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# Sizes per preset. tiny: trains usefully in 15 CPU minutes; small: 2 CPU hours; base: GPUs.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(image_size=32, patch_size=8, dim=128, depth=4, heads=4, scene_tokens=8),
+    "small": dict(image_size=64, patch_size=8, dim=256, depth=8, heads=8, scene_tokens=16),
+    "base": dict(image_size=64, patch_size=4, dim=512, depth=12, heads=8, scene_tokens=32),
+}
+
+
+def preset_config(name: str, modalities: dict[str, dict], stats: dict) -> ModelConfig:
+    if name not in PRESETS:
+        raise TerrasynthError(f"unknown preset '{name}' (presets: {', '.join(PRESETS)})")
+    cfg = ModelConfig(modalities=modalities, stats=stats, preset=name, **PRESETS[name])
+    cfg.validate()
+    return cfg

@@ -1,0 +1,251 @@
+"""The scene model: one transformer over the tokens of every present modality.
+
+Each raster modality becomes a grid of tokens: every band group is patchified at its own
+resolution (a 60 m group of S2 uses 4x smaller patches than its 10 m group, so all groups
+land on the same token grid) and the group embeddings are summed. Vector modalities
+(image-level labels, location, time) are one token each. Learned scene tokens join them:
+they hold the scene latent every modality reads from and writes to.
+
+Every token carries its modality's noise level ``t`` (0 = given clean, 1 = pure noise):
+it modulates the token through adaLN (DiT-style, per token), so one network serves joint
+generation, any-to-any translation and band infilling. Positions are sinusoids of ground
+coordinates in metres, so chips of different GSD share one notion of distance. Absent and
+dropped modalities are masked out of attention.
+
+The model predicts the clean signal ``x0`` of every modality: normalised values for
+continuous modalities, class logits for categorical ones, vectors for one-token modalities.
+Sampling (``terrasynth.sampling``) and the training objective (``terrasynth.training``)
+are separate from it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from terrasynth.errors import TerrasynthError
+from terrasynth.models.config import ModelConfig
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of noise levels in [0, 1] (any shape) -> (..., dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device) / half)
+    args = (t.float() * 1000.0)[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def ground_position_embedding(xy_m: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoids of ground coordinates (..., 2) in metres, wavelengths 1 m to 200 km."""
+    quarter = dim // 4
+    wavelengths = torch.exp(
+        torch.linspace(math.log(1.0), math.log(200_000.0), quarter, device=xy_m.device)
+    )
+    args = 2 * math.pi * xy_m[..., None] / wavelengths  # (..., 2, quarter)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)  # (..., 2, 2 quarter)
+    return emb.flatten(-2)
+
+
+@dataclass
+class ModalityInput:
+    """What the model sees of one modality in a batch.
+
+    ``groups``: band group -> (B, 3C, h, w) (raster: noisy values, given values, given mask;
+    categorical channels are K one-hot planes) or ``vector``: (B, 3D). ``t``: (B,) noise
+    level. ``present``: (B,) whether the modality takes part for that sample.
+    """
+
+    t: torch.Tensor
+    present: torch.Tensor
+    groups: dict[str, torch.Tensor] | None = None
+    vector: torch.Tensor | None = None
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with per-token adaLN-Zero modulation."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
+        )
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        nn.init.zeros_(self.ada[-1].weight)
+        nn.init.zeros_(self.ada[-1].bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + sc1) + sh1
+        q, k, v = self.qkv(h).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        x = x + g1 * self.proj(attn.transpose(1, 2).reshape(b, n, d))
+        h = self.norm2(x) * (1 + sc2) + sh2
+        return x + g2 * self.mlp(h)
+
+
+class SceneModel(nn.Module):
+    """Any-to-any multimodal scene model (see the module docstring)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        d = config.dim
+        self.embed: nn.ModuleDict = nn.ModuleDict()
+        self.head: nn.ModuleDict = nn.ModuleDict()
+        self.patch: dict[str, int] = {}
+        names = []
+        for mod in config.raster_modalities():
+            for g in mod.groups:
+                key = f"{mod.name}/{g.name}"
+                p = config.patch_size // g.factor
+                ch = mod.num_classes if mod.kind == "categorical" else len(g.bands)
+                self.embed[_k(key)] = nn.Conv2d(3 * ch, d, kernel_size=p, stride=p)
+                self.head[_k(key)] = nn.Linear(d, ch * p * p)
+                self.patch[key] = p
+            names.append(mod.name)
+        for name, size in config.vector_modalities().items():
+            self.embed[_k(name)] = nn.Sequential(nn.Linear(3 * size, d), nn.SiLU(), nn.Linear(d, d))
+            self.head[_k(name)] = nn.Linear(d, size)
+            names.append(name)
+        self.modality_names = names
+        self.modality_embed = nn.Embedding(len(names) + 1, d)  # last row: scene tokens
+        self.scene = nn.Parameter(torch.randn(config.scene_tokens, d) * 0.02)
+        self.t_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.gsd_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(
+            Block(d, config.heads, config.mlp_ratio) for _ in range(config.depth)
+        )
+        self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        nn.init.zeros_(self.ada_out[-1].weight)
+        nn.init.zeros_(self.ada_out[-1].bias)
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(
+        self, inputs: dict[str, ModalityInput], gsd: torch.Tensor
+    ) -> dict[str, dict[str, torch.Tensor] | torch.Tensor]:
+        """Predict x0 of every modality in ``inputs``. ``gsd``: (B,) metres per pixel."""
+        d = self.config.dim
+        tokens, conds, keeps, spans = [], [], [], []
+        b = gsd.shape[0]
+        gsd_emb = self.gsd_mlp(timestep_embedding(torch.log10(gsd.clamp_min(1e-3)) / 6 + 0.5, d))[
+            :, None
+        ]
+        for name, inp in inputs.items():
+            if name not in self.modality_names:
+                raise TerrasynthError(f"the model does not know modality '{name}'")
+            mid = self.modality_names.index(name)
+            if inp.groups is not None:
+                tok, grid = self._embed_raster(name, inp.groups, gsd)
+                tok = tok + gsd_emb
+            else:
+                tok = self.embed[_k(name)](inp.vector)[:, None]
+                grid = None
+            n = tok.shape[1]
+            tok = tok + self.modality_embed.weight[mid]
+            c = self.t_mlp(timestep_embedding(inp.t, d))[:, None] + self.modality_embed.weight[mid]
+            tokens.append(tok)
+            conds.append(c.expand(b, n, d))
+            keeps.append(inp.present[:, None].expand(b, n))
+            spans.append((name, n, grid))
+        scene = self.scene[None].expand(b, -1, -1) + self.modality_embed.weight[-1]
+        tokens.append(scene)
+        conds.append(self.modality_embed.weight[-1].expand(b, scene.shape[1], d))
+        keeps.append(torch.ones(b, scene.shape[1], dtype=torch.bool, device=gsd.device))
+        x, c, keep = torch.cat(tokens, 1), torch.cat(conds, 1), torch.cat(keeps, 1)
+        for block in self.blocks:
+            x = block(x, c, keep)
+        shift, scale = self.ada_out(c).chunk(2, dim=-1)
+        x = self.norm_out(x) * (1 + scale) + shift
+        out: dict[str, dict[str, torch.Tensor] | torch.Tensor] = {}
+        start = 0
+        for name, n, grid in spans:
+            part = x[:, start : start + n]
+            start += n
+            if grid is None:
+                out[name] = self.head[_k(name)](part[:, 0])
+            else:
+                out[name] = self._decode_raster(name, part, grid, inputs[name].groups)
+        return out
+
+    def _embed_raster(
+        self, name: str, groups: dict[str, torch.Tensor], gsd: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        total = None
+        for gname, x in groups.items():
+            key = f"{name}/{gname}"
+            e = self.embed[_k(key)](x)  # (B, D, gh, gw)
+            total = e if total is None else total + e
+        b, d, gh, gw = total.shape
+        tok = total.flatten(2).transpose(1, 2)  # (B, N, D)
+        # ground coordinates of token centres, metres from the chip centre
+        step = self.config.patch_size * gsd  # (B,)
+        ys = torch.arange(gh, device=gsd.device) + 0.5 - gh / 2
+        xs = torch.arange(gw, device=gsd.device) + 0.5 - gw / 2
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        xy = torch.stack([xx.flatten(), -yy.flatten()], -1)[None] * step[:, None, None]
+        return tok + ground_position_embedding(xy, d), (gh, gw)
+
+    def _decode_raster(
+        self,
+        name: str,
+        part: torch.Tensor,
+        grid: tuple[int, int],
+        groups: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        gh, gw = grid
+        b = part.shape[0]
+        out = {}
+        for gname in groups:
+            key = f"{name}/{gname}"
+            p = self.patch[key]
+            y = self.head[_k(key)](part)  # (B, N, C p p)
+            ch = y.shape[-1] // (p * p)
+            y = y.view(b, gh, gw, ch, p, p).permute(0, 3, 1, 4, 2, 5)
+            out[gname] = y.reshape(b, ch, gh * p, gw * p)
+        return out
+
+    # -- persistence -----------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (atomically) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder / CONFIG)
+        tmp = folder / f".{WEIGHTS}.tmp"
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        tmp.replace(folder / WEIGHTS)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, map_location: str = "cpu") -> SceneModel:
+        folder = Path(folder)
+        if not (folder / CONFIG).exists() or not (folder / WEIGHTS).exists():
+            raise TerrasynthError(f"{folder}: no {CONFIG} and {WEIGHTS} here")
+        model = cls(ModelConfig.load(folder / CONFIG))
+        model.load_state_dict(load_file(str(folder / WEIGHTS), device=map_location))
+        return model
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _k(key: str) -> str:
+    """ModuleDict keys cannot hold '/' or '.'."""
+    return key.replace("/", "__").replace(".", "_")

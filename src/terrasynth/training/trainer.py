@@ -1,0 +1,380 @@
+"""Training loop: AdamW with warm-up and cosine decay, EMA, bf16 autocast, clipping,
+accumulation, metrics log, atomic checkpoints, resume, Ctrl-C, and DDP under torchrun.
+
+A run folder holds::
+
+    RUN/train_config.json       the training settings (model config is in each checkpoint)
+    RUN/metrics.jsonl           one JSON line per logged step (loss per modality, lr, speed)
+    RUN/checkpoints/step_N/     config.json, model.safetensors, ema.safetensors,
+                                optimizer.pt (optimiser, scheduler, RNG and data position)
+    RUN/latest                  name of the newest complete checkpoint
+    RUN/model/                  the EMA weights as a from_pretrained folder
+
+A checkpoint is written to a temporary folder and renamed into place; ``latest`` is
+replaced atomically after it, so a run killed at any moment resumes from a whole
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Sampler
+
+from terrasynth.data.dataset import ChipDataset, ChunkShuffleSampler, RandomCropFlip, collate_chips
+from terrasynth.errors import TerrasynthError
+from terrasynth.models.config import ModelConfig, preset_config
+from terrasynth.models.scene_model import SceneModel
+from terrasynth.models.signals import batch_signals
+from terrasynth.training.objective import ObjectiveConfig, training_step
+
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class TrainConfig:
+    """Training settings, saved as ``train_config.json`` in the run folder."""
+
+    preset: str = "tiny"
+    steps: int = 2000
+    batch_size: int = 16  # per process and micro-step
+    accumulate: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.02
+    warmup: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    bf16: bool = True
+    checkpoint_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+    time_limit_min: float = 0.0  # stop (and checkpoint) after this many minutes; 0: none
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class ResumableBatches(Sampler[list[int]]):
+    """Endless batches of chunk-shuffled indices; the position can be saved and restored.
+
+    Under DDP each process takes every ``world``-th batch of one shared order, so processes
+    see disjoint data and a global batch spans them.
+    """
+
+    def __init__(
+        self, dataset: ChipDataset, batch_size: int, seed: int, rank: int = 0, world: int = 1
+    ) -> None:
+        self.sampler = ChunkShuffleSampler(dataset, seed=seed)
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.epoch, self.offset = 0, 0  # offset: batches of the epoch already drawn
+        # Loader workers draw batches ahead of training; the position after each drawn
+        # batch is kept so a checkpoint records what was trained on, not what was drawn.
+        self._start = self.state()
+        self._after: list[dict[str, int]] = []
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def state_after(self, n: int) -> dict[str, int]:
+        """The position after the first ``n`` batches drawn since the start or last load."""
+        return self._after[n - 1] if n > 0 else dict(self._start)
+
+    def load_state(self, s: dict[str, int]) -> None:
+        self.epoch, self.offset = int(s["epoch"]), int(s["offset"])
+        self._start, self._after = self.state(), []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            order = list(self.sampler)
+            batches = [
+                order[i : i + self.batch_size]
+                for i in range(0, len(order) - self.batch_size + 1, self.batch_size)
+            ]
+            if not batches:
+                raise TerrasynthError("fewer training chips than one batch")
+            mine = batches[self.rank :: self.world]
+            while self.offset < len(mine):
+                b = mine[self.offset]
+                self.offset += 1
+                self._after.append(self.state())
+                yield b
+            self.epoch, self.offset = self.epoch + 1, 0
+
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+class Trainer:
+    """Trains a :class:`SceneModel` on a chip store into a run folder."""
+
+    def __init__(
+        self, store: str | Path, run: str | Path, cfg: TrainConfig, resume: bool = False
+    ) -> None:
+        self.run = Path(run)
+        self.rank, self.world = _dist()
+        self.device = torch.device(
+            f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        )
+        latest = self.run / "latest"
+        if resume and not latest.exists():
+            raise TerrasynthError(f"{self.run}: nothing to resume (no checkpoint yet)")
+        if not resume and latest.exists():
+            raise TerrasynthError(f"{self.run} already holds a run; use --resume or a new folder")
+        if resume:
+            saved = json.loads((self.run / "train_config.json").read_text())
+            saved.update({k: getattr(cfg, k) for k in ("steps", "time_limit_min", "num_workers")})
+            cfg = TrainConfig.from_dict(saved)
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed + self.rank)
+        self.dataset = ChipDataset(store, split="train")
+        if len(self.dataset) == 0:
+            raise TerrasynthError(f"{store}: no training chips")
+        ckpt = self.run / "checkpoints" / latest.read_text().strip() if resume else None
+        if ckpt is not None:
+            model_cfg = ModelConfig.load(ckpt / "config.json")
+        else:
+            reg = self.dataset.registry
+            mods = {m: reg[m].to_dict() for m in self.dataset.modalities}
+            model_cfg = preset_config(cfg.preset, mods, self.dataset.store.stats)
+        self.dataset.transform = RandomCropFlip(
+            model_cfg.image_size, self.dataset.chip_size, seed=cfg.seed + 1000 * self.rank
+        )
+        self.model = SceneModel(model_cfg).to(self.device)
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
+        self.batches = ResumableBatches(
+            self.dataset, cfg.batch_size, cfg.seed, self.rank, self.world
+        )
+        self.gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.rank)
+        self.objective = ObjectiveConfig()
+        self.step = 0
+        self.trained_batches = 0  # micro-batches trained since the start or the resume
+        if ckpt is not None:
+            self._load(ckpt)
+        self.net = self.model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, find_unused_parameters=True
+            )
+        if self.rank == 0:
+            (self.run / "checkpoints").mkdir(parents=True, exist_ok=True)
+            _write_json(self.run / "train_config.json", asdict(cfg))
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _load(self, ckpt: Path) -> None:
+        self.model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        self.ema.module.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+        state = torch.load(ckpt / "optimizer.pt", weights_only=False)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        mine = state["ranks"][self.rank] if self.rank < len(state["ranks"]) else None
+        if mine is None:
+            raise TerrasynthError("resume with as many processes as the run was saved with")
+        self.batches.load_state(mine["data"])
+        self.gen.set_state(mine["generator"])
+        self.dataset.transform.generator.set_state(mine["crop"])
+        torch.set_rng_state(mine["torch_rng"])
+        self.ema.n_averaged.fill_(int(state.get("ema_n", 1)))
+
+    def save(self) -> Path:
+        """Write a checkpoint atomically (rank 0) and export the EMA model."""
+        mine = {
+            "data": self.batches.state_after(self.trained_batches),
+            "generator": self.gen.get_state(),
+            "crop": self.dataset.transform.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        ranks = [mine]
+        if self.world > 1:
+            ranks = [None] * self.world
+            dist.all_gather_object(ranks, mine)
+        if self.rank != 0:
+            return self.run
+        name = f"step_{self.step:07d}"
+        final = self.run / "checkpoints" / name
+        if final.exists():  # already saved at this step: nothing changed since
+            return final
+        tmp = self.run / "checkpoints" / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.model.config.save(tmp / "config.json")
+        save_file(_cpu(self.model.state_dict()), str(tmp / "model.safetensors"))
+        save_file(_cpu(self.ema.module.state_dict()), str(tmp / "ema.safetensors"))
+        torch.save(
+            {
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "step": self.step,
+                "ranks": ranks,
+                "ema_n": int(self.ema.n_averaged),
+            },
+            tmp / "optimizer.pt",
+        )
+        tmp.rename(final)
+        latest_tmp = self.run / ".latest.tmp"
+        latest_tmp.write_text(name)
+        latest_tmp.replace(self.run / "latest")
+        export = self.run / "model"
+        self.ema.module.save_pretrained(export)
+        olds = sorted(p for p in (self.run / "checkpoints").iterdir() if p.name.startswith("step_"))
+        for old in olds[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    # -- loop ------------------------------------------------------------------------------
+    def train(self, on_log: Callable[[dict], None] | None = None) -> str:
+        """Train to ``cfg.steps`` (or the time limit); returns why it stopped."""
+        cfg = self.cfg
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.batches,
+            collate_fn=collate_chips,
+            num_workers=cfg.num_workers,
+        )
+        it = iter(loader)
+        t_start = time.perf_counter()
+        t_log, n_log, tokens_log = t_start, 0, 0
+        reason = "done"
+        self.model.train()
+        try:
+            while self.step < cfg.steps:
+                self.opt.zero_grad(set_to_none=True)
+                parts_sum: dict[str, float] = {}
+                loss_sum = 0.0
+                for _ in range(cfg.accumulate):
+                    batch = next(it)
+                    self.trained_batches += 1
+                    signals = batch_signals(
+                        _to(batch, self.device), self.model.config, self.dataset.modalities
+                    )
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                        loss, parts = training_step(
+                            self.net,
+                            signals,
+                            batch["gsd"].to(self.device),
+                            self.objective,
+                            self.gen,
+                        )
+                    (loss / cfg.accumulate).backward()
+                    loss_sum += float(loss.detach()) / cfg.accumulate
+                    for k, v in parts.items():
+                        parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.accumulate
+                    n_log += len(batch["index"])
+                    tokens_log += _tokens(signals, self.model.config)
+                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.opt.step()
+                self.sched.step()
+                self.ema.update_parameters(self.model)
+                self.step += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    now = time.perf_counter()
+                    rec = {
+                        "step": self.step,
+                        "loss": round(loss_sum, 5),
+                        "lr": self.sched.get_last_lr()[0],
+                        "grad_norm": float(gnorm),
+                        "samples_per_s": n_log * self.world / (now - t_log),
+                        "tokens_per_s": tokens_log * self.world / (now - t_log),
+                        "modalities": {k: round(v, 5) for k, v in parts_sum.items()},
+                    }
+                    t_log, n_log, tokens_log = now, 0, 0
+                    if self.rank == 0:
+                        with open(self.run / "metrics.jsonl", "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                        if on_log is not None:
+                            on_log(rec)
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save()
+                if cfg.time_limit_min and self._all_agree(
+                    time.perf_counter() - t_start > 60 * cfg.time_limit_min
+                ):
+                    reason = "time limit"
+                    break
+        except KeyboardInterrupt:
+            reason = "interrupted"
+        if self.step > 0:
+            self.save()
+        if self.world > 1:
+            dist.barrier()
+        return reason
+
+    def _all_agree(self, stop: bool) -> bool:
+        """Under DDP, stop only together (any rank's clock may say so first)."""
+        if self.world == 1:
+            return stop
+        flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    if device.type == "cpu":
+        return batch
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
+
+
+def _tokens(signals: dict, config: ModelConfig) -> int:
+    """Tokens in a batch's sequences (for throughput figures)."""
+    per_raster = (config.image_size // config.patch_size) ** 2
+    n = 0
+    for s in signals.values():
+        n += int(s.present.sum()) * (per_raster if s.groups is not None else 1)
+    b = next(iter(signals.values())).present.shape[0]
+    return n + b * config.scene_tokens
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+__all__ = ["TrainConfig", "Trainer", "read_metrics"]

@@ -1,0 +1,286 @@
+"""The training loop: run folder, checkpoints, resume, and surviving kill -9 and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import terrasynth.models.config as model_config
+from terrasynth.data import dataset as dataset_module
+from terrasynth.errors import TerrasynthError
+from terrasynth.models.config import ModelConfig
+from terrasynth.models.scene_model import SceneModel
+from terrasynth.training.trainer import TrainConfig, Trainer, read_metrics
+
+pytestmark = pytest.mark.needs_data
+
+MICRO = dict(image_size=16, patch_size=8, dim=32, depth=1, heads=2, scene_tokens=2)
+CKPT_FILES = ["config.json", "ema.safetensors", "model.safetensors", "optimizer.pt"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(batch_size=4, warmup=2, checkpoint_every=3, log_every=1, bf16=False)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def micro(monkeypatch):
+    """The 'tiny' preset shrunk to a model that trains in milliseconds."""
+    monkeypatch.setitem(model_config.PRESETS, "tiny", MICRO)
+
+
+@pytest.fixture(scope="module")
+def trained(small_store, tmp_path_factory):
+    """A 6-step run (checkpoints every 3 steps) and its trainer."""
+    run = tmp_path_factory.mktemp("runs") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(model_config.PRESETS, "tiny", MICRO)
+        trainer = Trainer(small_store, run, _cfg(steps=6, bf16=True))
+    reason = trainer.train()
+    return run, trainer, reason
+
+
+def _complete(ckpt: Path) -> dict:
+    """Check one checkpoint folder holds everything and loads; return its training state."""
+    assert sorted(p.name for p in ckpt.iterdir()) == CKPT_FILES, ckpt
+    cfg = ModelConfig.load(ckpt / "config.json")
+    model = SceneModel(cfg)
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    model.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+    state = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    assert {"optimizer", "scheduler", "step", "ranks"} <= set(state)
+    for rank in state["ranks"]:
+        assert {"data", "generator", "crop", "torch_rng"} <= set(rank)
+    assert ckpt.name == f"step_{int(state['step']):07d}"
+    return state
+
+
+def _latest(run: Path) -> Path:
+    return run / "checkpoints" / (run / "latest").read_text().strip()
+
+
+def test_run_folder_after_training(trained):
+    run, trainer, reason = trained
+    assert reason == "done" and trainer.step == 6
+    assert (run / "latest").read_text() == "step_0000006"
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step_0000003", "step_0000006"]  # no temporary folders left
+    for name in names:
+        _complete(run / "checkpoints" / name)
+    state = _complete(_latest(run))
+    assert state["step"] == 6 and [r["data"] for r in state["ranks"]] == [{"epoch": 0, "offset": 6}]
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["steps"] == 6 and saved["batch_size"] == 4
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    for m in metrics:
+        assert m["loss"] > 0 and m["samples_per_s"] > 0 and m["tokens_per_s"] > 0
+        assert m["modalities"] and m["lr"] > 0
+    # warm-up of 2 steps, then cosine decay
+    lrs = [m["lr"] for m in metrics]
+    assert lrs[1] == pytest.approx(1e-3) and lrs[-1] < lrs[2] < lrs[1]
+
+
+def test_exported_model_is_the_ema(trained):
+    run, trainer, _ = trained
+    model = SceneModel.from_pretrained(run / "model")
+    assert model.config.dim == 32 and model.config.preset == "tiny"
+    ema = trainer.ema.module.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ema[k]), k
+    ckpt_ema = load_file(str(_latest(run) / "ema.safetensors"))
+    assert all(torch.equal(ckpt_ema[k], v) for k, v in model.state_dict().items())
+    # the EMA differs from the raw weights after training
+    raw = load_file(str(_latest(run) / "model.safetensors"))
+    assert any(not torch.equal(raw[k], v) for k, v in model.state_dict().items())
+
+
+def test_resume_continues(trained, small_store, tmp_path):
+    src, _, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    weights = load_file(str(_latest(run) / "model.safetensors"))
+    # a different batch size is ignored: the saved settings win, except steps
+    trainer = Trainer(small_store, run, _cfg(steps=9, batch_size=2), resume=True)
+    assert trainer.step == 6 and trainer.cfg.steps == 9 and trainer.cfg.batch_size == 4
+    assert trainer.batches.state() == {"epoch": 0, "offset": 6}
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, weights[k])
+    assert trainer.train() == "done" and trainer.step == 9
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, 10))
+    assert (run / "latest").read_text() == "step_0000009"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_0000006",
+        "step_0000009",
+    ]
+    assert [r["data"] for r in _complete(_latest(run))["ranks"]] == [{"epoch": 0, "offset": 9}]
+
+
+def test_resume_without_checkpoint_and_reuse_of_a_run_folder(trained, small_store, tmp_path):
+    with pytest.raises(TerrasynthError, match="nothing to resume"):
+        Trainer(small_store, tmp_path / "new", _cfg(steps=2), resume=True)
+    run, _, _ = trained
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(TerrasynthError, match="already holds a run"):
+        Trainer(small_store, run, _cfg(steps=2))
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def _weights_after(small_store, root: Path, split: bool) -> dict[str, torch.Tensor]:
+    # warm-up longer than the run: the learning rate does not depend on cfg.steps
+    kw = dict(warmup=100, checkpoint_every=3)
+    if split:
+        Trainer(small_store, root, _cfg(steps=3, **kw)).train()
+        Trainer(small_store, root, _cfg(steps=6, **kw), resume=True).train()
+    else:
+        Trainer(small_store, root, _cfg(steps=6, **kw)).train()
+    return load_file(str(root / "checkpoints" / "step_0000006" / "model.safetensors"))
+
+
+def test_resume_restores_model_optimiser_rng_and_data_position(
+    micro, small_store, tmp_path, monkeypatch
+):
+    """3 + 3 steps give the 6-step weights exactly (with augmentation switched off)."""
+    monkeypatch.setattr(dataset_module.RandomCropFlip, "_randint", lambda self, n: 0)
+    a = _weights_after(small_store, tmp_path / "a", split=False)
+    b = _weights_after(small_store, tmp_path / "b", split=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_exact_with_augmentation(micro, small_store, tmp_path):
+    a = _weights_after(small_store, tmp_path / "a", split=False)
+    b = _weights_after(small_store, tmp_path / "b", split=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crash_while_saving_again_keeps_latest_loadable(micro, small_store, tmp_path, monkeypatch):
+    trainer = Trainer(small_store, tmp_path / "run", _cfg(steps=3))
+    trainer.train()  # ends at step 3, a checkpoint step: saved in the loop and again after it
+
+    def killed(self, target):
+        raise OSError("killed")  # the process dies right here
+
+    monkeypatch.setattr(Path, "rename", killed)
+    trainer.save()  # the step's checkpoint exists: nothing is deleted or renamed
+    monkeypatch.undo()
+    _complete(_latest(tmp_path / "run"))
+
+
+def test_data_position_with_loader_workers(micro, small_store, tmp_path):
+    trainer = Trainer(small_store, tmp_path / "run", _cfg(steps=3, num_workers=1))
+    trainer.train()
+    assert [r["data"] for r in _complete(_latest(tmp_path / "run"))["ranks"]] == [
+        {"epoch": 0, "offset": 3}
+    ]
+
+
+# -- the command line, killed and interrupted ---------------------------------------------
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun does for its workers
+
+
+def _start(store: Path, run: Path, *extra: str) -> subprocess.Popen:
+    """`terrasynth train` (the real tiny preset) with a checkpoint after every step."""
+    args = ["-d", str(store), "-o", str(run), "--batch-size", "2", "--checkpoint-every", "1"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "terrasynth.cli.main", "train", *args, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        # a normal Ctrl-C disposition, whatever the parent's
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, run: Path, min_step: int) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        latest = run / "latest"
+        if latest.exists() and int(latest.read_text().split("_")[1]) >= min_step:
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"training ended early ({proc.returncode}): {out}\n{err}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("no checkpoint within 180 s")
+
+
+def test_kill_9_leaves_a_resumable_checkpoint(small_store, tmp_path):
+    run = tmp_path / "run"
+    proc = _start(small_store, run, "--steps", "1000")
+    try:
+        _wait_for_checkpoint(proc, run, min_step=3)  # old checkpoints have been pruned too
+        time.sleep(0.3)  # somewhere inside a later step or checkpoint
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    ckpt = _latest(run)
+    step = int(_complete(ckpt)["step"])
+    assert step >= 3
+    SceneModel.from_pretrained(run / "model")  # the export was complete too (or replaced whole)
+
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "terrasynth.cli.main",
+            "train",
+            "-d",
+            str(small_store),
+            "-o",
+            str(run),
+            "--resume",
+            "--steps",
+            str(step + 2),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert res.returncode == 0, res.stderr
+    assert f"done at step {step + 2}" in res.stdout
+    assert (run / "latest").read_text() == f"step_{step + 2:07d}"
+    assert _complete(_latest(run))["step"] == step + 2
+    assert read_metrics(run)[-1]["step"] == step + 2
+
+
+def test_ctrl_c_checkpoints_the_interrupted_step(small_store, tmp_path):
+    run = tmp_path / "run"
+    proc = _start(small_store, run, "--steps", "1000")
+    try:
+        _wait_for_checkpoint(proc, run, min_step=1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    line = [x for x in out.splitlines() if "interrupted at step" in x]
+    assert line, out
+    step = int(line[0].split("interrupted at step ")[1].split(";")[0])
+    assert (run / "latest").read_text() == f"step_{step:07d}"
+    assert _complete(_latest(run))["step"] == step
+    assert 1 <= step < 1000
