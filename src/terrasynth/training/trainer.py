@@ -48,10 +48,10 @@ class TrainConfig:
     """Training settings, saved as ``train_config.json`` in the run folder."""
 
     preset: str = "tiny"
-    steps: int = 2000
-    batch_size: int = 16  # per process and micro-step
+    steps: int = 1400
+    batch_size: int = 24  # per process and micro-step
     accumulate: int = 1
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     weight_decay: float = 0.02
     warmup: int = 100
     grad_clip: float = 1.0
@@ -275,6 +275,7 @@ class Trainer:
         it = iter(loader)
         t_start = time.perf_counter()
         t_log, n_log, tokens_log = t_start, 0, 0
+        window: list[float] = []  # losses of the steps since the last log line
         reason = "done"
         self.model.train()
         try:
@@ -307,11 +308,13 @@ class Trainer:
                 self.sched.step()
                 self.ema.update_parameters(self.model)
                 self.step += 1
+                window.append(loss_sum)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     now = time.perf_counter()
                     rec = {
                         "step": self.step,
-                        "loss": round(loss_sum, 5),
+                        "loss": round(sum(window) / len(window), 5),  # mean since last log
+                        "last_loss": round(loss_sum, 5),
                         "lr": self.sched.get_last_lr()[0],
                         "grad_norm": float(gnorm),
                         "samples_per_s": n_log * self.world / (now - t_log),
@@ -319,6 +322,7 @@ class Trainer:
                         "modalities": {k: round(v, 5) for k, v in parts_sum.items()},
                     }
                     t_log, n_log, tokens_log = now, 0, 0
+                    window = []
                     if self.rank == 0:
                         with open(self.run / "metrics.jsonl", "a") as f:
                             f.write(json.dumps(rec) + "\n")
