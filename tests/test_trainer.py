@@ -97,7 +97,7 @@ def test_run_folder_after_training(trained):
         assert m["modalities"] and m["lr"] > 0
     # warm-up of 2 steps, then cosine decay
     lrs = [m["lr"] for m in metrics]
-    assert lrs[1] == pytest.approx(1e-3) and lrs[-1] < lrs[2] < lrs[1]
+    assert lrs[1] == pytest.approx(TrainConfig().lr) and lrs[-1] < lrs[2] < lrs[1]
 
 
 def test_exported_model_is_the_ema(trained):
