@@ -31,14 +31,18 @@ def main() -> None:
     model = SceneModel.from_pretrained(folder)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    rows = evaluate_translation(model, args.store, args.split, args.steps, seed=args.seed,
-                                max_chips=args.max_chips)
-    print(f"model {folder} ({model.num_parameters() / 1e6:.1f} M parameters), store "
-          f"{args.store}, split {args.split}, {args.steps} sampling steps, seed {args.seed}")
+    rows = evaluate_translation(
+        model, args.store, args.split, args.steps, seed=args.seed, max_chips=args.max_chips
+    )
+    print(
+        f"model {folder} ({model.num_parameters() / 1e6:.1f} M parameters), store "
+        f"{args.store}, split {args.split}, {args.steps} sampling steps, seed {args.seed}"
+    )
     print(format_table(rows))
     wins = sum(r.better for r in rows)
-    print(f"beats the baseline on {wins} of {len(rows)} modalities "
-          f"({time.perf_counter() - t0:.0f} s)")
+    print(
+        f"beats the baseline on {wins} of {len(rows)} modalities ({time.perf_counter() - t0:.0f} s)"
+    )
 
 
 if __name__ == "__main__":
