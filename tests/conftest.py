@@ -8,6 +8,8 @@ import pytest
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ZION = DATA / "zion_landsat8_srtm_nlcd"
+# A model small enough for unit tests of the model, objective, sampler and trainer.
+MICRO_MODEL = dict(image_size=16, patch_size=8, dim=32, depth=1, heads=2, scene_tokens=2)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,3 +45,14 @@ def small_store(tmp_path_factory) -> Path:
         default_registry(),
     )
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,18 +12,11 @@ from terrasynth.models.scene_model import SceneModel
 from terrasynth.models.signals import batch_signals
 from terrasynth.sampling.conditional import generate
 from terrasynth.sampling.flow import FlowSampler
+from tests.conftest import MICRO_MODEL
 
-TINY = dict(image_size=16, patch_size=8, dim=32, depth=1, heads=2, scene_tokens=2)
+TINY = MICRO_MODEL
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 needs_data = pytest.mark.needs_data
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # -- the sampler (pure maths) ---------------------------------------------------------------

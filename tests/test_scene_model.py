@@ -14,20 +14,12 @@ from terrasynth.models.scene_model import (
     ground_position_embedding,
     timestep_embedding,
 )
+from tests.conftest import MICRO_MODEL
 
-pytestmark = pytest.mark.needs_data
+pytestmark = [pytest.mark.needs_data, pytest.mark.usefixtures("one_torch_thread")]
 
-TINY = dict(image_size=16, patch_size=8, dim=32, depth=1, heads=2, scene_tokens=2)
+TINY = MICRO_MODEL
 B = 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -21,20 +21,12 @@ from terrasynth.errors import TerrasynthError
 from terrasynth.models.config import ModelConfig
 from terrasynth.models.scene_model import SceneModel
 from terrasynth.training.trainer import TrainConfig, Trainer, read_metrics
+from tests.conftest import MICRO_MODEL
 
-pytestmark = pytest.mark.needs_data
+pytestmark = [pytest.mark.needs_data, pytest.mark.usefixtures("one_torch_thread")]
 
-MICRO = dict(image_size=16, patch_size=8, dim=32, depth=1, heads=2, scene_tokens=2)
+MICRO = MICRO_MODEL
 CKPT_FILES = ["config.json", "ema.safetensors", "model.safetensors", "optimizer.pt"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cfg(**kw) -> TrainConfig:

@@ -11,17 +11,10 @@ from terrasynth.data.store import ChipStore
 from terrasynth.evaluation.translate import Row, evaluate_translation, format_table, tiles
 from terrasynth.models.config import ModelConfig
 from terrasynth.models.scene_model import SceneModel
+from tests.conftest import MICRO_MODEL
 
-TINY = dict(image_size=16, patch_size=8, dim=32, depth=1, heads=2, scene_tokens=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+TINY = MICRO_MODEL
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch() -> dict:
