@@ -79,15 +79,13 @@ def build_store(
     found, skipped = resolve_sources(paths, strict)
     if not found and not inputs:
         raise TerrasynthError("no recognised source given")
-    jobs: list[tuple[str, Iterator[Scene]]] = [
-        (s.name, s.scenes(str(p), registry)) for p, s in found
-    ]
+    jobs: list[Iterator[Scene]] = [s.scenes(str(p), registry) for p, s in found]
     if inputs:
-        jobs.append(("generic", iter([generic_scene(inputs, registry, scaling=scaling)])))
+        jobs.append(iter([generic_scene(inputs, registry, scaling=scaling)]))
     writer = StoreWriter(output, registry, chip_size, split, overwrite=overwrite)
     report = BuildReport(Path(output), 0, skipped=skipped)
     try:
-        for _reader, scenes in jobs:
+        for scenes in jobs:
             t0 = time.perf_counter()
             for scene in scenes:
                 report.warnings += check_scene_values(scene, registry, strict)

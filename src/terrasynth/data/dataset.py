@@ -18,7 +18,6 @@ absent modality is zeros with its availability flag False), so batches stack dir
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,7 +225,7 @@ class RandomCropFlip:
         flip = bool(self._randint(2)) if self.flips else False
         out: Sample = {}
         for key, x in sample.items():
-            if not _is_raster(key, x):
+            if not is_raster_key(key, x):
                 out[key] = x
                 continue
             f = self.chip_size // x.shape[-1]
@@ -239,7 +238,8 @@ class RandomCropFlip:
         return out
 
 
-def _is_raster(key: str, x: Any) -> bool:
+def is_raster_key(key: str, x: Any) -> bool:
+    """True for the raster entries of a sample or batch (``<mod>/<group>[/valid]``)."""
     return (
         isinstance(x, torch.Tensor)
         and x.ndim >= 2
@@ -275,15 +275,3 @@ def max_group_factor(dataset: ChipDataset) -> int:
     """Coarsest band-group factor among the dataset's modalities."""
     factors = [g.factor for m in dataset.modalities for g in dataset.registry[m].groups]
     return max(factors, default=1) if factors else 1
-
-
-def chips_per_second(loader: torch.utils.data.DataLoader, max_batches: int) -> float:
-    """Chips per second drawn through ``loader`` (for the benchmarks)."""
-    import time
-
-    n, t0 = 0, time.perf_counter()
-    for i, batch in enumerate(loader):
-        n += len(batch["index"])
-        if i + 1 >= max_batches:
-            break
-    return n / max(time.perf_counter() - t0, math.ulp(1.0))

@@ -312,7 +312,8 @@ class ChipStore:
                 continue
             mod = registry[m]
             if mod.groups:
-                present = self.array(f"{m}/bands")[:][rows][has].any(axis=0)
+                picked = np.flatnonzero(rows)[has]
+                present = self.array(f"{m}/bands").oindex[picked, :].any(axis=0)
                 modalities[m] = [b for b, p in zip(mod.bands, present, strict=True) if p]
             else:
                 modalities[m] = []

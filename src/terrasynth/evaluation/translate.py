@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from terrasynth.data.dataset import ChipDataset, collate_chips
+from terrasynth.data.dataset import ChipDataset, collate_chips, is_raster_key
 from terrasynth.models.scene_model import SceneModel
 from terrasynth.models.signals import batch_signals
 from terrasynth.sampling.conditional import generate
@@ -48,12 +48,7 @@ def tiles(batch: dict, size: int, chip_size: int) -> list[dict]:
         for c in range(0, chip_size - size + 1, size):
             tile = {}
             for k, v in batch.items():
-                if (
-                    torch.is_tensor(v)
-                    and v.ndim >= 3
-                    and "/" in k
-                    and not k.endswith(("/bands", "/labels"))
-                ):
+                if is_raster_key(k, v):
                     f = chip_size // v.shape[-1]
                     tile[k] = v[..., r // f : (r + size) // f, c // f : (c + size) // f]
                 else:
