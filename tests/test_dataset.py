@@ -106,3 +106,18 @@ def test_chunk_sampler_is_a_permutation(ds):
     order = list(ChunkShuffleSampler(ds, seed=3))
     assert sorted(order) == list(range(len(ds)))
     assert order != list(range(len(ds)))
+
+
+def test_chunk_sampler_balances_sources(ds):
+    sources = ds.store.table["source"].to_numpy()[ds.indices]
+    names, counts = np.unique(sources, return_counts=True)
+    assert counts.max() > 3 * counts.min()  # the store is unbalanced to begin with
+    seen = np.zeros(len(names))
+    for epoch in range(4):
+        sampler = ChunkShuffleSampler(ds, seed=1, balance=0.0)
+        sampler.set_epoch(epoch)
+        seen += np.unique(sources[list(sampler)], return_counts=True)[1]
+    share = seen / seen.sum()
+    assert np.allclose(share, 1 / len(names), atol=0.05)  # every source about equally often
+    natural = ChunkShuffleSampler(ds, seed=1, balance=1.0)
+    assert sorted(natural) == list(range(len(ds)))

@@ -18,7 +18,7 @@ app = typer.Typer(help="Build, inspect and preview chip stores.", no_args_is_hel
 console = Console(stderr=True)
 
 
-def _parse_numbers(values: list[str], option: str) -> dict[str, float]:
+def parse_numbers(values: list[str], option: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for v in values:
         mod, sep, num = v.partition("=")
@@ -31,7 +31,7 @@ def _parse_numbers(values: list[str], option: str) -> dict[str, float]:
     return out
 
 
-def _parse_inputs(values: list[str]) -> list[tuple[str, str]]:
+def parse_inputs(values: list[str]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for v in values:
         if "=" not in v:
@@ -82,9 +82,9 @@ def build(
     from terrasynth.data.split import SplitConfig
 
     registry = default_registry(list(modalities or []))
-    inputs = _parse_inputs(input_ or [])
-    scales = _parse_numbers(scale or [], "--scale")
-    offsets = _parse_numbers(offset or [], "--offset")
+    inputs = parse_inputs(input_ or [])
+    scales = parse_numbers(scale or [], "--scale")
+    offsets = parse_numbers(offset or [], "--offset")
     scaling = {m: (scales.get(m, 1.0), offsets.get(m, 0.0)) for m in {*scales, *offsets}}
     if not sources and not inputs:
         raise TerrasynthError("give source folders and/or --input MOD=FILE")

@@ -169,13 +169,26 @@ class ChunkShuffleSampler(Sampler[int]):
     """Random order that visits store chunks one at a time (shuffled chunks, shuffled inside).
 
     Random access into a chunked store costs a chunk read per chip; this order reads each
-    chunk once per epoch while keeping batches well mixed across chunks of one source.
+    chunk once per visit while keeping batches well mixed across chunks of one source.
+
+    ``balance`` re-weights sources: a source of ``n`` chips contributes about
+    ``n ** balance`` shares of an epoch (1: natural proportions, every chip once; 0: every
+    source equally often). Small sources are then visited several times per epoch and large
+    ones partly, so a store dominated by one source still teaches every modality.
     """
 
-    def __init__(self, dataset: ChipDataset, seed: int = 0) -> None:
+    def __init__(self, dataset: ChipDataset, seed: int = 0, balance: float = 1.0) -> None:
+        if not 0.0 <= balance <= 1.0:
+            raise ValueError("balance must lie in [0, 1]")
         self.dataset = dataset
         self.seed = seed
+        self.balance = balance
         self.epoch = 0
+        sources = dataset.store.table["source"].to_numpy()[dataset.indices]
+        names, inverse, counts = np.unique(sources, return_inverse=True, return_counts=True)
+        share = counts.astype(float) ** balance
+        target = len(sources) * share / share.sum()  # chips per epoch for each source
+        self.visits = (target / counts)[inverse]  # expected visits of each chip per epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -185,10 +198,13 @@ class ChunkShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng((self.seed, self.epoch))
+        # whole visits plus one more with the fractional part's probability
+        visits = np.floor(self.visits) + (rng.random(len(self.visits)) < self.visits % 1)
         chunks = self.dataset.indices // CHUNK_CHIPS
-        order = rng.permutation(np.unique(chunks))
-        for c in order:
-            members = np.flatnonzero(chunks == c)
+        rounds = [(c, r) for c in np.unique(chunks) for r in range(int(visits[chunks == c].max()))]
+        for i in rng.permutation(len(rounds)):
+            c, r = rounds[i]
+            members = np.flatnonzero((chunks == c) & (visits > r))
             yield from rng.permutation(members).tolist()
 
 

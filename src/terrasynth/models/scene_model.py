@@ -110,6 +110,10 @@ class SceneModel(nn.Module):
         self.embed: nn.ModuleDict = nn.ModuleDict()
         self.head: nn.ModuleDict = nn.ModuleDict()
         self.patch: dict[str, int] = {}
+        # Patch tokens decode each patch on its own; a small residual convolution over the
+        # decoded image and the pixel-level input lets neighbouring patches agree at their
+        # borders and restores detail finer than a patch (zero-initialised: starts as none).
+        self.refine: nn.ModuleDict = nn.ModuleDict()
         names = []
         for mod in config.raster_modalities():
             for g in mod.groups:
@@ -119,6 +123,8 @@ class SceneModel(nn.Module):
                 self.embed[_k(key)] = nn.Conv2d(3 * ch, d, kernel_size=p, stride=p)
                 self.head[_k(key)] = nn.Linear(d, ch * p * p)
                 self.patch[key] = p
+                if config.refine_channels:
+                    self.refine[_k(key)] = _refiner(4 * ch, config.refine_channels, ch)
             names.append(mod.name)
         for name, size in config.vector_modalities().items():
             self.embed[_k(name)] = nn.Sequential(nn.Linear(3 * size, d), nn.SiLU(), nn.Linear(d, d))
@@ -219,7 +225,10 @@ class SceneModel(nn.Module):
             y = self.head[_k(key)](part)  # (B, N, C p p)
             ch = y.shape[-1] // (p * p)
             y = y.view(b, gh, gw, ch, p, p).permute(0, 3, 1, 4, 2, 5)
-            out[gname] = y.reshape(b, ch, gh * p, gw * p)
+            y = y.reshape(b, ch, gh * p, gw * p)
+            if self.config.refine_channels:
+                y = y + self.refine[_k(key)](torch.cat([y, groups[gname].to(y.dtype)], 1))
+            out[gname] = y
         return out
 
     # -- persistence -----------------------------------------------------------------------
@@ -244,6 +253,13 @@ class SceneModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _refiner(cin: int, hidden: int, cout: int) -> nn.Sequential:
+    last = nn.Conv2d(hidden, cout, 3, padding=1)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(nn.Conv2d(cin, hidden, 3, padding=1), nn.GELU(), last)
 
 
 def _k(key: str) -> str:

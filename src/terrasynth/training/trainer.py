@@ -61,6 +61,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     num_workers: int = 0
+    source_balance: float = 0.5  # 1: sources in store proportions; 0: equally often
     time_limit_min: float = 0.0  # stop (and checkpoint) after this many minutes; 0: none
 
     @classmethod
@@ -77,9 +78,15 @@ class ResumableBatches(Sampler[list[int]]):
     """
 
     def __init__(
-        self, dataset: ChipDataset, batch_size: int, seed: int, rank: int = 0, world: int = 1
+        self,
+        dataset: ChipDataset,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        balance: float = 1.0,
     ) -> None:
-        self.sampler = ChunkShuffleSampler(dataset, seed=seed)
+        self.sampler = ChunkShuffleSampler(dataset, seed=seed, balance=balance)
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.epoch, self.offset = 0, 0  # offset: batches of the epoch already drawn
         # Loader workers draw batches ahead of training; the position after each drawn
@@ -183,7 +190,7 @@ class Trainer:
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
         self.batches = ResumableBatches(
-            self.dataset, cfg.batch_size, cfg.seed, self.rank, self.world
+            self.dataset, cfg.batch_size, cfg.seed, self.rank, self.world, cfg.source_balance
         )
         self.gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.rank)
         self.objective = ObjectiveConfig()
@@ -318,6 +325,7 @@ class Trainer:
                         "lr": self.sched.get_last_lr()[0],
                         "grad_norm": float(gnorm),
                         "samples_per_s": n_log * self.world / (now - t_log),
+                        "elapsed_s": round(now - t_start, 1),  # since this (re)start
                         "tokens_per_s": tokens_log * self.world / (now - t_log),
                         "modalities": {k: round(v, 5) for k, v in parts_sum.items()},
                     }
