@@ -1,0 +1,316 @@
+"""The benchmark: generate each direction on a split's chips and score the ensembles.
+
+A *direction* is a target raster modality and the modalities it is generated from: either
+all others present on a chip (``all -> s2l2a``) or one other (``s1grd -> s2l2a``). Chips
+are cut into tiles of the model's window; every tile that holds the target and the
+direction's conditions is generated ``num_samples`` times by a *predictor*: the model, or
+a baseline behind the same interface (``terrasynth.evaluation.baselines``). Scores are in
+physical units (``terrasynth.evaluation.metrics``) and are averaged over tiles weighted by
+their valid pixels; distribution scores pool every tile of a direction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from terrasynth.data.dataset import ChipDataset, collate_chips
+from terrasynth.evaluation import metrics as M
+from terrasynth.evaluation.translate import tiles
+from terrasynth.modalities import Modality
+from terrasynth.models.config import ModelConfig
+from terrasynth.models.scene_model import SceneModel
+from terrasynth.models.signals import Signal, batch_signals
+from terrasynth.sampling.conditional import generate
+from terrasynth.sampling.flow import FlowSampler
+
+
+@dataclass(frozen=True)
+class Direction:
+    target: str
+    conditions: tuple[str, ...] | None  # None: every other modality present on the chip
+
+    @property
+    def name(self) -> str:
+        src = "all" if self.conditions is None else "+".join(self.conditions)
+        return f"{src} -> {self.target}"
+
+
+class Predictor(Protocol):
+    """Anything that fills a target from conditions: the model or a baseline."""
+
+    name: str
+
+    def sample(
+        self,
+        signals: dict[str, Signal],
+        tile: dict,
+        target: str,
+        conditions: list[str],
+        num_samples: int,
+        generator: torch.Generator,
+    ) -> np.ndarray:
+        """(N, B, C, h, w): normalised values, or class probabilities for categorical
+        targets (C = K)."""
+        ...
+
+
+class ModelPredictor:
+    """The scene model with a flow sampler: N samples by repeating the batch N times."""
+
+    def __init__(self, model: SceneModel, steps: int = 8, eta: float = 0.0, name: str = "model"):
+        self.model = model.eval()
+        self.sampler = FlowSampler(steps=steps, eta=eta)
+        self.name = name
+
+    def sample(self, signals, tile, target, conditions, num_samples, generator):
+        reps = {n: _repeat(s, num_samples) for n, s in signals.items()}
+        gsd = tile["gsd"].repeat(num_samples)
+        out = generate(self.model, reps, [target], conditions, gsd, self.sampler, generator)
+        res = out[target]
+        payload = res.probs if res.probs is not None else res.groups
+        b = tile["gsd"].shape[0]
+        return {
+            g: v.float().reshape(num_samples, b, *v.shape[1:]).numpy() for g, v in payload.items()
+        }
+
+
+def _repeat(sig: Signal, n: int) -> Signal:
+    def rep(x):
+        if x is None:
+            return None
+        if isinstance(x, dict):
+            return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in x.items()}
+        return x.repeat(n, *([1] * (x.dim() - 1)))
+
+    return Signal(
+        rep(sig.present), groups=rep(sig.groups), known=rep(sig.known),
+        target=rep(sig.target), vector=rep(sig.vector),
+    )  # fmt: skip
+
+
+@dataclass
+class DirectionScores:
+    """Accumulated scores of one predictor on one direction."""
+
+    direction: Direction
+    predictor: str
+    kind: str
+    tiles: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    real_values: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    fake_values: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    real_features: list[np.ndarray] = field(default_factory=list)
+    fake_features: list[np.ndarray] = field(default_factory=list)
+    reliability: list[np.ndarray] = field(default_factory=list)  # continuous: coverage per level
+    confidence: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # categorical
+    examples: list[dict] = field(default_factory=list)
+
+    def add(self, key: str, value: float, weight: float) -> None:
+        if np.isfinite(value):
+            self.sums[key] = self.sums.get(key, 0.0) + value * weight
+            self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def summary(self) -> dict[str, float]:
+        out = {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+        for band in self.real_values:
+            real = np.concatenate(self.real_values[band])
+            fake = np.concatenate(self.fake_values[band])
+            out.setdefault("wasserstein", 0.0)
+            out["wasserstein"] += M.band_wasserstein(real, fake) / len(self.real_values)
+            out.setdefault("range_coverage", 0.0)
+            out["range_coverage"] += M.range_coverage(real, fake) / len(self.real_values)
+        if len(self.real_features) > 3 and len(self.fake_features) > 3:
+            prc = M.precision_recall_coverage(
+                np.stack(self.real_features), np.stack(self.fake_features)
+            )
+            out.update({f"feature_{k}": v for k, v in prc.items()})
+        out["tiles"] = self.tiles
+        return out
+
+
+LEVELS = np.array([0.1, 0.3, 0.5, 0.7, 0.9])
+EXAMPLES = 3  # tiles per direction kept for pictures
+
+
+def score_tile(
+    scores: DirectionScores,
+    mod: Modality,
+    group_samples: dict[str, np.ndarray],
+    sig: Signal,
+    stats: dict,
+    k: int,
+) -> None:
+    """Score the k-th tile of a batch: ``group_samples`` (N, B, C, h, w) per group."""
+    if mod.kind == "categorical":
+        g = mod.groups[0].name
+        probs = group_samples[g][:, k]  # (N, K, h, w)
+        truth = sig.target[g][k].numpy()
+        n_known = float((truth >= 0).sum())
+        if n_known == 0:
+            return
+        mean_p = probs.mean(0)
+        pred = mean_p.argmax(0)
+        scores.add("accuracy", M.accuracy(pred, truth), n_known)
+        scores.add("miou", M.mean_iou(pred, truth, mod.num_classes), n_known)
+        scores.add("ece", M.expected_calibration_error(mean_p, truth), n_known)
+        best = max(M.accuracy(p.argmax(0), truth) for p in probs)
+        scores.add("accuracy_best_of_n", best, n_known)
+        maps = probs.argmax(1)
+        pairs = [(i, j) for i in range(len(maps)) for j in range(i)]
+        div = np.mean([(maps[i] != maps[j]).mean() for i, j in pairs]) if pairs else 0.0
+        scores.add("diversity", float(div), n_known)
+        ok = truth >= 0
+        scores.confidence.append((mean_p.max(0)[ok], (pred == truth)[ok]))
+        scores.tiles += 1
+        if len(scores.examples) < EXAMPLES:
+            scores.examples.append({"truth": truth, "samples": maps, "kind": "categorical"})
+        return
+    parts_true, parts_fake, masks = [], [], []
+    for g in mod.groups:
+        known = sig.known[g.name][k].numpy() > 0  # (C, h, w)
+        x = group_samples[g.name][:, k]  # (N, C, h, w) normalised
+        true = _denorm(sig.groups[g.name][k].numpy(), stats, g.bands, mod.transform)
+        fake = np.stack([_denorm(s, stats, g.bands, mod.transform) for s in x])
+        factor = g.factor
+        if factor > 1:  # compare on the finest grid of the modality
+            true = true.repeat(factor, 1).repeat(factor, 2)
+            fake = fake.repeat(factor, 2).repeat(factor, 3)
+            known = known.repeat(factor, 1).repeat(factor, 2)
+        parts_true.append(true)
+        parts_fake.append(fake)
+        masks.append(known)
+    true = np.concatenate(parts_true)
+    fake = np.concatenate(parts_fake, 1)
+    known = np.concatenate(masks)
+    bands = [b for g in mod.groups for b in g.bands]
+    keep = known.reshape(len(bands), -1).any(1)  # bands the chip holds
+    if not keep.any():
+        return
+    true, fake, known = true[keep], fake[:, keep], known[keep]
+    kept = [b for b, ok in zip(bands, keep, strict=True) if ok]
+    n_known = float(known.sum())
+    mean = fake.mean(0)
+    lo = np.array([stats["bands"].get(b, {}).get("p01", 0.0) for b in kept])
+    hi = np.array([stats["bands"].get(b, {}).get("p99", 1.0) for b in kept])
+    span = float(np.mean(np.maximum(hi - lo, 1e-9)))
+    scores.add("mae", M.mae(mean, true, known), n_known)
+    scores.add("rmse", M.rmse(mean, true, known), n_known)
+    scores.add("psnr", M.psnr(mean, true, span, known), n_known)
+    scores.add("ssim", M.ssim(mean, true, span, known), n_known)
+    if len(kept) >= 3:
+        scores.add("spectral_angle", M.spectral_angle(mean, true, known), n_known)
+    scores.add("mae_best_of_n", M.best_of_n_mae(fake, true, known), n_known)
+    scores.add("crps", M.crps_ensemble(fake, true, known), n_known)
+    if len(fake) > 1:
+        scores.add("spread_skill", M.spread_skill(fake, true, known), n_known)
+        scores.add("coverage_50", M.interval_coverage(fake, true, 0.5, known), n_known)
+        scores.add("coverage_90", M.interval_coverage(fake, true, 0.9, known), n_known)
+        scores.reliability.append(
+            np.array([M.interval_coverage(fake, true, lv, known) for lv in LEVELS])
+        )
+    scores.add("diversity", M.diversity(fake, known), n_known)
+    for i, b in enumerate(kept):
+        m = known[i]
+        scores.real_values.setdefault(b, []).append(true[i][m][::4])
+        scores.fake_values.setdefault(b, []).append(fake[0, i][m][::4])
+    if known.all():
+        scores.real_features.append(M.image_features(true))
+        scores.fake_features.append(M.image_features(fake[0]))
+    scores.tiles += 1
+    if len(scores.examples) < EXAMPLES:
+        scores.examples.append(
+            {"truth": true, "samples": fake, "bands": kept, "kind": "continuous"}
+        )
+
+
+def _denorm(x: np.ndarray, stats: dict, bands: tuple[str, ...], transform: str) -> np.ndarray:
+    mean = np.array([stats["bands"].get(b, {}).get("mean", 0.0) for b in bands])[:, None, None]
+    std = np.array([stats["bands"].get(b, {}).get("std", 1.0) for b in bands])[:, None, None]
+    y = x * std + mean
+    return np.expm1(y) if transform == "log1p" else y
+
+
+def default_directions(ds: ChipDataset, config: ModelConfig, min_tiles_chips: int = 2):
+    """``all -> T`` for every raster target with partners, and ``S -> T`` for every pair
+    of raster modalities found together on at least ``min_tiles_chips`` chips."""
+    order = ds.modalities
+    rasters = [m.name for m in config.raster_modalities() if m.name in order]
+    has = {m: ds.store.available(m)[ds.indices] for m in order}
+    out = []
+    for t in rasters:
+        partners = [s for s in rasters if s != t and (has[s] & has[t]).sum() >= min_tiles_chips]
+        if partners:
+            out.append(Direction(t, None))
+        out += [Direction(t, (s,)) for s in partners]
+    return out
+
+
+@torch.no_grad()
+def run_benchmark(
+    predictors: list[Predictor],
+    config: ModelConfig,
+    store: str,
+    directions: list[Direction] | None = None,
+    split: str = "test",
+    num_samples: int = 4,
+    seed: int = 0,
+    max_chips: int | None = None,
+    batch_size: int = 8,
+    progress: Callable[[str], None] | None = None,
+) -> list[DirectionScores]:
+    """Score every predictor on every direction (see the module docstring)."""
+    ds = ChipDataset(store, split=split)
+    order = ds.modalities
+    reg = config.registry
+    directions = directions or default_directions(ds, config)
+    has = {m: ds.store.available(m)[ds.indices] for m in order}
+    results = []
+    for d in directions:
+        mod = reg[d.target]
+        conds = (
+            list(d.conditions)
+            if d.conditions
+            else [m for m in order if m != d.target and m in config.modalities]
+        )
+        need = has[d.target] & (
+            np.logical_or.reduce([has[c] for c in conds if c in has])
+            if d.conditions is None
+            else np.logical_and.reduce([has[c] for c in conds])
+        )
+        pick = np.flatnonzero(need)
+        if max_chips is not None:
+            pick = pick[:max_chips]
+        if len(pick) == 0:
+            continue
+        loader = DataLoader(
+            Subset(ds, pick.tolist()), batch_size=batch_size, collate_fn=collate_chips
+        )
+        for pred in predictors:
+            gen = torch.Generator().manual_seed(seed)
+            scores = DirectionScores(d, pred.name, mod.kind)
+            for batch in loader:
+                for tile in tiles(batch, config.image_size, ds.chip_size):
+                    sig = batch_signals(tile, config, order)
+                    # conditions outside the direction take no part
+                    conditions = [c for c in conds if c in sig]
+                    for n in list(sig):
+                        if n != d.target and n not in conditions and n not in ("location", "time"):
+                            sig[n] = Signal(
+                                torch.zeros_like(sig[n].present), groups=sig[n].groups,
+                                known=sig[n].known, target=sig[n].target, vector=sig[n].vector,
+                            )  # fmt: skip
+                    conditions += [c for c in ("location", "time") if c in sig]
+                    samples = pred.sample(sig, tile, d.target, conditions, num_samples, gen)
+                    for k in range(tile["gsd"].shape[0]):
+                        score_tile(scores, mod, samples, sig[d.target], config.stats[d.target], k)
+            if progress is not None:
+                progress(f"{pred.name}: {d.name} ({scores.tiles} tiles)")
+            results.append(scores)
+    return results

@@ -1,0 +1,216 @@
+"""Metrics for generated rasters: pointwise, distributional, calibration, categorical.
+
+Conventions: ``samples`` (N, C, H, W) is an ensemble of N generations of one scene,
+``truth`` (C, H, W) the real image, ``valid`` (H, W) or (C, H, W) where the truth is known;
+all in physical units. Every function returns plain floats (means over valid values).
+
+Written here rather than taken from a library: scikit-image's SSIM and the usual CRPS
+packages work on plain arrays without validity masks and would need the same masking code
+around them; the formulas are a few lines each and are checked against their definitions
+in ``tests/test_metrics.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.ndimage import uniform_filter
+from scipy.stats import wasserstein_distance
+
+
+def _mask(valid: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    if valid is None:
+        return np.ones(shape, bool)
+    return np.broadcast_to(valid, shape)
+
+
+# -- pointwise ----------------------------------------------------------------------------
+def mae(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None) -> float:
+    m = _mask(valid, truth.shape)
+    return float(np.abs(pred - truth)[m].mean())
+
+
+def rmse(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None) -> float:
+    m = _mask(valid, truth.shape)
+    return float(np.sqrt(((pred - truth) ** 2)[m].mean()))
+
+
+def psnr(pred: np.ndarray, truth: np.ndarray, data_range: float, valid=None) -> float:
+    """Peak signal-to-noise ratio in dB for a given data range (e.g. the training p01-p99)."""
+    err = rmse(pred, truth, valid)
+    return float(20 * np.log10(data_range / max(err, 1e-12)))
+
+
+def ssim(pred: np.ndarray, truth: np.ndarray, data_range: float, valid=None, win: int = 7):
+    """Mean structural similarity over bands (uniform ``win`` x ``win`` window, Wang et al.
+    2004 constants), averaged over pixels whose whole window is valid."""
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    vals = []
+    for b in range(truth.shape[0]):
+        x, y = pred[b].astype(np.float64), truth[b].astype(np.float64)
+        m = _mask(valid, truth.shape)[b].astype(np.float64)
+        x, y = x * m, y * m
+        mx, my = uniform_filter(x, win), uniform_filter(y, win)
+        vx = uniform_filter(x * x, win) - mx * mx
+        vy = uniform_filter(y * y, win) - my * my
+        cxy = uniform_filter(x * y, win) - mx * my
+        s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+        full = uniform_filter(m, win) > 1 - 1e-9
+        half = win // 2
+        full[:half], full[-half:], full[:, :half], full[:, -half:] = False, False, False, False
+        if full.any():
+            vals.append(s[full].mean())
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def spectral_angle(pred: np.ndarray, truth: np.ndarray, valid=None) -> float:
+    """Mean angle in degrees between predicted and true spectra (multispectral)."""
+    m = _mask(valid, truth.shape).all(0)
+    p, t = pred[:, m], truth[:, m]
+    cos = (p * t).sum(0) / np.maximum(np.linalg.norm(p, axis=0) * np.linalg.norm(t, axis=0), 1e-12)
+    return float(np.degrees(np.arccos(np.clip(cos, -1, 1))).mean())
+
+
+def best_of_n_mae(samples: np.ndarray, truth: np.ndarray, valid=None) -> float:
+    """MAE of the sample closest to the truth (whole image)."""
+    return min(mae(s, truth, valid) for s in samples)
+
+
+# -- calibration --------------------------------------------------------------------------
+def crps_ensemble(samples: np.ndarray, truth: np.ndarray, valid=None) -> float:
+    """Continuous ranked probability score of the ensemble, per value, averaged:
+    E|X - y| - E|X - X'| / 2 (Gneiting & Raftery 2007), the empirical distribution of the
+    N samples as the forecast. For one sample it is the absolute error."""
+    m = _mask(valid, truth.shape)
+    x = samples[:, m]  # (N, V)
+    y = truth[m]
+    skill = np.abs(x - y[None]).mean(0)
+    xs = np.sort(x, axis=0)
+    n = x.shape[0]
+    # E|X - X'| from sorted samples in O(N log N): sum_i (2i - n - 1) x_(i) * 2 / n^2
+    weights = (2 * np.arange(1, n + 1) - n - 1)[:, None]
+    spread = 2 * (weights * xs).sum(0) / n**2
+    return float((skill - spread / 2).mean())
+
+
+def spread_skill(samples: np.ndarray, truth: np.ndarray, valid=None) -> float:
+    """Ensemble spread (mean std, with the finite-ensemble factor sqrt((N+1)/N)) over the
+    RMSE of the ensemble mean: 1 for a calibrated ensemble, < 1 over-confident."""
+    m = _mask(valid, truth.shape)
+    n = samples.shape[0]
+    spread = np.sqrt(samples[:, m].var(0, ddof=1).mean() * (n + 1) / n) if n > 1 else 0.0
+    err = np.sqrt(((samples[:, m].mean(0) - truth[m]) ** 2).mean())
+    return float(spread / max(err, 1e-12))
+
+
+def interval_coverage(samples: np.ndarray, truth: np.ndarray, level: float, valid=None):
+    """Share of true values inside the ensemble's central ``level`` interval (empirical
+    quantiles, linear interpolation; with few samples the interval is narrow)."""
+    m = _mask(valid, truth.shape)
+    lo, hi = np.quantile(samples[:, m], [(1 - level) / 2, (1 + level) / 2], axis=0)
+    y = truth[m]
+    return float(((y >= lo) & (y <= hi)).mean())
+
+
+def diversity(samples: np.ndarray, valid=None) -> float:
+    """Mean absolute difference between pairs of samples (0 for a deterministic model)."""
+    n = samples.shape[0]
+    if n < 2:
+        return 0.0
+    m = _mask(valid, samples.shape[1:])
+    x = samples[:, m]
+    total = [np.abs(x[i] - x[j]).mean() for i in range(n) for j in range(i + 1, n)]
+    return float(np.mean(total))
+
+
+# -- distributions ------------------------------------------------------------------------
+def band_wasserstein(real: np.ndarray, fake: np.ndarray, max_values: int = 50_000) -> float:
+    """1-Wasserstein distance between the value distributions of one band (any shapes)."""
+    rng = np.random.default_rng(0)
+    a, b = real.ravel(), fake.ravel()
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if a.size > max_values:
+        a = rng.choice(a, max_values, replace=False)
+    if b.size > max_values:
+        b = rng.choice(b, max_values, replace=False)
+    return float(wasserstein_distance(a, b))
+
+
+def range_coverage(real: np.ndarray, fake: np.ndarray, bins: int = 50) -> float:
+    """Share of the real values' histogram bins (p1-p99 span) that generated values reach."""
+    a, b = real[np.isfinite(real)], fake[np.isfinite(fake)]
+    lo, hi = np.percentile(a, [1, 99])
+    if hi <= lo:
+        return 1.0
+    edges = np.linspace(lo, hi, bins + 1)
+    ha, _ = np.histogram(a, edges)
+    hb, _ = np.histogram(b, edges)
+    occupied = ha > 0
+    return float(((hb > 0) & occupied).sum() / max(occupied.sum(), 1))
+
+
+def image_features(x: np.ndarray) -> np.ndarray:
+    """Offline feature vector of a (C, H, W) image: per band mean, standard deviation, mean
+    gradient magnitude, and the 10/50/90 % quantiles (a spectral-texture summary that needs
+    no pretrained network)."""
+    gy, gx = np.gradient(x, axis=(1, 2))
+    grad = np.sqrt(gx**2 + gy**2).reshape(x.shape[0], -1).mean(1)
+    flat = x.reshape(x.shape[0], -1)
+    q = np.quantile(flat, [0.1, 0.5, 0.9], axis=1).T
+    return np.concatenate([flat.mean(1), flat.std(1), grad, q.ravel()])
+
+
+def precision_recall_coverage(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict:
+    """Precision and recall (Kynkäänniemi et al. 2019) and coverage (Naeem et al. 2020) of
+    generated feature vectors ``fake`` (M, F) against real ones ``real`` (R, F), with
+    k-nearest-neighbour balls; features standardised by the real set."""
+    mu, sd = real.mean(0), real.std(0) + 1e-9
+    r, f = (real - mu) / sd, (fake - mu) / sd
+    k = min(k, len(r) - 1, len(f) - 1)
+    if k < 1:
+        return {"precision": float("nan"), "recall": float("nan"), "coverage": float("nan")}
+
+    def dist(a, b):
+        return np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
+
+    d_rr, d_ff, d_rf = dist(r, r), dist(f, f), dist(r, f)
+    rad_r = np.sort(d_rr, 1)[:, k]  # k-th neighbour (index 0 is the point itself)
+    rad_f = np.sort(d_ff, 1)[:, k]
+    precision = (d_rf <= rad_r[:, None]).any(0).mean()
+    recall = (d_rf <= rad_f[None, :]).any(1).mean()
+    coverage = (d_rf.min(1) <= rad_r).mean()
+    return {"precision": float(precision), "recall": float(recall), "coverage": float(coverage)}
+
+
+# -- categorical --------------------------------------------------------------------------
+def accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
+    ok = truth >= 0
+    return float((pred[ok] == truth[ok]).mean())
+
+
+def mean_iou(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
+    """Mean intersection over union over the classes present in truth or prediction."""
+    ok = truth >= 0
+    p, t = pred[ok], truth[ok]
+    ious = []
+    for c in range(num_classes):
+        inter = ((p == c) & (t == c)).sum()
+        union = ((p == c) | (t == c)).sum()
+        if union:
+            ious.append(inter / union)
+    return float(np.mean(ious)) if ious else float("nan")
+
+
+def expected_calibration_error(probs: np.ndarray, truth: np.ndarray, bins: int = 10) -> float:
+    """ECE of the arg-max class: |accuracy - confidence| weighted over confidence bins.
+    ``probs`` (K, ...) class probabilities, ``truth`` (...) class indices (-1: unknown)."""
+    ok = truth >= 0
+    conf = probs.max(0)[ok]
+    hit = (probs.argmax(0) == truth)[ok]
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges) - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            ece += sel.mean() * abs(hit[sel].mean() - conf[sel].mean())
+    return float(ece)

@@ -1,0 +1,99 @@
+"""Metric formulas against their definitions (pure maths on small made-up arrays)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from terrasynth.evaluation import metrics as M
+
+rng = np.random.default_rng(0)
+
+
+def test_pointwise_errors():
+    t = np.zeros((2, 4, 4))
+    p = t + 0.1
+    assert M.mae(p, t) == pytest.approx(0.1)
+    assert M.rmse(p, t) == pytest.approx(0.1)
+    assert M.psnr(p, t, data_range=1.0) == pytest.approx(20.0)
+    valid = np.ones((4, 4), bool)
+    valid[0] = False
+    p2 = p.copy()
+    p2[:, 0] = 100  # only where the truth is unknown
+    assert M.mae(p2, t, valid) == pytest.approx(0.1)
+
+
+def test_ssim_is_one_for_identical_images_and_drops_with_noise():
+    t = rng.uniform(0, 1, (3, 32, 32))
+    assert M.ssim(t, t, data_range=1.0) == pytest.approx(1.0)
+    noisy = t + rng.normal(0, 0.3, t.shape)
+    assert M.ssim(noisy, t, data_range=1.0) < 0.7
+
+
+def test_spectral_angle():
+    t = rng.uniform(0.1, 1, (4, 5, 5))
+    assert M.spectral_angle(2 * t, t) == pytest.approx(0.0, abs=1e-4)
+    a = np.zeros((2, 1, 1))
+    b = np.zeros((2, 1, 1))
+    a[0], b[1] = 1, 1
+    assert M.spectral_angle(a, b) == pytest.approx(90.0)
+
+
+def test_crps_matches_pairwise_definition_and_gaussian_closed_form():
+    samples = rng.normal(0, 1, (7, 1, 3, 3))
+    truth = rng.normal(0, 1, (1, 3, 3))
+    x, y = samples.reshape(7, -1), truth.ravel()
+    brute = (np.abs(x - y).mean(0) - 0.5 * np.abs(x[:, None] - x[None]).mean((0, 1))).mean()
+    assert M.crps_ensemble(samples, truth) == pytest.approx(brute)
+    one = samples[:1]
+    assert M.crps_ensemble(one, truth) == pytest.approx(M.mae(one[0], truth))
+    big = rng.normal(0, 1, (4000, 1, 1, 1))
+    closed = 2 / np.sqrt(2 * np.pi) - 1 / np.sqrt(np.pi)  # CRPS of N(0, 1) at y = 0
+    assert M.crps_ensemble(big, np.zeros((1, 1, 1))) == pytest.approx(closed, abs=0.01)
+
+
+def test_calibrated_ensemble_has_spread_skill_one_and_nominal_coverage():
+    centre = rng.normal(0, 3, (1, 40, 40))
+    truth = centre + rng.normal(0, 1, centre.shape)
+    samples = centre[None] + rng.normal(0, 1, (30, 1, 40, 40))
+    assert M.spread_skill(samples, truth) == pytest.approx(1.0, abs=0.08)
+    assert M.interval_coverage(samples, truth, 0.5) == pytest.approx(0.5, abs=0.06)
+    assert M.interval_coverage(samples, truth, 0.9) == pytest.approx(0.9, abs=0.05)
+    overconfident = centre[None] + rng.normal(0, 0.2, (30, 1, 40, 40))
+    assert M.spread_skill(overconfident, truth) < 0.3
+    assert M.diversity(samples) == pytest.approx(2 / np.sqrt(np.pi), rel=0.05)  # E|X - X'|
+    assert M.diversity(samples[:1]) == 0.0
+
+
+def test_distribution_metrics():
+    a = rng.normal(0, 1, 5000)
+    assert M.band_wasserstein(a, a + 2.0) == pytest.approx(2.0, abs=0.01)
+    assert M.range_coverage(a, a) == 1.0
+    assert M.range_coverage(a, np.zeros(100)) < 0.1
+    real = rng.normal(0, 1, (60, 5))
+    same = rng.normal(0, 1, (60, 5))
+    far = rng.normal(8, 1, (60, 5))
+    good = M.precision_recall_coverage(real, same)
+    bad = M.precision_recall_coverage(real, far)
+    assert good["precision"] > 0.8 and good["recall"] > 0.8 and good["coverage"] > 0.7
+    assert bad["precision"] == 0 and bad["recall"] == 0 and bad["coverage"] == 0
+    collapsed = M.precision_recall_coverage(real, np.zeros((60, 5)) + rng.normal(0, 0.01, (60, 5)))
+    assert collapsed["recall"] < 0.3  # one mode only: low recall
+
+
+def test_image_features_shape():
+    x = rng.uniform(0, 1, (3, 16, 16))
+    assert M.image_features(x).shape == (3 * 6,)
+
+
+def test_categorical_metrics():
+    truth = np.array([[0, 0, 1, 1], [2, 2, -1, -1]])
+    pred = np.array([[0, 1, 1, 1], [2, 0, 2, 2]])
+    assert M.accuracy(pred, truth) == pytest.approx(4 / 6)
+    ious = [1 / 3, 2 / 3, 1 / 2]  # class 0: 1/(3); class 1: 2/3; class 2: 1/2 (valid only)
+    assert M.mean_iou(pred, truth, 3) == pytest.approx(np.mean(ious))
+    probs = np.zeros((3, 2, 4))
+    for c in range(3):
+        probs[c][pred == c] = 1.0
+    # confident everywhere, right on 4 of 6 known pixels: ECE = 1 - 4/6
+    assert M.expected_calibration_error(probs, truth) == pytest.approx(1 - 4 / 6)
