@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +12,12 @@ import pytest
 import rasterio
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 
-from tests.conftest import DATA, ZION
+from tests.conftest import DATA, ZION, run_cli
 
 pytestmark = pytest.mark.needs_data
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "terrasynth.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+cli = run_cli
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess, pattern: str) -> None:

@@ -64,18 +64,23 @@ def _resampling(modality: Modality) -> Resampling:
     return Resampling.nearest if modality.kind == "categorical" else Resampling.bilinear
 
 
-def _warp_band(
-    src: np.ndarray, src_valid: np.ndarray, layer: Layer, dst: Grid, resampling: Resampling
+def warp_to_grid(
+    src: np.ndarray,
+    src_valid: np.ndarray,
+    src_transform,
+    src_crs,
+    dst: Grid,
+    resampling: Resampling,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Reproject one band and its validity onto ``dst``."""
+    """Reproject one band and its validity onto ``dst``: (values, valid); 0 where invalid."""
     out = np.zeros((dst.height, dst.width), np.float32)
     # NaN marks invalid input so bilinear weights never mix nodata into valid pixels.
     src_f = np.where(src_valid, src.astype(np.float32), np.nan)
     reproject(
         src_f,
         out,
-        src_transform=layer.transform,
-        src_crs=layer.crs,
+        src_transform=src_transform,
+        src_crs=src_crs,
         dst_transform=dst.transform,
         dst_crs=dst.crs,
         src_nodata=np.nan,
@@ -108,7 +113,9 @@ def align_scene(scene: Scene, registry: Registry) -> AlignedScene:
             src_valid = valid_all[b]
             if codes is not None:
                 src, src_valid = _codes_to_index(src, src_valid, codes, modality)
-            data, valid = _warp_band(src, src_valid, layer, target.grid, resampling)
+            data, valid = warp_to_grid(
+                src, src_valid, layer.transform, layer.crs, target.grid, resampling
+            )
             c = group.bands.index(band)
             # A band given by several layers (rare) keeps the first valid value.
             fill = valid & ~target.valid[c]

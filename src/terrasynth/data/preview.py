@@ -21,32 +21,46 @@ from terrasynth.data.store import ChipStore  # noqa: E402
 from terrasynth.modalities import Modality  # noqa: E402
 
 
-def _stretch(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    v = x[valid] if valid.any() else x.ravel()
+def _stretch(x: np.ndarray, valid: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
+    """2-98 % stretch of ``x`` (percentiles of ``ref`` where given, so images compare)."""
+    src = ref if ref is not None else x
+    v = src[valid] if valid.any() else src.ravel()
+    v = v[np.isfinite(v)]
     lo, hi = np.percentile(v, [2, 98]) if v.size else (0.0, 1.0)
     return np.clip((x - lo) / max(hi - lo, 1e-9), 0, 1)
 
 
-def render_chip(mod: Modality, groups: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """An (h, w, 3) RGB image in [0, 1] of one chip of ``mod`` (finest group)."""
+def render_chip(
+    mod: Modality,
+    groups: dict[str, tuple[np.ndarray, np.ndarray]],
+    reference: np.ndarray | None = None,
+) -> np.ndarray:
+    """An (h, w, 3) RGB image in [0, 1] of one chip of ``mod`` (finest group).
+
+    ``reference``: an array shaped like the finest group's data whose percentiles set the
+    stretch (to show samples of one scene on one scale)."""
     first = mod.groups[0]
     data, valid = groups[first.name]
+
+    def ref(i: int) -> np.ndarray | None:
+        return reference[i] if reference is not None else None
+
     if mod.kind == "categorical":
         colors = np.array([to_rgb(e.color) for e in mod.legend] + [(0, 0, 0)])
         idx = np.where(valid, data[0].astype(int), len(mod.legend))
         return colors[idx]
     if mod.rgb:
         bands = [first.bands.index(b) for b in mod.rgb]
-        img = np.stack([_stretch(data[i], valid) for i in bands], -1)
+        img = np.stack([_stretch(data[i], valid, ref(i)) for i in bands], -1)
     elif mod.units == "dB":
-        img = np.repeat(_stretch(data[0], valid)[..., None], 3, -1)
+        img = np.repeat(_stretch(data[0], valid, ref(0))[..., None], 3, -1)
     elif mod.units == "m":
         ls = LightSource(azdeg=315, altdeg=45)
-        shade = ls.hillshade(data[0], vert_exag=2.0)
-        tint = plt.get_cmap("terrain")(_stretch(data[0], valid))[..., :3]
+        shade = ls.hillshade(np.where(valid, data[0], 0.0), vert_exag=2.0)
+        tint = plt.get_cmap("terrain")(_stretch(data[0], valid, ref(0)))[..., :3]
         img = 0.55 * tint + 0.45 * shade[..., None]
     else:
-        img = plt.get_cmap("viridis")(_stretch(data[0], valid))[..., :3]
+        img = plt.get_cmap("viridis")(_stretch(data[0], valid, ref(0)))[..., :3]
     return np.where(valid[..., None], img, 0.0)
 
 

@@ -20,7 +20,7 @@ class Generated:
     vector: torch.Tensor | None = None
 
 
-def _x0_from_pred(sig: Signal, pred) -> tuple[object, object]:
+def x0_from_prediction(sig: Signal, pred) -> tuple[object, object]:
     """Model output -> (x0 estimate in signal space, Generated payload)."""
     if sig.groups is None:
         return pred, pred
@@ -49,9 +49,10 @@ def generate(
     prediction with every condition dropped.
     """
     sampler = sampler or FlowSampler()
-    names = [n for n in targets + conditions if n in signals]
+    # conditions no sample holds would only add masked tokens: leave them out
+    held = [n for n in conditions if n in signals and bool(signals[n].present.any())]
+    names = [n for n in targets if n in signals] + [n for n in held if n not in targets]
     sigs = {n: signals[n] for n in names}
-    b = gsd.shape[0]
     x: dict[str, object] = {}
     for n in targets:
         sig = sigs[n]
@@ -66,12 +67,12 @@ def generate(
     result: dict[str, Generated] = {}
     for i in range(sampler.steps):
         t, t_next = float(ts[i]), float(ts[i + 1])
-        pred = _predict(model, sigs, targets, conditions, x, t, gsd, given_bands, b, True)
+        pred = predict(model, sigs, targets, x, t, gsd, given_bands, True)
         if guidance != 1.0:
-            unc = _predict(model, sigs, targets, conditions, x, t, gsd, given_bands, b, False)
-            pred = {n: _guide(pred[n], unc[n], guidance) for n in targets}
+            unc = predict(model, sigs, targets, x, t, gsd, given_bands, False)
+            pred = {n: guide(pred[n], unc[n], guidance) for n in targets}
         for n in targets:
-            x0, payload = _x0_from_pred(sigs[n], pred[n])
+            x0, payload = x0_from_prediction(sigs[n], pred[n])
             if isinstance(x0, dict):
                 x[n] = {g: sampler.step(x0[g], x[n][g], t, t_next, generator) for g in x0}
             else:
@@ -87,15 +88,26 @@ def generate(
     return result
 
 
-def _guide(cond, unc, w: float):
+def guide(cond, unc, w: float):
     if isinstance(cond, dict):
         return {g: unc[g] + w * (cond[g] - unc[g]) for g in cond}
     return unc + w * (cond - unc)
 
 
-def _predict(model, sigs, targets, conditions, x, t, gsd, given_bands, b, with_conditions):
-    """One model call: targets in their current noisy state at level ``t``, conditions
-    clean (or all dropped, for the unconditional branch of guidance)."""
+def predict(
+    model: SceneModel,
+    sigs: dict[str, Signal],
+    targets: list[str],
+    x: dict,
+    t: float,
+    gsd: torch.Tensor,
+    given_bands: dict | None,
+    with_conditions: bool,
+) -> dict:
+    """One model call: targets in their current noisy state ``x`` at level ``t``, every
+    other modality of ``sigs`` clean (or all dropped: the unconditional branch of guidance).
+    """
+    b = gsd.shape[0]
     inputs: dict[str, ModalityInput] = {}
     for n, sig in sigs.items():
         is_target = n in targets
@@ -118,5 +130,4 @@ def _predict(model, sigs, targets, conditions, x, t, gsd, given_bands, b, with_c
             else:
                 vec = torch.cat([sig.vector, sig.vector * sig.known, sig.known], 1)
             inputs[n] = ModalityInput(level, take, vector=vec)
-    del conditions
     return model(inputs, gsd)

@@ -1,0 +1,642 @@
+"""One facade for generation: GeoTIFFs of a place in, the missing modalities out.
+
+>>> pipe = Pipeline.from_pretrained()          # the built-in model
+>>> out = pipe.generate(inputs={"s1grd": "s1.tif"}, targets=["s2l2a"], num_samples=4, seed=0)
+>>> out["s2l2a"].mean                           # (bands, H, W) on s1.tif's own grid
+>>> out.save("result/")                         # GeoTIFFs, statistics, quick-look panel
+
+Steps: inputs are read and checked like ``data build``'s generic mode; they are aligned onto
+a working grid in metres at the model's resolution (the first input's grid when it is
+projected, a local UTM grid when it is geographic); the scene is sampled by overlapping
+windows (``terrasynth.sampling.windows``); results return to physical units and are warped
+onto the first input's grid (same CRS, transform, width and height). With no inputs the
+scene is generated jointly on a UTM grid at ``location`` (or at a generated location).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.warp import Resampling, calculate_default_transform
+
+from terrasynth.atomic import atomic_folder
+from terrasynth.data.align import align_scene, reference_grid, warp_to_grid
+from terrasynth.data.build import check_scene_values
+from terrasynth.data.scene import Grid, Scene
+from terrasynth.data.sources.generic import generic_scene
+from terrasynth.data.stats import apply_transform
+from terrasynth.errors import InputError, TerrasynthError, UnknownModalityError
+from terrasynth.modalities import Modality
+from terrasynth.models.scene_model import SceneModel
+from terrasynth.models.signals import batch_signals, location_from_vector, time_from_vector
+from terrasynth.sampling.flow import FlowSampler
+from terrasynth.sampling.windows import sample_scene
+
+# Scenes up to this many working pixels per side are generated in memory; larger ones
+# need the whole-scene engine (streaming windows), which is not part of this version.
+MAX_SIDE = 1024
+VECTOR_NAMES = ("location", "time")
+
+
+def default_model_path() -> Path:
+    """Folder of the built-in model shipped inside the package."""
+    return Path(str(resources.files("terrasynth") / "weights" / "default"))
+
+
+def utm_crs(lon: float, lat: float) -> CRS:
+    zone = int((lon + 180) // 6) % 60 + 1
+    return CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
+
+
+def days_since_epoch(when: str | date | datetime | None) -> float | None:
+    """An ISO date (or date) as days since 1970-01-01; None stays None."""
+    if when is None:
+        return None
+    if isinstance(when, str):
+        try:
+            when = datetime.fromisoformat(when)
+        except ValueError as exc:
+            raise InputError(f"time '{when}' is not an ISO date (YYYY-MM-DD)") from exc
+    if isinstance(when, datetime):
+        when = when.date()
+    return float((when - date(1970, 1, 1)).days)
+
+
+@dataclass
+class TargetResult:
+    """One generated modality on the output grid.
+
+    Continuous: ``samples`` (N, C, H, W) physical values, ``mean`` and ``std`` (C, H, W).
+    Categorical: ``samples`` (N, 1, H, W) legend codes, ``probs`` (K, H, W) mean class
+    probabilities over the samples, ``entropy`` (H, W) in nats. One-token modalities:
+    ``values`` per sample (location: lat, lon; time: ISO date; labels: probabilities).
+    NaN (continuous) or ``nodata`` (codes) marks pixels outside the generated footprint.
+    """
+
+    modality: Modality
+    bands: tuple[str, ...]
+    samples: np.ndarray | None = None
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+    probs: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+    values: list[Any] = field(default_factory=list)
+    given_bands: tuple[str, ...] = ()  # band infilling: these bands are the input's
+    nodata: int = 255
+
+
+@dataclass
+class Generation:
+    """What :meth:`Pipeline.generate` returns: targets on one grid, plus the inputs."""
+
+    grid: Grid
+    targets: dict[str, TargetResult]
+    inputs: dict[str, tuple[Modality, tuple[str, ...], np.ndarray]]  # on the output grid
+    info: dict[str, Any]
+
+    def __getitem__(self, name: str) -> TargetResult:
+        return self.targets[name]
+
+    def to_xarray(self, name: str, what: str = "samples"):
+        """A georeferenced ``xarray.DataArray`` (rioxarray CRS and transform) of one target:
+        ``samples`` (sample, band, y, x), ``mean``/``std`` (band, y, x), ``probs`` (class,
+        y, x) or ``entropy`` (y, x)."""
+        import rioxarray  # noqa: F401  (registers the .rio accessor)
+        import xarray as xr
+
+        res = self.targets[name]
+        arr = getattr(res, what)
+        if arr is None:
+            raise TerrasynthError(f"{name} has no '{what}' (kind {res.modality.kind})")
+        g = self.grid
+        xs = (g.transform @ (np.arange(g.width) + 0.5, np.full(g.width, 0.5)))[0]
+        ys = (g.transform @ (np.full(g.height, 0.5), np.arange(g.height) + 0.5))[1]
+        lead = {
+            "samples": ("sample", "band"),
+            "mean": ("band",),
+            "std": ("band",),
+            "probs": ("class",),
+            "entropy": (),
+        }[what]
+        coords: dict[str, Any] = {"y": ys, "x": xs}
+        if "band" in lead:
+            coords["band"] = list(res.bands) if res.modality.kind != "categorical" else [name]
+        if "class" in lead:
+            coords["class"] = [e.name for e in res.modality.legend]
+        da = xr.DataArray(arr, dims=(*lead, "y", "x"), coords=coords, name=f"{name}_{what}")
+        da.attrs["units"] = res.modality.units or ""
+        return da.rio.write_crs(g.crs).rio.write_transform(g.transform)
+
+    def save(self, folder: str | Path, overwrite: bool = False) -> list[Path]:
+        """Write GeoTIFFs, ``generation.json`` and ``quicklook.png`` into ``folder``.
+
+        Everything is written into a temporary sibling folder first and renamed into place,
+        so an interrupted save leaves no half-written output.
+        """
+        from terrasynth.quicklook import render_quicklook
+
+        folder = Path(folder)
+        if folder.exists() and any(folder.iterdir()) and not overwrite:
+            raise TerrasynthError(f"{folder} exists and is not empty (use --overwrite)")
+        with atomic_folder(folder) as tmp:
+            for name, res in self.targets.items():
+                _write_target(tmp, name, res, self.grid)
+            render_quicklook(self, tmp / "quicklook.png")
+            info = dict(self.info)
+            info["files"] = sorted(p.name for p in tmp.iterdir()) + ["generation.json"]
+            (tmp / "generation.json").write_text(json.dumps(info, indent=2, default=str))
+        return sorted(folder.iterdir())
+
+
+class Pipeline:
+    """Any-to-any generation with a trained :class:`SceneModel` (see the module docstring)."""
+
+    def __init__(self, model: SceneModel, source: str = "") -> None:
+        self.model = model.eval()
+        self.source = source
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None) -> Pipeline:
+        """Load a model folder, a run folder (its ``model/``), or the built-in model."""
+        folder = Path(path) if path is not None else default_model_path()
+        if (folder / "model" / "config.json").exists():
+            folder = folder / "model"
+        if not (folder / "config.json").exists():
+            where = "the built-in model is missing from this installation" if path is None else ""
+            raise TerrasynthError(f"{folder}: not a model folder {where}".strip())
+        return cls(SceneModel.from_pretrained(folder), source=str(folder))
+
+    @property
+    def modalities(self) -> list[str]:
+        return self.model.modality_names
+
+    def read_onto(
+        self,
+        inputs: Iterable[tuple[str, str | Path]],
+        grid: Grid,
+        scaling: dict[str, tuple[float, float]] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Read GeoTIFFs (``(modality[:bands], file)`` as for inputs) onto ``grid``:
+        band name -> (H, W) physical values, NaN where invalid. For comparisons with
+        generated outputs."""
+        scene = generic_scene(list(inputs), registry=self.model.config.registry, scaling=scaling)
+        out = {}
+        for layer in scene.layers:
+            mod = self.model.config.registry[layer.modality]
+            valid = layer.valid_mask()
+            warped = _warp(layer.data.astype(np.float32), valid, layer.grid, grid, mod)
+            out.update({b: warped[i] for i, b in enumerate(layer.bands)})
+        return out
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(
+        self,
+        inputs: Mapping[str, str | Path] | Iterable[tuple[str, str | Path]] = (),
+        targets: Iterable[str] = (),
+        num_samples: int = 4,
+        seed: int = 0,
+        *,
+        steps: int = 8,
+        eta: float = 0.0,
+        guidance: float = 1.0,
+        scaling: dict[str, tuple[float, float]] | None = None,
+        size: int | None = None,
+        gsd: float | None = None,
+        location: tuple[float, float] | None = None,
+        time: str | date | None = None,
+        batch_size: int = 32,
+        strict: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Generation:
+        """Generate ``targets`` from ``inputs`` (``{modality[:bands]: GeoTIFF}``).
+
+        ``num_samples`` samples from ``seed`` (same seed, same samples), ``steps`` sampling
+        steps, ``eta`` 0 deterministic to 1 stochastic, ``guidance`` > 1 classifier-free
+        guidance. A target that is also an input (``s2l2a:B04,B03,B02=rgb.tif`` with target
+        ``s2l2a``) has its missing bands generated (band infilling). With no inputs the
+        scene is generated jointly: ``size`` px at ``gsd`` m, optionally at ``location``
+        (lon, lat). ``time`` (ISO date) conditions any generation.
+        """
+        t_start = _now()
+        cfg = self.model.config
+        registry = cfg.registry
+        items = list(inputs.items() if isinstance(inputs, Mapping) else inputs)
+        targets = list(dict.fromkeys(targets))
+        if not targets:
+            raise TerrasynthError("no target modality given (use --target MOD)")
+        for t in targets:
+            if t not in self.modalities:
+                raise UnknownModalityError(
+                    f"the model cannot generate '{t}' (it knows: {', '.join(self.modalities)})"
+                )
+        if num_samples < 1 or steps < 1:
+            raise TerrasynthError("num_samples and steps must be at least 1")
+        for key, _ in items:
+            name = key.partition(":")[0]
+            if name not in self.modalities:
+                raise UnknownModalityError(
+                    f"the model does not know input modality '{name}' "
+                    f"(it knows: {', '.join(self.modalities)})"
+                )
+        days = days_since_epoch(time)
+        warnings: list[str] = []
+        if items:
+            scene = generic_scene(items, registry=registry, scaling=scaling)
+            warnings = check_scene_values(scene, registry, strict=strict)
+            out_grid = scene.layers[0].grid
+            work = _working_grid(scene, registry)
+        else:
+            size = size or 2 * cfg.image_size
+            gsd = gsd or 10.0
+            lon, lat = location if location is not None else (0.0, 0.0)
+            work = _utm_grid(lon, lat, size, gsd)
+            out_grid = work
+            scene = Scene("joint", "joint", "generated", work, [], None)
+            if location is None and "location" not in targets and cfg.use_location:
+                targets.append("location")  # the place is generated too, then georeferenced
+        work = _padded(work, cfg.image_size)
+        if max(work.width, work.height) > MAX_SIDE:
+            raise InputError(
+                f"the scene is {work.width} x {work.height} px at "
+                f"{work.ground_resolution_m():.1f} m; this version generates up to "
+                f"{MAX_SIDE} px per side (cut the input, or wait for whole-scene generation)"
+            )
+        aligned = align_scene(
+            Scene(scene.scene_id, "generic", "user", work, scene.layers), registry
+        )
+        batch, order, given = self._scene_batch(aligned, work, targets, location, days, items)
+        signals = batch_signals(batch, cfg, order)
+        if (
+            items
+            and not any(bool(signals[n].present.any()) for n in signals if n not in targets)
+            and not given
+        ):
+            raise InputError("the inputs hold no valid pixel to condition on")
+        gen = torch.Generator().manual_seed(seed)
+        sampler = FlowSampler(steps=steps, eta=eta)
+        gsd_m = work.ground_resolution_m()
+        out = sample_scene(
+            self.model,
+            signals,
+            targets,
+            gsd_m,
+            num_samples=num_samples,
+            sampler=sampler,
+            generator=gen,
+            guidance=guidance,
+            given_bands=given or None,
+            batch_size=batch_size,
+            on_step=progress,
+        )
+        if not items and "location" in out and location is None:
+            lat_g, lon_g = location_from_vector(out["location"].vector.mean(0))
+            work = _utm_grid(float(lon_g), float(lat_g), work.width, gsd_m, work.width)
+            out_grid = work
+        results = {
+            n: self._to_output(n, out[n], signals, given, work, out_grid, aligned) for n in targets
+        }
+        shown = {
+            m: (registry[m], g.bands, _warp(g.data, g.valid, g.grid, out_grid, registry[m]))
+            for (m, gname), g in aligned.groups.items()
+            if gname == registry[m].groups[0].name and m not in targets
+        }
+        info = {
+            "model": self.source,
+            "inputs": [[k, str(v)] for k, v in items],
+            "targets": targets,
+            "num_samples": num_samples,
+            "seed": seed,
+            "sampler": {"steps": steps, "eta": eta, "guidance": guidance},
+            "working_grid": {
+                "crs": work.crs.to_string(),
+                "gsd_m": round(gsd_m, 3),
+                "width": work.width,
+                "height": work.height,
+            },
+            "output_grid": {
+                "crs": out_grid.crs.to_string(),
+                "transform": list(out_grid.transform)[:6],
+                "width": out_grid.width,
+                "height": out_grid.height,
+            },
+            "time": time if time is None else str(time),
+            "warnings": warnings,
+            "seconds": round(_now() - t_start, 2),
+        }
+        return Generation(out_grid, results, shown, info)
+
+    def _scene_batch(self, aligned, work: Grid, targets, location, days, items):
+        """A one-chip batch (the layout ``ChipDataset`` produces) of the working scene."""
+        cfg = self.model.config
+        reg = cfg.registry
+        order = [m for m in cfg.modalities]
+        batch: dict[str, torch.Tensor] = {}
+        available = []
+        given: dict[str, dict[str, torch.Tensor]] = {}
+        input_names = {k.partition(":")[0] for k, _ in items}
+        for m in order:
+            mod = reg[m]
+            if not mod.is_raster and mod.kind != "multilabel":
+                available.append(False)
+                continue
+            if mod.kind == "multilabel":
+                batch[f"{m}/labels"] = torch.zeros(1, mod.num_classes)
+                available.append(m in targets)
+                continue
+            have = any((m, g.name) in aligned.groups for g in mod.groups)
+            band_ok = np.zeros(len(mod.bands), bool)
+            offset = 0
+            for g in mod.groups:
+                h, w = work.scaled(g.factor).height, work.scaled(g.factor).width
+                ag = aligned.groups.get((m, g.name))
+                n = len(g.bands)
+                if ag is None:
+                    data = np.zeros((n, h, w), np.float32)
+                    valid = np.zeros((n, h, w), bool)
+                else:
+                    data, valid = ag.data, ag.valid
+                    band_ok[offset : offset + n] = valid.reshape(n, -1).any(1)
+                held = band_ok[offset : offset + n]
+                # a pixel is valid where every band the input holds is valid there
+                pixel_ok = valid[held].all(0) if held.any() else np.zeros((h, w), bool)
+                if mod.kind == "categorical":
+                    x = torch.from_numpy(np.where(pixel_ok, data[0], -1).astype(np.int64))
+                else:
+                    x = torch.from_numpy(self._normalise(mod, g.bands, data * held[:, None, None]))
+                batch[f"{m}/{g.name}"] = x[None]
+                batch[f"{m}/{g.name}/valid"] = torch.from_numpy(pixel_ok.copy())[None]
+                offset += n
+            batch[f"{m}/bands"] = torch.from_numpy(band_ok)[None]
+            if m in targets and m in input_names and mod.kind == "continuous":
+                # band infilling: the bands the input holds are shown, the rest generated
+                given[m] = {}
+                off = 0
+                for g in mod.groups:
+                    n = len(g.bands)
+                    mask = torch.from_numpy(band_ok[off : off + n].astype(np.float32))
+                    given[m][g.name] = mask[None, :, None, None]
+                    off += n
+                if not band_ok.any():
+                    raise InputError(f"{m}: the input holds no valid pixel to infill from")
+                if band_ok.all():
+                    raise InputError(f"{m}: every band is given; nothing to infill")
+            available.append(have or m in targets)
+        batch["available"] = torch.tensor([available])
+        if location is not None:
+            lon, lat = location
+        else:
+            lon, lat = work.center_lonlat()
+        use_location = bool(items) or location is not None
+        batch["location"] = torch.tensor([[lat, lon]], dtype=torch.float32)
+        if not use_location:
+            batch["location"] = torch.full((1, 2), float("nan"))
+        batch["time"] = torch.tensor([[np.nan if days is None else days]], dtype=torch.float32)
+        batch["gsd"] = torch.tensor([work.ground_resolution_m()], dtype=torch.float32)
+        return batch, order, given
+
+    def _normalise(self, mod: Modality, bands: tuple[str, ...], data: np.ndarray) -> np.ndarray:
+        stats = self.model.config.stats.get(mod.name, {}).get("bands", {})
+        mean = np.array([stats.get(b, {}).get("mean", 0.0) for b in bands], np.float32)
+        std = np.array([stats.get(b, {}).get("std", 1.0) for b in bands], np.float32)
+        v = apply_transform(data.astype(np.float32), mod.transform)
+        return ((v - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+
+    def _denormalise(self, mod: Modality, bands: tuple[str, ...], x: np.ndarray) -> np.ndarray:
+        stats = self.model.config.stats.get(mod.name, {}).get("bands", {})
+        mean = np.array([stats.get(b, {}).get("mean", 0.0) for b in bands], np.float32)
+        std = np.array([stats.get(b, {}).get("std", 1.0) for b in bands], np.float32)
+        y = x * std[:, None, None] + mean[:, None, None]
+        return np.expm1(y) if mod.transform == "log1p" else y
+
+    def _to_output(self, name, gen, signals, given, work, out_grid, aligned) -> TargetResult:
+        reg = self.model.config.registry
+        if name in VECTOR_NAMES or not reg[name].is_raster:
+            return _vector_result(name, gen, reg)
+        mod = reg[name]
+        if mod.kind == "categorical":
+            g = mod.groups[0]
+            probs = gen.probs[g.name].numpy()  # (N, K, h, w) on the group grid
+            src = work.scaled(g.factor)
+            ones = np.ones(probs.shape[-2:], bool)
+            warped = np.stack([_warp(p, ones, src, out_grid, mod, force="bilinear") for p in probs])
+            inside = np.isfinite(warped[0, 0])
+            codes = np.array([e.code for e in mod.legend])
+            idx = np.nan_to_num(warped).argmax(1)  # (N, H, W)
+            nodata = int(mod.nodata) if mod.nodata is not None else 255
+            samples = np.where(inside, codes[idx], nodata)[:, None].astype(np.int32)
+            mean_p = np.nanmean(warped, 0) if warped.shape[0] > 1 else warped[0]
+            mean_p = np.where(inside, mean_p, np.nan)
+            entropy = -np.nansum(np.clip(mean_p, 1e-9, 1) * np.log(np.clip(mean_p, 1e-9, 1)), 0)
+            entropy = np.where(inside, entropy, np.nan).astype(np.float32)
+            return TargetResult(
+                mod,
+                mod.bands,
+                samples=samples,
+                probs=mean_p.astype(np.float32),
+                entropy=entropy,
+                nodata=nodata,
+            )
+        parts = []
+        shown: list[str] = []
+        sig = signals[name]
+        for g in mod.groups:
+            x0 = gen.groups[g.name].clone()  # (N, C, h, w) normalised
+            if name in given:
+                keep = given[name][g.name][0, :, 0, 0] > 0
+                # the given bands are the input's own values, not the model's
+                x0[:, keep] = sig.groups[g.name][:, keep]
+                shown += [b for b, k in zip(g.bands, keep.tolist(), strict=True) if k]
+            phys = np.stack([self._denormalise(mod, g.bands, s) for s in x0.numpy()])
+            src = work.scaled(g.factor)
+            ones = np.ones(phys.shape[-2:], bool)
+            parts.append(np.stack([_warp(s, ones, src, out_grid, mod) for s in phys]))
+        samples = np.concatenate(parts, 1).astype(np.float32)  # (N, C, H, W)
+        return TargetResult(
+            mod,
+            mod.bands,
+            samples=samples,
+            mean=samples.mean(0),
+            std=samples.std(0),
+            given_bands=tuple(shown),
+        )
+
+
+def _vector_result(name: str, gen, reg) -> TargetResult:
+    v = gen.vector.float()
+    if name == "location":
+        lat, lon = location_from_vector(v)
+        values = [
+            {"lat": round(float(a), 5), "lon": round(float(o), 5)}
+            for a, o in zip(lat, lon, strict=True)
+        ]
+        mod = Modality(name, "", "scalar", "", ())
+    elif name == "time":
+        days = time_from_vector(v)
+        values = [(date(1970, 1, 1).toordinal() + int(round(float(d)))) for d in days]
+        values = [date.fromordinal(o).isoformat() for o in values]
+        mod = Modality(name, "", "scalar", "", ())
+    else:
+        mod = reg[name]
+        probs = ((v + 1) / 2).clamp(0, 1)
+        values = [
+            {e.name: round(float(p), 3) for e, p in zip(mod.legend, row, strict=False)}
+            for row in probs
+        ]
+    return TargetResult(mod, (), values=values)
+
+
+def _working_grid(scene: Scene, registry) -> Grid:
+    """The grid generation runs on: metres, at the model's native resolution for the first
+    input (its own grid, refined where a band group needs it, when projected in metres)."""
+    first = scene.layers[0]
+    ref = reference_grid([first], registry)
+    if ref.crs.is_projected and (ref.crs.linear_units_factor or ("", 1.0))[1] == 1.0:
+        return ref
+    gsd = ref.ground_resolution_m()
+    lon, lat = first.grid.center_lonlat()
+    crs = utm_crs(lon, lat)
+    transform, width, height = calculate_default_transform(
+        first.grid.crs,
+        crs,
+        first.grid.width,
+        first.grid.height,
+        *first.grid.bounds,
+        resolution=gsd,
+    )
+    return Grid(crs, transform, int(width), int(height))
+
+
+def _utm_grid(lon: float, lat: float, size: int, gsd: float, width: int | None = None) -> Grid:
+    crs = utm_crs(lon, lat)
+    from rasterio.warp import transform as warp_transform
+
+    x, y = warp_transform(CRS.from_epsg(4326), crs, [lon], [lat])
+    side = (width or size) * gsd
+    transform = Affine(gsd, 0, x[0] - side / 2, 0, -gsd, y[0] + side / 2)
+    return Grid(crs, transform, width or size, width or size)
+
+
+def _padded(grid: Grid, window: int) -> Grid:
+    """``grid`` grown right and down to at least one window and a multiple of 4 px."""
+    w = max(window, -(-grid.width // 4) * 4)
+    h = max(window, -(-grid.height // 4) * 4)
+    return Grid(grid.crs, grid.transform, w, h)
+
+
+def _warp(
+    data: np.ndarray,
+    valid: np.ndarray,
+    src: Grid,
+    dst: Grid,
+    mod: Modality,
+    force: str | None = None,
+) -> np.ndarray:
+    """(C, h, w) on ``src`` -> (C, H, W) float32 on ``dst``; NaN where nothing lands."""
+    if data.ndim == 2:
+        data = data[None]
+    if valid.ndim == 2:
+        valid = np.broadcast_to(valid, data.shape)
+    nearest = mod.kind == "categorical" and force is None
+    resampling = Resampling.nearest if nearest else Resampling.bilinear
+    out = np.full((data.shape[0], dst.height, dst.width), np.nan, np.float32)
+    for i in range(data.shape[0]):
+        warped, ok = warp_to_grid(data[i], valid[i], src.transform, src.crs, dst, resampling)
+        out[i] = np.where(ok, warped, np.nan)
+    return out
+
+
+def _write_target(folder: Path, name: str, res: TargetResult, grid: Grid) -> list[Path]:
+    """GeoTIFFs of one target: a file per sample, and its statistics."""
+    mod = res.modality
+    if res.samples is None:  # one-token modality: JSON only
+        path = folder / f"{name}.json"
+        path.write_text(json.dumps({"modality": name, "samples": res.values}, indent=2))
+        return [path]
+    profile = dict(
+        driver="GTiff",
+        width=grid.width,
+        height=grid.height,
+        crs=grid.crs,
+        transform=grid.transform,
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+        compress="deflate",
+    )
+    if grid.width < 256 or grid.height < 256:
+        profile.update(tiled=False)
+        profile.pop("blockxsize")
+        profile.pop("blockysize")
+    written = []
+
+    def write(path: Path, arr: np.ndarray, descriptions: list[str], nodata, tags: dict) -> None:
+        dtype = "float32" if arr.dtype.kind == "f" else "int32"
+        if mod.kind == "categorical" and arr.dtype.kind != "f":
+            dtype = "uint8" if arr.max(initial=0) < 256 and nodata < 256 else "int32"
+        with rasterio.open(
+            path, "w", count=arr.shape[0], dtype=dtype, nodata=nodata, **profile
+        ) as dst:
+            dst.write(arr.astype(dtype))
+            for i, d in enumerate(descriptions, start=1):
+                dst.set_band_description(i, d)
+            dst.update_tags(**tags)
+        written.append(path)
+
+    base_tags = {"modality": name, "units": mod.units or "", "generator": "terrasynth"}
+    if mod.kind == "categorical":
+        legend = {str(e.code): e.name for e in mod.legend}
+        for i, s in enumerate(res.samples):
+            write(
+                folder / f"{name}_sample{i}.tif",
+                s,
+                [name],
+                res.nodata,
+                {**base_tags, "sample": str(i), "legend": json.dumps(legend)},
+            )
+        write(
+            folder / f"{name}_probs.tif",
+            res.probs,
+            [e.name for e in mod.legend],
+            np.nan,
+            {**base_tags, "units": "probability"},
+        )
+        write(
+            folder / f"{name}_entropy.tif",
+            res.entropy[None],
+            ["entropy"],
+            np.nan,
+            {**base_tags, "units": "nats"},
+        )
+        return written
+    bands = list(res.bands)
+    extra = {"given_bands": ",".join(res.given_bands)} if res.given_bands else {}
+    for i, s in enumerate(res.samples):
+        write(
+            folder / f"{name}_sample{i}.tif",
+            s,
+            bands,
+            np.nan,
+            {**base_tags, "sample": str(i), **extra},
+        )
+    write(folder / f"{name}_mean.tif", res.mean, bands, np.nan, {**base_tags, **extra})
+    write(folder / f"{name}_std.tif", res.std, bands, np.nan, {**base_tags, **extra})
+    return written
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+__all__ = ["Generation", "Pipeline", "TargetResult", "default_model_path"]

@@ -1,0 +1,235 @@
+"""Sampling a scene larger than the model's window: overlapping windows, one noise field.
+
+The model sees ``image_size`` pixels at a time. A scene is covered by windows that overlap
+by half; every window starts from its crop of one noise field drawn for the whole scene,
+and at every sampling step the windows' x0 predictions are blended (a smooth weight that
+falls towards each window's border) before the sampler moves the whole field to the next
+noise level. Neighbouring windows therefore agree where they overlap and no seam appears
+(MetaEarth's idea). One-token modalities (location, time, labels) are one value per scene:
+their per-window predictions are averaged.
+
+``num_samples`` samples of a scene are drawn together: (sample, window) pairs run through
+the model in batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from terrasynth.models.scene_model import SceneModel
+from terrasynth.models.signals import Signal
+from terrasynth.sampling.conditional import Generated, guide, predict, x0_from_prediction
+from terrasynth.sampling.flow import FlowSampler
+
+
+def window_offsets(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets of windows of ``window`` px covering ``size`` px (last one flush)."""
+    if size <= window:
+        return [0]
+    starts = list(range(0, size - window + 1, stride))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
+def blend_weight(window: int) -> torch.Tensor:
+    """(window, window) weights: 1 in the middle, falling smoothly to a small value at the
+    border, so a pixel is decided mostly by the windows that see it with context."""
+    ramp = torch.sin(torch.pi * (torch.arange(window) + 0.5) / window) ** 2
+    w = ramp[:, None] * ramp[None, :]
+    return w.clamp_min(1e-3)
+
+
+def _crop(x: torch.Tensor, r: int, c: int, size: int, factor: int) -> torch.Tensor:
+    return x[..., r // factor : (r + size) // factor, c // factor : (c + size) // factor]
+
+
+def _window_signals(
+    scene: dict[str, Signal], windows: list[tuple[int, int]], size: int, factors: dict
+) -> dict[str, Signal]:
+    """Signals of a batch of windows cut from one-scene signals (batch dimension 1)."""
+    out = {}
+    n = len(windows)
+    for name, sig in scene.items():
+        present = sig.present.expand(n)
+        if sig.groups is None:
+            out[name] = Signal(
+                present, vector=sig.vector.expand(n, -1), known=sig.known.expand(n, -1)
+            )
+            continue
+
+        def cut(d: dict[str, torch.Tensor], name: str = name) -> dict[str, torch.Tensor]:
+            return {
+                g: torch.cat([_crop(v, r, c, size, factors[name][g]) for r, c in windows])
+                for g, v in d.items()
+            }
+
+        out[name] = Signal(
+            present,
+            groups=cut(sig.groups),
+            known=cut(sig.known),
+            target=cut(sig.target) if sig.target is not None else None,
+        )
+    return out
+
+
+@torch.no_grad()
+def sample_scene(
+    model: SceneModel,
+    scene: dict[str, Signal],
+    targets: list[str],
+    gsd: float,
+    num_samples: int = 1,
+    sampler: FlowSampler | None = None,
+    generator: torch.Generator | None = None,
+    guidance: float = 1.0,
+    given_bands: dict[str, dict[str, torch.Tensor]] | None = None,
+    batch_size: int = 32,
+    on_step: Callable[[int, int], None] | None = None,
+) -> dict[str, Generated]:
+    """Sample ``targets`` over a whole scene given every other modality in ``scene``.
+
+    ``scene``: one-scene signals (batch 1) on a grid whose size is a multiple of the
+    coarsest band-group factor and at least the model's window. Returns, per target, the
+    x0 of ``num_samples`` samples: normalised values, class probabilities or vectors.
+    ``given_bands`` (band infilling): per target and group a (1, C, 1, 1) mask of bands shown
+    clean. ``on_step(done, total)`` reports progress in model calls.
+    """
+    sampler = sampler or FlowSampler()
+    cfg = model.config
+    size = cfg.image_size
+    reg = cfg.registry
+    factors = {
+        name: {g.name: g.factor for g in reg[name].groups}
+        for name, sig in scene.items()
+        if sig.groups is not None
+    }
+    # conditions no sample holds would only add masked tokens: leave them out
+    scene = {n: s for n, s in scene.items() if n in targets or bool(s.present.any())}
+    first = next(s for s in scene.values() if s.groups is not None)
+    g0 = next(iter(first.groups))
+    f0 = factors[next(n for n, s in scene.items() if s.groups is not None)][g0]
+    height, width = (d * f0 for d in first.groups[g0].shape[-2:])
+    stride = max(size // 2, max(max(f.values()) for f in factors.values()))
+    windows = [
+        (r, c)
+        for r in window_offsets(height, size, stride)
+        for c in window_offsets(width, size, stride)
+    ]
+    items = [(s, w) for s in range(num_samples) for w in windows]
+    weight = blend_weight(size)
+    weights = {
+        n: {g: _crop_weight(weight, f) for g, f in factors[n].items()}
+        for n in targets
+        if scene[n].groups is not None
+    }
+
+    def randn(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=generator)
+
+    # the state of every target: one noise field per sample over the whole scene
+    x: dict[str, object] = {}
+    for n in targets:
+        sig = scene[n]
+        if sig.groups is not None:
+            x[n] = {g: randn((num_samples, *v.shape[1:])) for g, v in sig.groups.items()}
+        else:
+            x[n] = randn((num_samples, sig.vector.shape[1]))
+    ts = sampler.timesteps()
+    calls_per_step = -(-len(items) // batch_size) * (2 if guidance != 1.0 else 1)
+    total_calls, done = sampler.steps * calls_per_step, 0
+    result: dict[str, Generated] = {}
+    for i in range(sampler.steps):
+        t, t_next = float(ts[i]), float(ts[i + 1])
+        acc, norm = _zeros_like_state(x), _zeros_like_state(x, weights_only=True)
+        probs_acc: dict[str, dict[str, torch.Tensor]] = {}
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            wins = [w for _, w in chunk]
+            sigs = _window_signals(scene, wins, size, factors)
+            xs = _window_state(x, chunk, size, factors)
+            gsd_b = torch.full((len(chunk),), float(gsd))
+            given = _expand_given(given_bands, len(chunk))
+            pred = predict(model, sigs, targets, xs, t, gsd_b, given, True)
+            done += 1
+            if guidance != 1.0:
+                unc = predict(model, sigs, targets, xs, t, gsd_b, given, False)
+                pred = {n: guide(pred[n], unc[n], guidance) for n in targets}
+                done += 1
+            for n in targets:
+                x0, payload = x0_from_prediction(sigs[n], pred[n])
+                if not isinstance(x0, dict):
+                    for k, (s, _) in enumerate(chunk):
+                        acc[n][s] += x0[k]
+                        norm[n][s] += 1.0
+                    continue
+                for g, v in x0.items():
+                    f = factors[n][g]
+                    wgt = weights[n][g]
+                    for k, (s, (r, c)) in enumerate(chunk):
+                        _crop(acc[n][g][s], r, c, size, f).add_(v[k] * wgt)
+                        _crop(norm[n][g][s], r, c, size, f).add_(wgt)
+                        if payload is not None and t_next <= 0:
+                            pa = probs_acc.setdefault(n, {}).setdefault(
+                                g, torch.zeros_like(acc[n][g])
+                            )
+                            _crop(pa[s], r, c, size, f).add_(payload[g][k] * wgt)
+            if on_step is not None:
+                on_step(done, total_calls)
+        for n in targets:
+            if isinstance(x[n], dict):
+                x0 = {g: acc[n][g] / norm[n][g] for g in x[n]}
+                x[n] = {g: sampler.step(x0[g], x[n][g], t, t_next, generator) for g in x0}
+            else:
+                x0 = acc[n] / norm[n]
+                x[n] = sampler.step(x0, x[n], t, t_next, generator)
+            if t_next <= 0:
+                sig = scene[n]
+                if sig.groups is None:
+                    result[n] = Generated(vector=x0)
+                elif sig.target is not None:
+                    result[n] = Generated(
+                        probs={g: probs_acc[n][g] / norm[n][g] for g in probs_acc[n]}
+                    )
+                else:
+                    result[n] = Generated(groups=x0)
+    return result
+
+
+def _crop_weight(weight: torch.Tensor, factor: int) -> torch.Tensor:
+    """The blend weight on a group grid ``factor`` times coarser."""
+    if factor == 1:
+        return weight
+    w = torch.nn.functional.avg_pool2d(weight[None, None], factor)[0, 0]
+    return w
+
+
+def _zeros_like_state(x: dict, weights_only: bool = False) -> dict:
+    out = {}
+    for n, v in x.items():
+        if isinstance(v, dict):
+            out[n] = {g: torch.zeros_like(a[:, :1] if weights_only else a) for g, a in v.items()}
+        else:
+            out[n] = torch.zeros(v.shape[0], 1) if weights_only else torch.zeros_like(v)
+    return out
+
+
+def _window_state(x: dict, chunk: list, size: int, factors: dict) -> dict:
+    out = {}
+    for n, v in x.items():
+        if isinstance(v, dict):
+            out[n] = {
+                g: torch.stack([_crop(a[s], r, c, size, factors[n][g]) for s, (r, c) in chunk])
+                for g, a in v.items()
+            }
+        else:
+            out[n] = torch.stack([v[s] for s, _ in chunk])
+    return out
+
+
+def _expand_given(given: dict | None, n: int) -> dict | None:
+    if not given:
+        return None
+    return {t: {g: m.expand(n, -1, -1, -1) for g, m in d.items()} for t, d in given.items()}
