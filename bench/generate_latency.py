@@ -10,7 +10,9 @@ Sentinel-1 GeoTIFF of the shared data (SSL4EO-S12, 264 x 264 px) and reports:
 * s/window/sample/step: wall time of sampling divided by (windows x samples x steps);
 * windows/s through the model, and the whole call's time including reading and writing
   to memory on the input grid;
-* peak resident memory of the process (ru_maxrss) after each run.
+* peak resident memory of the process (ru_maxrss) after each run;
+* for the first model, how time and memory grow with scene size: crops of 66, 132 and
+  264 px and a 2 x 2 mosaic of the scene (528 px).
 
 Timings depend on other load on the machine: run it alone.
 """
@@ -59,6 +61,25 @@ def stacked_input(folder: Path) -> Path:
     return out
 
 
+def sized_input(src: Path, folder: Path, side: int) -> Path:
+    """A ``side`` px input: a crop of the scene, or a mosaic of it for larger sides."""
+    import numpy as np
+    import rasterio
+    from affine import Affine
+
+    with rasterio.open(src) as f:
+        data = f.read()
+        profile = f.profile
+    reps = -(-side // data.shape[1])
+    big = np.tile(data, (1, reps, reps))[:, :side, :side]
+    t = profile["transform"]
+    profile.update(width=side, height=side, transform=Affine(t.a, t.b, t.c, t.d, t.e, t.f))
+    out = folder / f"s1_{side}.tif"
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(big)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", type=Path, default=None, help="a trained model to time too")
@@ -103,6 +124,20 @@ def main() -> None:
                     f"{nwin} | {secs / (nwin * args.samples * args.steps):.2e} | "
                     f"{passes / secs:.0f} | {secs:.1f} | {peak_mib():.0f} |"
                 )
+        label, pipe = next(iter(pipes.items()))
+        print(f"\nscene size ({label}, deterministic, {args.samples} samples, {args.steps} steps)")
+        print("| side px | area km² | call s | s per km² | peak MiB |")
+        print("|---:|---:|---:|---:|---:|")
+        for side in (66, 132, 264, 528):
+            path = sized_input(s1, Path(tmp), side)
+            t0 = time.perf_counter()
+            gen = pipe.generate(
+                {"s1grd": path}, ["s2l2a"], num_samples=args.samples, steps=args.steps
+            )
+            secs = time.perf_counter() - t0
+            w = gen.info["working_grid"]
+            km2 = w["width"] * w["height"] * w["gsd_m"] ** 2 / 1e6
+            print(f"| {side} | {km2:.2f} | {secs:.1f} | {secs / km2:.2f} | {peak_mib():.0f} |")
 
 
 if __name__ == "__main__":

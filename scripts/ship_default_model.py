@@ -49,6 +49,7 @@ def main() -> None:
     train_cfg = json.loads((args.run / "train_config.json").read_text())
     metrics = read_metrics(args.run)
     last = metrics[-1] if metrics else {}
+    final_step = int((args.run / "latest").read_text().strip().removeprefix("step_"))
     minutes = _minutes(metrics, train_cfg["batch_size"] * train_cfg["accumulate"])
     table = pd.read_parquet(args.store / "chips.parquet")
     sources = sorted(table["source"].unique())
@@ -86,7 +87,7 @@ Their licences are listed per chip in the store and in `../shared/data/*/SOURCE.
 {train_cfg["batch_size"]} --source-balance {train_cfg.get("source_balance", 1.0)}
 --time-limit {train_cfg["time_limit_min"]:g}` (seed {train_cfg["seed"]}, lr {train_cfg["lr"]},
 warm-up {train_cfg["warmup"]}, EMA {train_cfg["ema_decay"]}, bf16 autocast): stopped at step
-{last.get("step", "?")} after {minutes:.1f} minutes on 2 CPU cores; last logged loss
+{final_step} after {minutes:.1f} minutes on 2 CPU cores; last logged loss
 {last.get("loss", float("nan")):.4f}. Full settings: `train_config.json` of the run (copied
 into `docs/runs/`).
 

@@ -99,3 +99,16 @@ def test_sample_scene_shapes_and_reproducibility(micro):
 def test_one_window_scene_equals_plain_generation_shapes(micro):
     out = sample_scene(micro, _scene(16, 16), ["dem"], gsd=30.0, num_samples=2)
     assert out["dem"].groups["r30m"].shape == (2, 1, 16, 16)
+
+
+def test_band_infilling_keeps_the_given_band(micro):
+    scene = _scene(24, 24)
+    given = {"s1grd": {"r10m": torch.tensor([1.0, 0.0])[None, :, None, None]}}
+    out = sample_scene(
+        micro, scene, ["s1grd"], gsd=10.0, num_samples=2, given_bands=given,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    x = out["s1grd"].groups["r10m"]
+    vv = scene["s1grd"].groups["r10m"][0, 0]
+    assert torch.allclose(x[:, 0], vv.expand(2, -1, -1), atol=1e-5)  # VV given: kept
+    assert not torch.allclose(x[:, 1], scene["s1grd"].groups["r10m"][0, 1].expand(2, -1, -1))

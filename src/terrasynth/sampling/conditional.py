@@ -73,6 +73,7 @@ def generate(
             pred = {n: guide(pred[n], unc[n], guidance) for n in targets}
         for n in targets:
             x0, payload = x0_from_prediction(sigs[n], pred[n])
+            x0 = keep_given(x0, sigs[n], (given_bands or {}).get(n))
             if isinstance(x0, dict):
                 x[n] = {g: sampler.step(x0[g], x[n][g], t, t_next, generator) for g in x0}
             else:
@@ -86,6 +87,18 @@ def generate(
                 else:
                     result[n] = Generated(groups=x0)
     return result
+
+
+def keep_given(x0, sig: Signal, given: dict[str, torch.Tensor] | None):
+    """Band infilling: the given bands' x0 is their known value, not the model's guess, so
+    their noisy state follows the path training showed the model (inpainting-style)."""
+    if given is None or not isinstance(x0, dict):
+        return x0
+    out = {}
+    for g, v in x0.items():
+        m = given.get(g)
+        out[g] = v if m is None else torch.where((sig.known[g] * m) > 0, sig.groups[g], v)
+    return out
 
 
 def guide(cond, unc, w: float):

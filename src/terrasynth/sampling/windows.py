@@ -20,7 +20,13 @@ import torch
 
 from terrasynth.models.scene_model import SceneModel
 from terrasynth.models.signals import Signal
-from terrasynth.sampling.conditional import Generated, guide, predict, x0_from_prediction
+from terrasynth.sampling.conditional import (
+    Generated,
+    guide,
+    keep_given,
+    predict,
+    x0_from_prediction,
+)
 from terrasynth.sampling.flow import FlowSampler
 
 
@@ -160,6 +166,7 @@ def sample_scene(
                 done += 1
             for n in targets:
                 x0, payload = x0_from_prediction(sigs[n], pred[n])
+                x0 = keep_given(x0, sigs[n], (given or {}).get(n))
                 if not isinstance(x0, dict):
                     for k, (s, _) in enumerate(chunk):
                         acc[n][s] += x0[k]
