@@ -46,6 +46,7 @@ def test_demo_generates_each_direction_with_samples(demo):
             folder = patch / job
             assert (folder / "quicklook.png").is_file() and job in text
             assert (folder / "generation.json").is_file()
+            assert (folder / "real.png").is_file() == (job != "s2_to_dem_and_labels")
     s1s2 = patches[0] / "s1_to_s2"
     with (
         rasterio.open(s1s2 / "s2l2a_sample0.tif") as a,

@@ -96,6 +96,23 @@ def _truth_mae(gen: Generation, target: str, truth: list, pipe: Pipeline) -> flo
     return float(np.concatenate(errs).mean()) if errs else None
 
 
+def _truth_picture(gen: Generation, target: str, truth: list, pipe: Pipeline, path: Path):
+    """The real image of ``target`` on the output grid (its own 2-98 % stretch)."""
+    import matplotlib.pyplot as plt
+
+    from terrasynth.data.preview import render_chip
+
+    res = gen.targets[target]
+    real = pipe.read_onto(truth, gen.grid, S2_SCALE)
+    first = res.modality.groups[0]
+    arr = np.stack([real[b] for b in first.bands])
+    valid = np.isfinite(arr).all(0)
+    img = render_chip(res.modality, {first.name: (np.nan_to_num(arr), valid)})
+    tmp = path.with_name(f".{path.name}")
+    plt.imsave(tmp, img, format="png")
+    tmp.replace(path)
+
+
 def run_demo(
     output: Path,
     num_samples: int = 4,
@@ -126,6 +143,8 @@ def run_demo(
             )
             gen.save(folder, overwrite=True)
             maes = {t: _truth_mae(gen, t, job["truth"], pipe) for t in job["targets"]}
+            if job["truth"]:
+                _truth_picture(gen, job["targets"][0], job["truth"], pipe, folder / "real.png")
             log(
                 f"{pair['name']} {job['name']}: {gen.info['seconds']:.1f} s"
                 + "".join(f", MAE {t} {v:.4g}" for t, v in maes.items() if v is not None)
@@ -169,6 +188,12 @@ def _write_report(output, store, preview, sections, pipe, seconds) -> Path:
             f"in {gen.info['seconds']:.1f} s; files in <code>{html.escape(str(rel))}</code></p>"
             f"<ul>{''.join(lines)}</ul>"
             f"<img src='{html.escape(str(rel / 'quicklook.png'))}' style='max-width:100%'>"
+            + (
+                f"<p>The real {html.escape(job['targets'][0])} of this patch: "
+                f"<img src='{html.escape(str(rel / 'real.png'))}' width=180></p>"
+                if job["truth"]
+                else ""
+            )
         )
     report = output / "report.html"
     tmp = output / ".report.html.tmp"
