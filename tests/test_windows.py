@@ -112,3 +112,16 @@ def test_band_infilling_keeps_the_given_band(micro):
     vv = scene["s1grd"].groups["r10m"][0, 0]
     assert torch.allclose(x[:, 0], vv.expand(2, -1, -1), atol=1e-5)  # VV given: kept
     assert not torch.allclose(x[:, 1], scene["s1grd"].groups["r10m"][0, 1].expand(2, -1, -1))
+
+
+def test_independent_tiles_cover_the_scene(micro):
+    from terrasynth.sampling.windows import sample_independent_tiles
+
+    out = sample_independent_tiles(
+        micro, _scene(40, 24), ["dem", "landcover_nlcd"], gsd=30.0, num_samples=2,
+        sampler=FlowSampler(steps=2), generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    dem = out["dem"].groups["r30m"]
+    assert dem.shape == (2, 1, 40, 24) and torch.isfinite(dem).all()
+    probs = out["landcover_nlcd"].probs["r30m"]
+    assert torch.allclose(probs.sum(1), torch.ones(2, 40, 24), atol=1e-4)

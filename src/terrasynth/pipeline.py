@@ -42,7 +42,7 @@ from terrasynth.modalities import Modality
 from terrasynth.models.scene_model import SceneModel
 from terrasynth.models.signals import batch_signals, location_from_vector, time_from_vector
 from terrasynth.sampling.flow import FlowSampler
-from terrasynth.sampling.windows import sample_scene
+from terrasynth.sampling.windows import sample_independent_tiles, sample_scene
 
 # Scenes up to this many working pixels per side are generated in memory; larger ones
 # need the whole-scene engine (streaming windows), which is not part of this version.
@@ -219,6 +219,7 @@ class Pipeline:
         batch_size: int = 32,
         strict: bool = False,
         progress: Callable[[int, int], None] | None = None,
+        windows: str = "shared",
     ) -> Generation:
         """Generate ``targets`` from ``inputs`` (``{modality[:bands]: GeoTIFF}``).
 
@@ -227,7 +228,8 @@ class Pipeline:
         guidance. A target that is also an input (``s2l2a:B04,B03,B02=rgb.tif`` with target
         ``s2l2a``) has its missing bands generated (band infilling). With no inputs the
         scene is generated jointly: ``size`` px at ``gsd`` m, optionally at ``location``
-        (lon, lat). ``time`` (ISO date) conditions any generation.
+        (lon, lat). ``time`` (ISO date) conditions any generation. ``windows="independent"``
+        samples every window on its own (the usual tiling; for seam comparisons only).
         """
         t_start = _now()
         cfg = self.model.config
@@ -287,19 +289,26 @@ class Pipeline:
         gen = torch.Generator().manual_seed(seed)
         sampler = FlowSampler(steps=steps, eta=eta)
         gsd_m = work.ground_resolution_m()
-        out = sample_scene(
-            self.model,
-            signals,
-            targets,
-            gsd_m,
-            num_samples=num_samples,
-            sampler=sampler,
-            generator=gen,
-            guidance=guidance,
-            given_bands=given or None,
-            batch_size=batch_size,
-            on_step=progress,
-        )
+        if windows == "independent":
+            out = sample_independent_tiles(
+                self.model, signals, targets, gsd_m, num_samples, sampler, gen
+            )
+        elif windows == "shared":
+            out = sample_scene(
+                self.model,
+                signals,
+                targets,
+                gsd_m,
+                num_samples=num_samples,
+                sampler=sampler,
+                generator=gen,
+                guidance=guidance,
+                given_bands=given or None,
+                batch_size=batch_size,
+                on_step=progress,
+            )
+        else:
+            raise TerrasynthError(f"windows must be 'shared' or 'independent', not '{windows}'")
         if not items and "location" in out and location is None:
             lat_g, lon_g = location_from_vector(out["location"].vector.mean(0))
             work = _utm_grid(float(lon_g), float(lat_g), work.width, gsd_m, work.width)
@@ -318,7 +327,7 @@ class Pipeline:
             "targets": targets,
             "num_samples": num_samples,
             "seed": seed,
-            "sampler": {"steps": steps, "eta": eta, "guidance": guidance},
+            "sampler": {"steps": steps, "eta": eta, "guidance": guidance, "windows": windows},
             "working_grid": {
                 "crs": work.crs.to_string(),
                 "gsd_m": round(gsd_m, 3),

@@ -240,3 +240,57 @@ def _expand_given(given: dict | None, n: int) -> dict | None:
     if not given:
         return None
     return {t: {g: m.expand(n, -1, -1, -1) for g, m in d.items()} for t, d in given.items()}
+
+
+@torch.no_grad()
+def sample_independent_tiles(
+    model: SceneModel,
+    scene: dict[str, Signal],
+    targets: list[str],
+    gsd: float,
+    num_samples: int = 1,
+    sampler: FlowSampler | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Generated]:
+    """The usual tiling, for comparison: every window is sampled on its own, from its own
+    noise, and the finished windows are blended with the same weight as
+    :func:`sample_scene` uses. Neighbours do not agree where they overlap, so seams show."""
+    cfg = model.config
+    size = cfg.image_size
+    reg = cfg.registry
+    factors = {n: {g.name: g.factor for g in reg[n].groups} for n, s in scene.items() if s.groups}
+    first = next(n for n, s in scene.items() if s.groups is not None)
+    g0 = next(iter(scene[first].groups))
+    height, width = scene[first].groups[g0].shape[-2:]
+    stride = max(size // 2, max(max(f.values()) for f in factors.values()))
+    weight = blend_weight(size)
+    acc: dict[str, dict[str, torch.Tensor]] = {}
+    norm: dict[str, dict[str, torch.Tensor]] = {}
+    for r in window_offsets(height, size, stride):
+        for c in window_offsets(width, size, stride):
+            sub = _window_signals(scene, [(r, c)], size, factors)
+            out = sample_scene(model, sub, targets, gsd, num_samples, sampler, generator)
+            for n in targets:
+                res = out[n]
+                payload = res.probs if res.probs is not None else res.groups
+                if payload is None:
+                    continue
+                for g, v in payload.items():
+                    f = factors[n][g]
+                    w = _crop_weight(weight, f)
+                    a = acc.setdefault(n, {}).setdefault(
+                        g, torch.zeros(num_samples, v.shape[1], height // f, width // f)
+                    )
+                    m = norm.setdefault(n, {}).setdefault(
+                        g, torch.zeros(1, 1, height // f, width // f)
+                    )
+                    _crop(a, r, c, size, f).add_(v * w)
+                    _crop(m, r, c, size, f).add_(w)
+    result = {}
+    for n in targets:
+        blended = {g: acc[n][g] / norm[n][g] for g in acc.get(n, {})}
+        if scene[n].target is not None:
+            result[n] = Generated(probs=blended)
+        else:
+            result[n] = Generated(groups=blended)
+    return result
