@@ -204,8 +204,11 @@ def evaluate(
     ] = None,
     no_model: Annotated[bool, typer.Option(help="Run the baselines only.")] = False,
 ) -> None:
-    """Score generation on a store's split: each modality from all others and from each
-    other one; pointwise, distribution and calibration metrics; JSON, CSV and a report."""
+    """Score generation on a store's split against baselines (JSON, CSV, report).
+
+    Each modality from all others and from each other one; pointwise, distribution and
+    calibration metrics.
+    """
     from terrasynth.data.store import ChipStore
     from terrasynth.evaluation.baselines import BASELINES
     from terrasynth.evaluation.benchmark import ModelPredictor, default_directions, run_benchmark
@@ -252,8 +255,10 @@ def demo(
         Path | None, typer.Option("-m", "--model", help="Model or run folder (default: built-in).")
     ] = None,
 ) -> None:
-    """Run the main job on real data shipped with the package (BigEarthNet examples):
-    S1 -> S2, S2 -> S1, S2 -> elevation and labels, band infilling; GeoTIFFs and a report."""
+    """Run the main job on BigEarthNet patches shipped with a dependency.
+
+    S1 -> S2, S2 -> S1, S2 -> elevation and labels, band infilling; GeoTIFFs and a report.
+    """
     from terrasynth.demo import run_demo
 
     report = run_demo(output, num_samples=num_samples, model=model, log=typer.echo)
