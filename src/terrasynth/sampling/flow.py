@@ -35,13 +35,17 @@ class FlowSampler:
         t: float,
         t_next: float,
         generator: torch.Generator | None = None,
+        fresh: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Move from level ``t`` to ``t_next`` given the model's x0 prediction."""
+        """Move from level ``t`` to ``t_next`` given the model's x0 prediction.
+
+        ``fresh``: the new noise of a stochastic step (drawn from ``generator`` if absent)."""
         if t_next <= 0:
             return x0_hat
         noise_hat = (x_t - (1 - t) * x0_hat) / max(t, 1e-6)
         if self.eta > 0:
-            fresh = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype)
+            if fresh is None:
+                fresh = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype)
             keep = (1 - self.eta**2) ** 0.5
             noise_hat = keep * noise_hat + self.eta * fresh.to(x_t.device)
         return (1 - t_next) * x0_hat + t_next * noise_hat

@@ -10,10 +10,15 @@ their per-window predictions are averaged.
 
 ``num_samples`` samples of a scene are drawn together: (sample, window) pairs run through
 the model in batches.
+
+Raster noise comes from :class:`NoiseField`: generated per 64 px block from the seed and the
+block's position, so any crop of the field is reproducible on its own and the result does
+not depend on how windows are batched.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import torch
@@ -28,6 +33,44 @@ from terrasynth.sampling.conditional import (
     x0_from_prediction,
 )
 from terrasynth.sampling.flow import FlowSampler
+
+
+class NoiseField:
+    """Standard-normal noise over an unbounded pixel grid, made lazily per block.
+
+    Block (i, j) of ``stream`` is drawn from a generator seeded by a hash of (seed, stream,
+    i, j), so a crop needs only the blocks it touches and is the same crop however large
+    the scene or whatever the order of requests."""
+
+    BLOCK = 64
+
+    def __init__(self, seed: int, stream: str, channels: int) -> None:
+        self.seed, self.stream, self.channels = seed, stream, channels
+
+    def _block(self, i: int, j: int) -> torch.Tensor:
+        key = f"{self.seed}/{self.stream}/{i}/{j}".encode()
+        block_seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+        g = torch.Generator().manual_seed(block_seed & (2**63 - 1))
+        return torch.randn((self.channels, self.BLOCK, self.BLOCK), generator=g)
+
+    def crop(self, row: int, col: int, height: int, width: int) -> torch.Tensor:
+        """(channels, height, width) noise starting at pixel (row, col)."""
+        b = self.BLOCK
+        out = torch.empty((self.channels, height, width))
+        for i in range(row // b, (row + height - 1) // b + 1):
+            for j in range(col // b, (col + width - 1) // b + 1):
+                r0, r1 = max(row, i * b), min(row + height, (i + 1) * b)
+                c0, c1 = max(col, j * b), min(col + width, (j + 1) * b)
+                out[:, r0 - row : r1 - row, c0 - col : c1 - col] = self._block(i, j)[
+                    :, r0 - i * b : r1 - i * b, c0 - j * b : c1 - j * b
+                ]
+        return out
+
+
+def _field(seed: int, stream: str, like: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, C, h, w) noise for n samples of a (1, C, h, w) group, from lazy fields."""
+    c, h, w = like.shape[1:]
+    return torch.stack([NoiseField(seed, f"{stream}/{s}", c).crop(0, 0, h, w) for s in range(n)])
 
 
 def window_offsets(size: int, window: int, stride: int) -> list[int]:
@@ -135,12 +178,15 @@ def sample_scene(
     def randn(shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=generator)
 
+    seed = int(torch.randint(2**62, (1,), generator=generator))
     # the state of every target: one noise field per sample over the whole scene
     x: dict[str, object] = {}
     for n in targets:
         sig = scene[n]
         if sig.groups is not None:
-            x[n] = {g: randn((num_samples, *v.shape[1:])) for g, v in sig.groups.items()}
+            x[n] = {
+                g: _field(seed, f"{n}/{g}/start", v, num_samples) for g, v in sig.groups.items()
+            }
         else:
             x[n] = randn((num_samples, sig.vector.shape[1]))
     ts = sampler.timesteps()
@@ -188,7 +234,13 @@ def sample_scene(
         for n in targets:
             if isinstance(x[n], dict):
                 x0 = {g: acc[n][g] / norm[n][g] for g in x[n]}
-                x[n] = {g: sampler.step(x0[g], x[n][g], t, t_next, generator) for g in x0}
+                fresh = {
+                    g: _field(seed, f"{n}/{g}/step{i}", x0[g][:1], num_samples)
+                    if sampler.eta > 0 and t_next > 0
+                    else None
+                    for g in x0
+                }
+                x[n] = {g: sampler.step(x0[g], x[n][g], t, t_next, generator, fresh[g]) for g in x0}
             else:
                 x0 = acc[n] / norm[n]
                 x[n] = sampler.step(x0, x[n], t, t_next, generator)
