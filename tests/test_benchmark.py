@@ -11,6 +11,7 @@ import torch
 
 from terrasynth.data.dataset import ChipDataset
 from terrasynth.data.store import ChipStore
+from terrasynth.errors import TerrasynthError
 from terrasynth.evaluation.baselines import KNNBaseline, MeanBaseline
 from terrasynth.evaluation.benchmark import (
     Direction,
@@ -99,3 +100,27 @@ def test_report_files(results, tmp_path):
     assert any(f.startswith("samples_model") for f in figs)
     assert any(f.startswith("hist_knn") for f in figs)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_a_frozen_protocol_scores_the_same_chips(small_store, config, results, tmp_path):
+    from terrasynth.evaluation.benchmark import parse_direction, protocol_of
+
+    settings = {"split": "train", "num_samples": 3, "steps": 2, "eta": 0.0, "seed": 0}
+    proto = protocol_of(results, settings)
+    name = "dem -> landsat8"
+    assert parse_direction(name) == Direction("landsat8", ("dem",))
+    assert parse_direction("all -> landsat8") == Direction("landsat8", None)
+    chosen = proto["directions"][name]
+    assert 0 < len(chosen) <= 4
+    again = run_benchmark(
+        [MeanBaseline(config)], config, str(small_store), [parse_direction(name)],
+        split="train", num_samples=3, chips={name: chosen[:2]},
+    )  # fmt: skip
+    assert again[0].chip_ids == chosen[:2]
+    with pytest.raises(TerrasynthError, match="not usable"):
+        run_benchmark(
+            [MeanBaseline(config)], config, str(small_store), [parse_direction(name)],
+            split="train", chips={name: ["no-such-chip#0"]},
+        )  # fmt: skip
+    report = write_report(results, tmp_path / "r", settings, proto)
+    assert json.loads((report.parent / "protocol.json").read_text())["directions"][name] == chosen

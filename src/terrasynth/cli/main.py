@@ -203,19 +203,41 @@ def evaluate(
         int | None, typer.Option(help="At most this many chips per direction.")
     ] = None,
     no_model: Annotated[bool, typer.Option(help="Run the baselines only.")] = False,
+    protocol: Annotated[
+        Path | None,
+        typer.Option(help="Frozen protocol JSON: settings and chip ids per direction."),
+    ] = None,
 ) -> None:
     """Score generation on a store's split against baselines (JSON, CSV, report).
 
     Each modality from all others and from each other one; pointwise, distribution and
     calibration metrics.
     """
+
     from terrasynth.data.store import ChipStore
     from terrasynth.evaluation.baselines import BASELINES
-    from terrasynth.evaluation.benchmark import ModelPredictor, default_directions, run_benchmark
+    from terrasynth.evaluation.benchmark import (
+        ModelPredictor,
+        default_directions,
+        parse_direction,
+        protocol_of,
+        run_benchmark,
+    )
     from terrasynth.evaluation.report import write_report
     from terrasynth.pipeline import Pipeline
 
     ChipStore.open(store)  # a clear error for a missing or broken store
+    frozen = None
+    if protocol is not None:
+        from terrasynth.data.raster_io import read_json
+
+        frozen = read_json(protocol)
+        fixed = frozen.get("settings", {})
+        split = fixed.get("split", split)
+        num_samples = fixed.get("num_samples", num_samples)
+        steps = fixed.get("steps", steps)
+        eta = fixed.get("eta", eta)
+        seed = fixed.get("seed", seed)
     pipe = Pipeline.from_pretrained(model)
     config = pipe.model.config
     predictors = [] if no_model else [ModelPredictor(pipe.model, steps=steps, eta=eta)]
@@ -228,7 +250,10 @@ def evaluate(
         raise TerrasynthError("nothing to evaluate: no model and no baseline")
     from terrasynth.data.dataset import ChipDataset
 
-    directions = default_directions(ChipDataset(store, split=split), config)
+    if frozen is not None:
+        directions = [parse_direction(n) for n in frozen.get("directions", {})]
+    else:
+        directions = default_directions(ChipDataset(store, split=split), config)
     if target:
         directions = [d for d in directions if d.target in target]
     if not directions:
@@ -236,12 +261,13 @@ def evaluate(
     results = run_benchmark(
         predictors, config, str(store), directions, split, num_samples, seed, max_chips,
         progress=lambda line: typer.echo(line, err=True),
+        chips=frozen["directions"] if frozen is not None else None,
     )  # fmt: skip
     settings = {
         "model": pipe.source, "store": str(store), "split": split, "num_samples": num_samples,
         "steps": steps, "eta": eta, "seed": seed, "max_chips": max_chips,
     }  # fmt: skip
-    report = write_report(results, output, settings)
+    report = write_report(results, output, settings, protocol_of(results, settings))
     typer.echo(f"{len(results)} direction x predictor results; report {report.resolve()}")
 
 

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from terrasynth.data.dataset import ChipDataset, collate_chips
+from terrasynth.errors import TerrasynthError
 from terrasynth.evaluation import metrics as M
 from terrasynth.evaluation.translate import tiles
 from terrasynth.modalities import Modality
@@ -111,6 +112,7 @@ class DirectionScores:
     reliability: list[np.ndarray] = field(default_factory=list)  # continuous: coverage per level
     confidence: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # categorical
     examples: list[dict] = field(default_factory=list)
+    chip_ids: list[str] = field(default_factory=list)
 
     def add(self, key: str, value: float, weight: float) -> None:
         if np.isfinite(value):
@@ -264,8 +266,12 @@ def run_benchmark(
     max_chips: int | None = None,
     batch_size: int = 8,
     progress: Callable[[str], None] | None = None,
+    chips: dict[str, list[str]] | None = None,
 ) -> list[DirectionScores]:
-    """Score every predictor on every direction (see the module docstring)."""
+    """Score every predictor on every direction (see the module docstring).
+
+    ``chips``: a frozen protocol's chip ids per direction name (``Direction.name``); the
+    chosen ids are recorded in each result's ``chip_ids`` either way."""
     ds = ChipDataset(store, split=split)
     order = ds.modalities
     reg = config.registry
@@ -285,7 +291,17 @@ def run_benchmark(
             else np.logical_and.reduce([has[c] for c in conds])
         )
         pick = np.flatnonzero(need)
-        if max_chips is not None:
+        ids = ds.store.table["chip_id"].to_numpy()[ds.indices]
+        if chips is not None:
+            wanted = set(chips.get(d.name, []))
+            pick = np.array([i for i in pick if ids[i] in wanted], dtype=int)
+            missing = wanted - set(ids[pick])
+            if missing:
+                raise TerrasynthError(
+                    f"{d.name}: {len(missing)} protocol chip(s) not usable in this store's "
+                    f"{split} split (e.g. {sorted(missing)[0]})"
+                )
+        elif max_chips is not None:
             pick = pick[:max_chips]
         if len(pick) == 0:
             continue
@@ -295,6 +311,7 @@ def run_benchmark(
         for pred in predictors:
             gen = torch.Generator().manual_seed(seed)
             scores = DirectionScores(d, pred.name, mod.kind)
+            scores.chip_ids = [str(ids[i]) for i in pick]
             for batch in loader:
                 for tile in tiles(batch, config.image_size, ds.chip_size):
                     sig = batch_signals(tile, config, order)
@@ -314,3 +331,19 @@ def run_benchmark(
                 progress(f"{pred.name}: {d.name} ({scores.tiles} tiles)")
             results.append(scores)
     return results
+
+
+def protocol_of(results: list[DirectionScores], settings: dict) -> dict:
+    """A frozen protocol: the settings and, per direction, the chip ids scored."""
+    return {
+        "settings": {k: settings[k] for k in ("split", "num_samples", "steps", "eta", "seed")},
+        "directions": {r.direction.name: r.chip_ids for r in results},
+    }
+
+
+def parse_direction(name: str) -> Direction:
+    """``"all -> s2l2a"`` or ``"s1grd -> s2l2a"`` back to a :class:`Direction`."""
+    src, sep, target = name.partition(" -> ")
+    if not sep:
+        raise TerrasynthError(f"'{name}' is not a direction (SOURCE -> TARGET)")
+    return Direction(target.strip(), None if src == "all" else tuple(src.split("+")))

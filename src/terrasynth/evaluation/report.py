@@ -37,8 +37,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
 
-def write_report(results: list[DirectionScores], folder: Path, settings: dict) -> Path:
-    """Write everything into ``folder`` (atomically: a temporary sibling, then renamed)."""
+def write_report(
+    results: list[DirectionScores], folder: Path, settings: dict, protocol: dict | None = None
+) -> Path:
+    """Write everything into ``folder`` (atomically: a temporary sibling, then renamed).
+
+    ``protocol`` (settings and chip ids per direction) is saved as ``protocol.json``: pass
+    it back with ``terrasynth evaluate --protocol`` to score exactly the same chips."""
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
         (tmp / "figures").mkdir()
@@ -61,6 +66,8 @@ def write_report(results: list[DirectionScores], folder: Path, settings: dict) -
             w = csv.DictWriter(f, ["direction", "target", "predictor", "metric", "value"])
             w.writeheader()
             w.writerows(rows)
+        if protocol is not None:
+            (tmp / "protocol.json").write_text(json.dumps(protocol, indent=2))
         figures = _figures(results, tmp / "figures")
         md = _markdown(results, settings)
         (tmp / "report.md").write_text(md)
