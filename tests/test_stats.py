@@ -43,3 +43,17 @@ def test_categorical_counts_and_fallback_to_all():
 def test_log1p_transform():
     assert np.allclose(apply_transform(np.array([0.0, np.e - 1]), "log1p"), [0, 1])
     assert np.allclose(apply_transform(np.array([-1.0]), "log1p"), [0])
+
+
+def test_normalise_and_denormalise_are_inverse():
+    from terrasynth.data.stats import band_moments, denormalise, normalise
+
+    stats = {"bands": {"B1": {"mean": 10.0, "std": 2.0}}}
+    mean, std = band_moments(stats, ("B1", "B2"))
+    assert mean.tolist() == [10.0, 0.0] and std.tolist() == [2.0, 1.0]  # B2: no statistics
+    x = np.array([[[12.0, 8.0]], [[3.0, -1.0]]], np.float32)  # (C=2, H=1, W=2)
+    z = normalise(x, stats, ("B1", "B2"), "none")
+    assert z.tolist() == [[[1.0, -1.0]], [[3.0, -1.0]]]
+    assert np.allclose(denormalise(z[None], stats, ("B1", "B2"), "none")[0], x)  # any lead dims
+    logged = normalise(np.full((1, 1, 1), 99.0), {"bands": {}}, ("B1",), "log1p")
+    assert np.allclose(denormalise(logged, {"bands": {}}, ("B1",), "log1p"), 99.0, rtol=1e-5)

@@ -36,7 +36,7 @@ from terrasynth.data.align import align_scene, reference_grid, warp_to_grid
 from terrasynth.data.build import check_scene_values
 from terrasynth.data.scene import Grid, Scene
 from terrasynth.data.sources.generic import generic_scene
-from terrasynth.data.stats import apply_transform
+from terrasynth.data.stats import denormalise, normalise
 from terrasynth.errors import InputError, TerrasynthError, UnknownModalityError
 from terrasynth.modalities import Modality
 from terrasynth.models.scene_model import SceneModel
@@ -383,7 +383,9 @@ class Pipeline:
                 if mod.kind == "categorical":
                     x = torch.from_numpy(np.where(pixel_ok, data[0], -1).astype(np.int64))
                 else:
-                    x = torch.from_numpy(self._normalise(mod, g.bands, data * held[:, None, None]))
+                    held_data = data * held[:, None, None]
+                    v = normalise(held_data, self._stats(mod), g.bands, mod.transform)
+                    x = torch.from_numpy(v)
                 batch[f"{m}/{g.name}"] = x[None]
                 batch[f"{m}/{g.name}/valid"] = torch.from_numpy(pixel_ok.copy())[None]
                 offset += n
@@ -415,19 +417,8 @@ class Pipeline:
         batch["gsd"] = torch.tensor([work.ground_resolution_m()], dtype=torch.float32)
         return batch, order, given
 
-    def _normalise(self, mod: Modality, bands: tuple[str, ...], data: np.ndarray) -> np.ndarray:
-        stats = self.model.config.stats.get(mod.name, {}).get("bands", {})
-        mean = np.array([stats.get(b, {}).get("mean", 0.0) for b in bands], np.float32)
-        std = np.array([stats.get(b, {}).get("std", 1.0) for b in bands], np.float32)
-        v = apply_transform(data.astype(np.float32), mod.transform)
-        return ((v - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
-
-    def _denormalise(self, mod: Modality, bands: tuple[str, ...], x: np.ndarray) -> np.ndarray:
-        stats = self.model.config.stats.get(mod.name, {}).get("bands", {})
-        mean = np.array([stats.get(b, {}).get("mean", 0.0) for b in bands], np.float32)
-        std = np.array([stats.get(b, {}).get("std", 1.0) for b in bands], np.float32)
-        y = x * std[:, None, None] + mean[:, None, None]
-        return np.expm1(y) if mod.transform == "log1p" else y
+    def _stats(self, mod: Modality) -> dict:
+        return self.model.config.stats.get(mod.name, {})
 
     def _to_output(self, name, gen, signals, given, work, out_grid, aligned) -> TargetResult:
         reg = self.model.config.registry
@@ -467,7 +458,7 @@ class Pipeline:
                 # the given bands are the input's own values, not the model's
                 x0[:, keep] = sig.groups[g.name][:, keep]
                 shown += [b for b, k in zip(g.bands, keep.tolist(), strict=True) if k]
-            phys = np.stack([self._denormalise(mod, g.bands, s) for s in x0.numpy()])
+            phys = denormalise(x0.numpy(), self._stats(mod), g.bands, mod.transform)  # (N, C, h, w)
             src = work.scaled(g.factor)
             ones = np.ones(phys.shape[-2:], bool)
             parts.append(np.stack([_warp(s, ones, src, out_grid, mod) for s in phys]))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from terrasynth.data.stats import apply_transform
+from terrasynth.data.stats import apply_transform, band_moments
 from terrasynth.data.store import CHUNK_CHIPS, ChipStore
 from terrasynth.errors import TerrasynthError
 
@@ -62,10 +62,7 @@ class ChipDataset(Dataset):
             mod = self.registry[m]
             if mod.kind != "continuous":
                 continue
-            bands = stats.get(m, {}).get("bands", {})
-            mean = np.array([bands.get(b, {}).get("mean", 0.0) for b in mod.bands], np.float32)
-            std = np.array([bands.get(b, {}).get("std", 1.0) for b in mod.bands], np.float32)
-            self._norm[m] = (mean, std)
+            self._norm[m] = band_moments(stats.get(m, {}), mod.bands)
         table = self.store.table
         self._location = table[["lat", "lon"]].to_numpy(np.float32)
         self._time = table["time_days"].to_numpy(np.float32)

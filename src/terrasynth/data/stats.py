@@ -26,6 +26,29 @@ def apply_transform(x: np.ndarray, transform: str) -> np.ndarray:
     return x
 
 
+def band_moments(stats: dict, bands: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Training mean and standard deviation of ``bands`` from a modality's statistics
+    (0 and 1 for a band without statistics), as float32 arrays."""
+    per_band = stats.get("bands", {})
+    mean = np.array([per_band.get(b, {}).get("mean", 0.0) for b in bands], np.float32)
+    std = np.array([per_band.get(b, {}).get("std", 1.0) for b in bands], np.float32)
+    return mean, std
+
+
+def normalise(x: np.ndarray, stats: dict, bands: tuple[str, ...], transform: str) -> np.ndarray:
+    """Physical values (..., C, H, W) -> model space: transform, then standardise."""
+    mean, std = band_moments(stats, bands)
+    v = apply_transform(np.asarray(x, np.float32), transform)
+    return ((v - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+
+
+def denormalise(x: np.ndarray, stats: dict, bands: tuple[str, ...], transform: str) -> np.ndarray:
+    """Model space (..., C, H, W) -> physical values (inverse of :func:`normalise`)."""
+    mean, std = band_moments(stats, bands)
+    y = np.asarray(x, np.float32) * std[:, None, None] + mean[:, None, None]
+    return np.expm1(y) if transform == "log1p" else y
+
+
 @dataclass
 class _BandAccumulator:
     count: int = 0

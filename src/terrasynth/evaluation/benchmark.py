@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from terrasynth.data.dataset import ChipDataset, collate_chips
+from terrasynth.data.stats import denormalise
 from terrasynth.errors import TerrasynthError
 from terrasynth.evaluation import metrics as M
 from terrasynth.evaluation.translate import tiles
@@ -178,8 +179,8 @@ def score_tile(
     for g in mod.groups:
         known = sig.known[g.name][k].numpy() > 0  # (C, h, w)
         x = group_samples[g.name][:, k]  # (N, C, h, w) normalised
-        true = _denorm(sig.groups[g.name][k].numpy(), stats, g.bands, mod.transform)
-        fake = np.stack([_denorm(s, stats, g.bands, mod.transform) for s in x])
+        true = denormalise(sig.groups[g.name][k].numpy(), stats, g.bands, mod.transform)
+        fake = denormalise(x, stats, g.bands, mod.transform)
         factor = g.factor
         if factor > 1:  # compare on the finest grid of the modality
             true = true.repeat(factor, 1).repeat(factor, 2)
@@ -230,13 +231,6 @@ def score_tile(
         scores.examples.append(
             {"truth": true, "samples": fake, "bands": kept, "kind": "continuous"}
         )
-
-
-def _denorm(x: np.ndarray, stats: dict, bands: tuple[str, ...], transform: str) -> np.ndarray:
-    mean = np.array([stats["bands"].get(b, {}).get("mean", 0.0) for b in bands])[:, None, None]
-    std = np.array([stats["bands"].get(b, {}).get("std", 1.0) for b in bands])[:, None, None]
-    y = x * std + mean
-    return np.expm1(y) if transform == "log1p" else y
 
 
 def default_directions(ds: ChipDataset, config: ModelConfig, min_tiles_chips: int = 2):

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from terrasynth.data.dataset import ChipDataset, collate_chips, is_raster_key
+from terrasynth.data.stats import denormalise
 from terrasynth.models.scene_model import SceneModel
 from terrasynth.models.signals import batch_signals
 from terrasynth.sampling.conditional import generate
@@ -58,10 +59,7 @@ def tiles(batch: dict, size: int, chip_size: int) -> list[dict]:
 
 
 def _denorm(x: torch.Tensor, stats: dict, bands: tuple[str, ...], transform: str) -> torch.Tensor:
-    mean = torch.tensor([stats["bands"].get(b, {}).get("mean", 0.0) for b in bands])
-    std = torch.tensor([stats["bands"].get(b, {}).get("std", 1.0) for b in bands])
-    y = x * std[None, :, None, None] + mean[None, :, None, None]
-    return torch.expm1(y) if transform == "log1p" else y
+    return torch.from_numpy(denormalise(x.numpy(), stats, bands, transform))
 
 
 @torch.no_grad()

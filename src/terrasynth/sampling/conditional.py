@@ -19,6 +19,15 @@ class Generated:
     probs: dict[str, torch.Tensor] | None = None  # categorical: (B, K, h, w)
     vector: torch.Tensor | None = None
 
+    @classmethod
+    def final(cls, sig: Signal, x0, probs) -> Generated:
+        """The payload of a finished target: vector, class probabilities or values."""
+        if sig.groups is None:
+            return cls(vector=x0)
+        if sig.target is not None:
+            return cls(probs=probs)
+        return cls(groups=x0)
+
 
 def x0_from_prediction(sig: Signal, pred) -> tuple[object, object]:
     """Model output -> (x0 estimate in signal space, Generated payload)."""
@@ -79,13 +88,7 @@ def generate(
             else:
                 x[n] = sampler.step(x0, x[n], t, t_next, generator)
             if t_next <= 0:
-                sig = sigs[n]
-                if sig.groups is None:
-                    result[n] = Generated(vector=x0)
-                elif sig.target is not None:
-                    result[n] = Generated(probs=payload)
-                else:
-                    result[n] = Generated(groups=x0)
+                result[n] = Generated.final(sigs[n], x0, payload)
     return result
 
 

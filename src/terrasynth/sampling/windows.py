@@ -124,6 +124,20 @@ def _window_signals(
     return out
 
 
+def _layout(model: SceneModel, scene: dict[str, Signal]) -> tuple[dict, list[tuple[int, int]]]:
+    """Band-group factors of the scene's rasters and the (row, col) offsets of its windows
+    on the base grid (half-window stride, at least the coarsest factor)."""
+    size = model.config.image_size
+    reg = model.config.registry
+    factors = {n: {g.name: g.factor for g in reg[n].groups} for n, s in scene.items() if s.groups}
+    first = next(n for n, s in scene.items() if s.groups is not None)
+    g0, x = next(iter(scene[first].groups.items()))
+    height, width = (d * factors[first][g0] for d in x.shape[-2:])
+    stride = max(size // 2, max(max(f.values()) for f in factors.values()))
+    rows, cols = window_offsets(height, size, stride), window_offsets(width, size, stride)
+    return factors, [(r, c) for r in rows for c in cols]
+
+
 @torch.no_grad()
 def sample_scene(
     model: SceneModel,
@@ -147,26 +161,10 @@ def sample_scene(
     clean. ``on_step(done, total)`` reports progress in model calls.
     """
     sampler = sampler or FlowSampler()
-    cfg = model.config
-    size = cfg.image_size
-    reg = cfg.registry
-    factors = {
-        name: {g.name: g.factor for g in reg[name].groups}
-        for name, sig in scene.items()
-        if sig.groups is not None
-    }
+    size = model.config.image_size
+    factors, windows = _layout(model, scene)
     # conditions no sample holds would only add masked tokens: leave them out
     scene = {n: s for n, s in scene.items() if n in targets or bool(s.present.any())}
-    first = next(s for s in scene.values() if s.groups is not None)
-    g0 = next(iter(first.groups))
-    f0 = factors[next(n for n, s in scene.items() if s.groups is not None)][g0]
-    height, width = (d * f0 for d in first.groups[g0].shape[-2:])
-    stride = max(size // 2, max(max(f.values()) for f in factors.values()))
-    windows = [
-        (r, c)
-        for r in window_offsets(height, size, stride)
-        for c in window_offsets(width, size, stride)
-    ]
     items = [(s, w) for s in range(num_samples) for w in windows]
     weight = blend_weight(size)
     weights = {
@@ -245,15 +243,8 @@ def sample_scene(
                 x0 = acc[n] / norm[n]
                 x[n] = sampler.step(x0, x[n], t, t_next, generator)
             if t_next <= 0:
-                sig = scene[n]
-                if sig.groups is None:
-                    result[n] = Generated(vector=x0)
-                elif sig.target is not None:
-                    result[n] = Generated(
-                        probs={g: probs_acc[n][g] / norm[n][g] for g in probs_acc[n]}
-                    )
-                else:
-                    result[n] = Generated(groups=x0)
+                probs = {g: probs_acc[n][g] / norm[n][g] for g in probs_acc.get(n, {})}
+                result[n] = Generated.final(scene[n], x0, probs)
     return result
 
 
@@ -307,37 +298,30 @@ def sample_independent_tiles(
     """The usual tiling, for comparison: every window is sampled on its own, from its own
     noise, and the finished windows are blended with the same weight as
     :func:`sample_scene` uses. Neighbours do not agree where they overlap, so seams show."""
-    cfg = model.config
-    size = cfg.image_size
-    reg = cfg.registry
-    factors = {n: {g.name: g.factor for g in reg[n].groups} for n, s in scene.items() if s.groups}
-    first = next(n for n, s in scene.items() if s.groups is not None)
-    g0 = next(iter(scene[first].groups))
-    height, width = scene[first].groups[g0].shape[-2:]
-    stride = max(size // 2, max(max(f.values()) for f in factors.values()))
+    size = model.config.image_size
+    factors, windows = _layout(model, scene)
+    first = next(n for n, sig in scene.items() if sig.groups is not None)
+    height, width = next(iter(scene[first].groups.values())).shape[-2:]
     weight = blend_weight(size)
     acc: dict[str, dict[str, torch.Tensor]] = {}
     norm: dict[str, dict[str, torch.Tensor]] = {}
-    for r in window_offsets(height, size, stride):
-        for c in window_offsets(width, size, stride):
-            sub = _window_signals(scene, [(r, c)], size, factors)
-            out = sample_scene(model, sub, targets, gsd, num_samples, sampler, generator)
-            for n in targets:
-                res = out[n]
-                payload = res.probs if res.probs is not None else res.groups
-                if payload is None:
-                    continue
-                for g, v in payload.items():
-                    f = factors[n][g]
-                    w = _crop_weight(weight, f)
-                    a = acc.setdefault(n, {}).setdefault(
-                        g, torch.zeros(num_samples, v.shape[1], height // f, width // f)
-                    )
-                    m = norm.setdefault(n, {}).setdefault(
-                        g, torch.zeros(1, 1, height // f, width // f)
-                    )
-                    _crop(a, r, c, size, f).add_(v * w)
-                    _crop(m, r, c, size, f).add_(w)
+    for r, c in windows:
+        sub = _window_signals(scene, [(r, c)], size, factors)
+        out = sample_scene(model, sub, targets, gsd, num_samples, sampler, generator)
+        for n in targets:
+            res = out[n]
+            payload = res.probs if res.probs is not None else res.groups
+            if payload is None:
+                continue
+            for g, v in payload.items():
+                f = factors[n][g]
+                w = _crop_weight(weight, f)
+                a = acc.setdefault(n, {}).setdefault(
+                    g, torch.zeros(num_samples, v.shape[1], height // f, width // f)
+                )
+                m = norm.setdefault(n, {}).setdefault(g, torch.zeros(1, 1, height // f, width // f))
+                _crop(a, r, c, size, f).add_(v * w)
+                _crop(m, r, c, size, f).add_(w)
     result = {}
     for n in targets:
         blended = {g: acc[n][g] / norm[n][g] for g in acc.get(n, {})}
