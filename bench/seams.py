@@ -5,7 +5,8 @@
 Input: the 10 m bands (B02, B03, B04, B08) of a real Sentinel-2 L2A scene from the shared
 Major TOM sample (UTM, 10 m, so the working grid is the input's grid and window borders sit
 on known pixel columns), cropped to ``side`` px. Targets: elevation and Sentinel-1 (VV dB),
-one sample, deterministic sampler, the built-in model. Prints the seam ratio
+one sample, deterministic sampler, the built-in model; and Sentinel-1 -> Sentinel-2 L2A on a
+real Sentinel-1 mosaic (``bench/s1_mosaic.py``) of the same size. Prints the seam ratio
 (``terrasynth.evaluation.seams``: gradient energy across window borders over the energy
 elsewhere; about 1 means no visible seam) for each method, and the time: against all
 other pixel pairs, and against the patch edges that are not window borders (the model's
@@ -16,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import rasterio
 from rasterio.windows import Window
+from s1_mosaic import make_mosaic
 
-from terrasynth.evaluation.seams import border_positions, seam_ratio
+from terrasynth.evaluation.seams import scene_seams
 from terrasynth.pipeline import Pipeline
-from terrasynth.sampling.windows import window_offsets
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SCENE = next((DATA / "majortom_core" / "S2L2A" / "0U" / "0U_199R").iterdir())
@@ -57,24 +57,17 @@ def main() -> None:
         )
         print("| method | target | seam ratio (all other lines) | seam ratio (patch edges) | s |")
         print("|---|---|---:|---:|---:|")
-        for method in ("shared", "independent"):
-            t0 = time.perf_counter()
-            gen = pipe.generate(
-                inputs, ["dem", "s1grd"], num_samples=1, seed=0, steps=args.steps,
-                scaling={"s2l2a": (1e-4, -0.1)}, windows=method,
-            )  # fmt: skip
-            secs = time.perf_counter() - t0
-            w = gen.info["working_grid"]
-            assert (w["width"], w["height"]) == (args.side, args.side)  # borders on known pixels
-            offs = window_offsets(args.side, size, size // 2)
-            borders = border_positions(args.side, offs, size)
-            patch = pipe.model.config.patch_size
-            edges = [i for i in range(patch, args.side, patch) if i not in borders]
-            for target in ("dem", "s1grd"):
-                img = gen[target].samples[0][:1]
-                plain = seam_ratio(img, borders, borders)
-                fair = seam_ratio(img, borders, borders, control=edges)
-                print(f"| {method} | {target} | {plain:.3f} | {fair:.3f} | {secs:.1f} |")
+        rows = scene_seams(
+            pipe, inputs, ["dem", "s1grd"], seed=0, steps=args.steps,
+            scaling={"s2l2a": (1e-4, -0.1)},
+        )  # fmt: skip
+        s1 = make_mosaic(256 * -(-args.side // 256), Path(tmp) / "s1.tif")
+        rows += scene_seams(pipe, [("s1grd", str(s1))], ["s2l2a"], seed=0, steps=args.steps)
+        for r in rows:
+            print(
+                f"| {r['method']} | {r['target']} | {r['seam_ratio']:.3f} | "
+                f"{r['seam_ratio_vs_patch_edges']:.3f} | {r['seconds']:.1f} |"
+            )
 
 
 if __name__ == "__main__":

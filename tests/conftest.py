@@ -68,3 +68,41 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+SSL4EO_S1 = (
+    DATA
+    / "ssl4eo_s12/s1/0000200/S1A_IW_GRDH_1SDV_20200607T010800_20200607T010825_032904_03CFBA_D457"
+)
+
+
+def write_s1_utm(path: Path, width: int, height: int) -> Path:
+    """A real Sentinel-1 VV/VH (dB) scene of SSL4EO-S12 warped onto a 10 m UTM grid of
+    ``width`` x ``height`` px from its north-west corner (NaN beyond the data)."""
+    import numpy as np
+    import rasterio
+    from affine import Affine
+    from rasterio.warp import Resampling, reproject
+
+    transform = Affine(10.0, 0, 336030.0, 0, -10.0, 3372750.0)
+    dst = np.full((2, height, width), np.nan, np.float32)
+    for i, band in enumerate(("VV", "VH")):
+        with rasterio.open(SSL4EO_S1 / f"{band}.tif") as src:
+            reproject(
+                src.read(1), dst[i], src_transform=src.transform, src_crs=src.crs,
+                dst_transform=transform, dst_crs="EPSG:32643", dst_nodata=np.nan,
+                resampling=Resampling.bilinear,
+            )  # fmt: skip
+    profile = dict(driver="GTiff", width=width, height=height, count=2, dtype="float32")
+    with rasterio.open(
+        path, "w", crs="EPSG:32643", transform=transform, nodata=np.nan, **profile
+    ) as f:
+        f.write(dst)
+        f.descriptions = ("VV", "VH")
+    return path
+
+
+@pytest.fixture(scope="session")
+def s1_utm(tmp_path_factory) -> Path:
+    """96 x 80 px of real Sentinel-1 on a 10 m UTM grid (the working grid itself)."""
+    return write_s1_utm(tmp_path_factory.mktemp("s1utm") / "s1_utm.tif", 96, 80)

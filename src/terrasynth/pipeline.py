@@ -32,20 +32,21 @@ from rasterio.crs import CRS
 from rasterio.warp import Resampling, calculate_default_transform
 
 from terrasynth.atomic import atomic_folder
-from terrasynth.data.align import align_scene, reference_grid, warp_to_grid
+from terrasynth.data.align import AlignedGroup, align_scene, reference_grid, warp_to_grid
 from terrasynth.data.build import check_scene_values
 from terrasynth.data.scene import Grid, Scene
 from terrasynth.data.sources.generic import generic_scene
 from terrasynth.data.stats import denormalise, normalise
 from terrasynth.errors import InputError, TerrasynthError, UnknownModalityError
 from terrasynth.modalities import Modality
+from terrasynth.models.config import ModelConfig
 from terrasynth.models.scene_model import SceneModel
 from terrasynth.models.signals import batch_signals, location_from_vector, time_from_vector
 from terrasynth.sampling.flow import FlowSampler
 from terrasynth.sampling.windows import sample_independent_tiles, sample_scene
 
-# Scenes up to this many working pixels per side are generated in memory; larger ones
-# need the whole-scene engine (streaming windows), which is not part of this version.
+# Scenes up to this many working pixels per side are generated in memory; larger ones go
+# to the whole-scene engine (``terrasynth.scenes``: tiles, state on disk, resumable).
 MAX_SIDE = 1024
 VECTOR_NAMES = ("location", "time")
 
@@ -230,6 +231,8 @@ class Pipeline:
         scene is generated jointly: ``size`` px at ``gsd`` m, optionally at ``location``
         (lon, lat). ``time`` (ISO date) conditions any generation. ``windows="independent"``
         samples every window on its own (the usual tiling; for seam comparisons only).
+        With inputs, ``gsd`` sets the working resolution (outputs still land on the first
+        input's grid).
         """
         t_start = _now()
         cfg = self.model.config
@@ -258,7 +261,7 @@ class Pipeline:
             scene = generic_scene(items, registry=registry, scaling=scaling)
             warnings = check_scene_values(scene, registry, strict=strict)
             out_grid = scene.layers[0].grid
-            work = _working_grid(scene, registry)
+            work = _working_grid(scene, registry, gsd)
         else:
             size = size or 2 * cfg.image_size
             gsd = gsd or 10.0
@@ -273,12 +276,15 @@ class Pipeline:
             raise InputError(
                 f"the scene is {work.width} x {work.height} px at "
                 f"{work.ground_resolution_m():.1f} m; this version generates up to "
-                f"{MAX_SIDE} px per side (cut the input, or wait for whole-scene generation)"
+                f"{MAX_SIDE} px per side in memory (use the whole-scene engine: generate --stream)"
             )
         aligned = align_scene(
             Scene(scene.scene_id, "generic", "user", work, scene.layers), registry
         )
-        batch, order, given = self._scene_batch(aligned, work, targets, location, days, items)
+        input_names = {k.partition(":")[0] for k, _ in items}
+        batch, order, given = scene_batch(
+            cfg, aligned.groups, work, targets, location, days, input_names
+        )
         signals = batch_signals(batch, cfg, order)
         if (
             items
@@ -346,77 +352,6 @@ class Pipeline:
         }
         return Generation(out_grid, results, shown, info)
 
-    def _scene_batch(self, aligned, work: Grid, targets, location, days, items):
-        """A one-chip batch (the layout ``ChipDataset`` produces) of the working scene."""
-        cfg = self.model.config
-        reg = cfg.registry
-        order = [m for m in cfg.modalities]
-        batch: dict[str, torch.Tensor] = {}
-        available = []
-        given: dict[str, dict[str, torch.Tensor]] = {}
-        input_names = {k.partition(":")[0] for k, _ in items}
-        for m in order:
-            mod = reg[m]
-            if not mod.is_raster and mod.kind != "multilabel":
-                available.append(False)
-                continue
-            if mod.kind == "multilabel":
-                batch[f"{m}/labels"] = torch.zeros(1, mod.num_classes)
-                available.append(m in targets)
-                continue
-            have = any((m, g.name) in aligned.groups for g in mod.groups)
-            band_ok = np.zeros(len(mod.bands), bool)
-            offset = 0
-            for g in mod.groups:
-                h, w = work.scaled(g.factor).height, work.scaled(g.factor).width
-                ag = aligned.groups.get((m, g.name))
-                n = len(g.bands)
-                if ag is None:
-                    data = np.zeros((n, h, w), np.float32)
-                    valid = np.zeros((n, h, w), bool)
-                else:
-                    data, valid = ag.data, ag.valid
-                    band_ok[offset : offset + n] = valid.reshape(n, -1).any(1)
-                held = band_ok[offset : offset + n]
-                # a pixel is valid where every band the input holds is valid there
-                pixel_ok = valid[held].all(0) if held.any() else np.zeros((h, w), bool)
-                if mod.kind == "categorical":
-                    x = torch.from_numpy(np.where(pixel_ok, data[0], -1).astype(np.int64))
-                else:
-                    held_data = data * held[:, None, None]
-                    v = normalise(held_data, self._stats(mod), g.bands, mod.transform)
-                    x = torch.from_numpy(v)
-                batch[f"{m}/{g.name}"] = x[None]
-                batch[f"{m}/{g.name}/valid"] = torch.from_numpy(pixel_ok.copy())[None]
-                offset += n
-            batch[f"{m}/bands"] = torch.from_numpy(band_ok)[None]
-            if m in targets and m in input_names and mod.kind == "continuous":
-                # band infilling: the bands the input holds are shown, the rest generated
-                given[m] = {}
-                off = 0
-                for g in mod.groups:
-                    n = len(g.bands)
-                    mask = torch.from_numpy(band_ok[off : off + n].astype(np.float32))
-                    given[m][g.name] = mask[None, :, None, None]
-                    off += n
-                if not band_ok.any():
-                    raise InputError(f"{m}: the input holds no valid pixel to infill from")
-                if band_ok.all():
-                    raise InputError(f"{m}: every band is given; nothing to infill")
-            available.append(have or m in targets)
-        batch["available"] = torch.tensor([available])
-        if location is not None:
-            lon, lat = location
-        else:
-            lon, lat = work.center_lonlat()
-        use_location = bool(items) or location is not None
-        batch["location"] = torch.tensor([[lat, lon]], dtype=torch.float32)
-        if not use_location:
-            batch["location"] = torch.full((1, 2), float("nan"))
-        batch["time"] = torch.tensor([[np.nan if days is None else days]], dtype=torch.float32)
-        batch["gsd"] = torch.tensor([work.ground_resolution_m()], dtype=torch.float32)
-        return batch, order, given
-
     def _stats(self, mod: Modality) -> dict:
         return self.model.config.stats.get(mod.name, {})
 
@@ -473,6 +408,95 @@ class Pipeline:
         )
 
 
+def scene_batch(
+    config: ModelConfig,
+    groups: Mapping[tuple[str, str], AlignedGroup],
+    work: Grid,
+    targets: list[str],
+    location: tuple[float, float] | None,
+    days: float | None,
+    input_names: set[str],
+    held_bands: Mapping[str, np.ndarray] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[str], dict[str, dict[str, torch.Tensor]]]:
+    """A one-chip batch (the layout ``ChipDataset`` produces) of a working scene.
+
+    ``groups``: the inputs aligned onto ``work`` per (modality, band group). A band counts
+    as held where it has a valid pixel, or as ``held_bands`` says (whole-scene jobs decide
+    once for the scene, not per tile). Returns the batch, the modality order and the band
+    masks of band infilling (per target and group, which bands are shown)."""
+    reg = config.registry
+    order = [m for m in config.modalities]
+    batch: dict[str, torch.Tensor] = {}
+    available = []
+    given: dict[str, dict[str, torch.Tensor]] = {}
+    for m in order:
+        mod = reg[m]
+        if not mod.is_raster and mod.kind != "multilabel":
+            available.append(False)
+            continue
+        if mod.kind == "multilabel":
+            batch[f"{m}/labels"] = torch.zeros(1, mod.num_classes)
+            available.append(m in targets)
+            continue
+        have = any((m, g.name) in groups for g in mod.groups)
+        if not have and m not in targets:  # absent: no tokens, no arrays
+            available.append(False)
+            continue
+        band_ok = np.zeros(len(mod.bands), bool)
+        offset = 0
+        for g in mod.groups:
+            h, w = work.scaled(g.factor).height, work.scaled(g.factor).width
+            ag = groups.get((m, g.name))
+            n = len(g.bands)
+            if ag is None:
+                data = np.zeros((n, h, w), np.float32)
+                valid = np.zeros((n, h, w), bool)
+            else:
+                data, valid = ag.data, ag.valid
+                band_ok[offset : offset + n] = valid.reshape(n, -1).any(1)
+            if held_bands is not None and m in held_bands:
+                band_ok[offset : offset + n] = held_bands[m][offset : offset + n]
+            held = band_ok[offset : offset + n]
+            # a pixel is valid where every band the input holds is valid there
+            pixel_ok = valid[held].all(0) if held.any() else np.zeros((h, w), bool)
+            if mod.kind == "categorical":
+                x = torch.from_numpy(np.where(pixel_ok, data[0], -1).astype(np.int64))
+            else:
+                held_data = data * held[:, None, None]
+                stats = config.stats.get(mod.name, {})
+                x = torch.from_numpy(normalise(held_data, stats, g.bands, mod.transform))
+            batch[f"{m}/{g.name}"] = x[None]
+            batch[f"{m}/{g.name}/valid"] = torch.from_numpy(pixel_ok.copy())[None]
+            offset += n
+        batch[f"{m}/bands"] = torch.from_numpy(band_ok)[None]
+        if m in targets and m in input_names and mod.kind == "continuous":
+            # band infilling: the bands the input holds are shown, the rest generated
+            given[m] = {}
+            off = 0
+            for g in mod.groups:
+                n = len(g.bands)
+                mask = torch.from_numpy(band_ok[off : off + n].astype(np.float32))
+                given[m][g.name] = mask[None, :, None, None]
+                off += n
+            if not band_ok.any():
+                raise InputError(f"{m}: the input holds no valid pixel to infill from")
+            if band_ok.all():
+                raise InputError(f"{m}: every band is given; nothing to infill")
+        available.append(have or m in targets)
+    batch["available"] = torch.tensor([available])
+    if location is not None:
+        lon, lat = location
+    else:
+        lon, lat = work.center_lonlat()
+    use_location = bool(input_names) or location is not None
+    batch["location"] = torch.tensor([[lat, lon]], dtype=torch.float32)
+    if not use_location:
+        batch["location"] = torch.full((1, 2), float("nan"))
+    batch["time"] = torch.tensor([[np.nan if days is None else days]], dtype=torch.float32)
+    batch["gsd"] = torch.tensor([work.ground_resolution_m()], dtype=torch.float32)
+    return batch, order, given
+
+
 def _vector_result(name: str, gen, reg) -> TargetResult:
     v = gen.vector.float()
     if name == "location":
@@ -497,14 +521,19 @@ def _vector_result(name: str, gen, reg) -> TargetResult:
     return TargetResult(mod, (), values=values)
 
 
-def _working_grid(scene: Scene, registry) -> Grid:
+def _working_grid(scene: Scene, registry, gsd: float | None = None) -> Grid:
     """The grid generation runs on: metres, at the model's native resolution for the first
-    input (its own grid, refined where a band group needs it, when projected in metres)."""
+    input (its own grid, refined where a band group needs it, when projected in metres),
+    or at ``gsd`` metres over the same footprint."""
     first = scene.layers[0]
     ref = reference_grid([first], registry)
     if ref.crs.is_projected and (ref.crs.linear_units_factor or ("", 1.0))[1] == 1.0:
-        return ref
-    gsd = ref.ground_resolution_m()
+        if gsd is None:
+            return ref
+        k = gsd / ref.res[0]
+        width, height = -(-ref.width // k), -(-ref.height // k)
+        return Grid(ref.crs, ref.transform @ Affine.scale(k), int(width), int(height))
+    gsd = gsd or ref.ground_resolution_m()
     lon, lat = first.grid.center_lonlat()
     crs = utm_crs(lon, lat)
     transform, width, height = calculate_default_transform(

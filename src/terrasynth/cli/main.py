@@ -5,6 +5,7 @@ User errors (:class:`TerrasynthError`) end as one line on stderr and exit code 2
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -121,18 +122,48 @@ def generate(
     ] = None,
     offset: Annotated[list[str] | None, typer.Option(help="MOD=OFFSET (see --scale).")] = None,
     size: Annotated[int | None, typer.Option(help="Joint generation: pixels per side.")] = None,
-    gsd: Annotated[float | None, typer.Option(help="Joint generation: metres per pixel.")] = None,
+    gsd: Annotated[
+        float | None,
+        typer.Option(help="Metres per pixel to generate at (default: the inputs' own, or 10)."),
+    ] = None,
     lon: Annotated[float | None, typer.Option(help="Joint generation: longitude.")] = None,
     lat: Annotated[float | None, typer.Option(help="Joint generation: latitude.")] = None,
     date: Annotated[str | None, typer.Option(help="Acquisition date (YYYY-MM-DD).")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per model call.")] = 32,
     strict: Annotated[bool, typer.Option(help="Refuse inputs that only look suspicious.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            help="Whole-scene engine: tiles streamed from and to disk, resumable "
+            "(automatic above 1024 px per side)."
+        ),
+    ] = False,
+    engine: Annotated[
+        str, typer.Option(help="Whole scenes: 'local' (this process) or 'dask'.")
+    ] = "local",
+    workers: Annotated[int, typer.Option(help="Dask: local worker processes.")] = 2,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Dask: address of a running scheduler.")
+    ] = None,
+    tile: Annotated[int, typer.Option(help="Whole scenes: tile size in px.")] = 256,
+    cascade: Annotated[
+        float | None,
+        typer.Option(
+            help="Whole scenes: first generate at this coarser GSD (m), then refine at the "
+            "working GSD starting from the up-sampled result (implies --stream)."
+        ),
+    ] = None,
+    cascade_start: Annotated[
+        float, typer.Option(help="Noise level (0-1) the fine level of a cascade starts at.")
+    ] = 0.6,
 ) -> None:
     """Generate modalities from GeoTIFFs (any CRS) onto the first input's grid.
 
     Translation: -i s1grd=s1.tif -t s2l2a. Band infilling: -i s2l2a:B04,B03,B02=rgb.tif
     -t s2l2a. Joint generation: no -i, -t s2l2a -t dem [--size --gsd --lon --lat].
+    Scenes larger than 1024 px (or with --stream) run tile by tile with state on disk
+    (OUTPUT.work): rerun the same command after an interruption to resume.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -146,6 +177,25 @@ def generate(
     offsets = parse_numbers(offset or [], "--offset")
     scaling = {m: (scales.get(m, 1.0), offsets.get(m, 0.0)) for m in {*scales, *offsets}}
     pipe = Pipeline.from_pretrained(model)
+    from terrasynth.scenes.job import JobSpec
+
+    # the same settings drive in-memory generation and the whole-scene engine
+    settings = dict(
+        num_samples=num_samples, seed=seed, steps=steps, eta=eta, guidance=guidance,
+        scaling=scaling, size=size, gsd=gsd, time=date, batch_size=batch_size, strict=strict,
+        location=(lon, lat) if lon is not None else None,
+    )  # fmt: skip
+    spec = JobSpec(
+        inputs=[(k, str(v)) for k, v in parse_inputs(inputs or [])],
+        targets=list(target),
+        tile=tile,
+        cascade=cascade,
+        cascade_start=cascade_start,
+        **settings,
+    )
+    if stream or cascade or engine != "local" or scheduler is not None or _too_large(pipe, spec):
+        _generate_scene(pipe, spec, output, overwrite, engine, scheduler, workers)
+        return
     with Progress(
         TextColumn("generating"),
         BarColumn(),
@@ -157,18 +207,7 @@ def generate(
         result = pipe.generate(
             parse_inputs(inputs or []),
             target,
-            num_samples=num_samples,
-            seed=seed,
-            steps=steps,
-            eta=eta,
-            guidance=guidance,
-            scaling=scaling,
-            size=size,
-            gsd=gsd,
-            location=(lon, lat) if lon is not None else None,
-            time=date,
-            batch_size=batch_size,
-            strict=strict,
+            **settings,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     for w in result.info["warnings"]:
@@ -181,6 +220,67 @@ def generate(
     )
 
 
+def _too_large(pipe, spec) -> bool:
+    """Whether the working grid exceeds what in-memory generation takes."""
+    from terrasynth.pipeline import MAX_SIDE
+    from terrasynth.scenes.job import SceneJob
+
+    if not spec.inputs and (spec.size or 0) <= MAX_SIDE:
+        return False
+    job = SceneJob(pipe, spec, Path("unused"))
+    return max(job.work.width, job.work.height) > MAX_SIDE
+
+
+def _generate_scene(pipe, spec, output: Path, overwrite, engine, scheduler, workers) -> None:
+    """The whole-scene path of ``generate``: tiles, state on disk, resumable."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from terrasynth.scenes.engine import generate_scene
+
+    def started(job) -> None:
+        tasks = len(job.phases()) * len(job.tiles())
+        left = sum(len(job.pending(p)) for p in job.phases())
+        w = job.work
+        typer.echo(
+            f"whole scene: {job.grid.width} x {job.grid.height} px at {job.gsd:.1f} m "
+            f"({w.crs.to_string()}), {len(job.tiles())} tiles x {len(job.phases())} phases; "
+            f"state in {job.folder} (rerun the same command to resume)",
+            err=True,
+        )
+        if left < tasks:
+            typer.echo(f"resuming: {tasks - left} of {tasks} tile tasks already done", err=True)
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} tile tasks"),
+        TimeRemainingColumn(),
+        transient=True,
+    ) as progress:
+        bar = progress.add_task("whole scene", total=None)
+        files = generate_scene(
+            pipe,
+            spec,
+            output,
+            overwrite=overwrite,
+            engine="dask" if scheduler is not None else engine,
+            address=scheduler,
+            workers=workers,
+            progress=lambda phase, done, total: progress.update(
+                bar, description=phase, completed=done, total=total
+            ),
+            on_start=started,
+        )
+    info = json.loads((output / "generation.json").read_text())
+    for w in info["warnings"]:
+        typer.echo(f"warning: {w}", err=True)
+    typer.echo(
+        f"{len(files)} files in {output.resolve()} ({spec.num_samples} samples of "
+        f"{', '.join(spec.targets)}; {info['seconds']:.1f} s); quick look: "
+        f"{output / 'quicklook.png'}"
+    )
+
+
 @app.command()
 def evaluate(
     store: Annotated[Path, typer.Option("-d", "--data", help="Chip store to evaluate on.")],
@@ -190,7 +290,11 @@ def evaluate(
     ] = None,
     split: Annotated[str, typer.Option(help="Split: test, val or train.")] = "test",
     baseline: Annotated[
-        list[str] | None, typer.Option(help="Baselines to run beside the model: mean, knn.")
+        list[str] | None, typer.Option(help="Baselines to run beside the model: mean, knn, unet.")
+    ] = None,
+    unet: Annotated[
+        Path | None,
+        typer.Option(help="Trained U-Net folder for --baseline unet (baseline train-unet)."),
     ] = None,
     target: Annotated[
         list[str] | None, typer.Option("-t", "--target", help="Only these target modalities.")
@@ -207,6 +311,13 @@ def evaluate(
         Path | None,
         typer.Option(help="Frozen protocol JSON: settings and chip ids per direction."),
     ] = None,
+    seam_input: Annotated[
+        list[str] | None,
+        typer.Option(help="MOD=FILE: also measure seams of this scene (shared vs independent)."),
+    ] = None,
+    seam_target: Annotated[
+        list[str] | None, typer.Option(help="Targets of the seam scene (default s2l2a).")
+    ] = None,
 ) -> None:
     """Score generation on a store's split against baselines (JSON, CSV, report).
 
@@ -215,7 +326,7 @@ def evaluate(
     """
 
     from terrasynth.data.store import ChipStore
-    from terrasynth.evaluation.baselines import BASELINES
+    from terrasynth.evaluation.baselines import make_baseline
     from terrasynth.evaluation.benchmark import (
         ModelPredictor,
         default_directions,
@@ -227,6 +338,12 @@ def evaluate(
     from terrasynth.pipeline import Pipeline
 
     ChipStore.open(store)  # a clear error for a missing or broken store
+    if "unet" in (baseline or []) and unet is None:
+        raise TerrasynthError(
+            "--baseline unet needs --unet FOLDER (train one with `terrasynth baseline train-unet`)"
+        )
+    if unet is not None and "unet" not in (baseline or []):
+        raise TerrasynthError("--unet is only used with --baseline unet")
     frozen = None
     if protocol is not None:
         from terrasynth.data.raster_io import read_json
@@ -242,10 +359,9 @@ def evaluate(
     config = pipe.model.config
     predictors = [] if no_model else [ModelPredictor(pipe.model, steps=steps, eta=eta)]
     for name in baseline or []:
-        if name not in BASELINES:
-            raise TerrasynthError(f"unknown baseline '{name}' (baselines: {', '.join(BASELINES)})")
-        cls = BASELINES[name]
-        predictors.append(cls(config, str(store)) if name == "knn" else cls(config))
+        predictors.append(make_baseline(name, config, store, unet))
+        for w in getattr(predictors[-1], "warnings", []):
+            typer.echo(f"warning: {w}", err=True)
     if not predictors:
         raise TerrasynthError("nothing to evaluate: no model and no baseline")
     from terrasynth.data.dataset import ChipDataset
@@ -267,8 +383,76 @@ def evaluate(
         "model": pipe.source, "store": str(store), "split": split, "num_samples": num_samples,
         "steps": steps, "eta": eta, "seed": seed, "max_chips": max_chips,
     }  # fmt: skip
-    report = write_report(results, output, settings, protocol_of(results, settings))
+    if unet is not None:
+        settings["unet"] = str(unet)
+    seams = None
+    if seam_input:
+        from terrasynth.evaluation.seams import scene_seams
+
+        typer.echo("seams: generating the scene with shared noise and independent tiles", err=True)
+        seams = scene_seams(pipe, parse_inputs(seam_input), seam_target or ["s2l2a"], seed, steps)
+        settings["seam_input"] = list(seam_input)
+    report = write_report(results, output, settings, protocol_of(results, settings), seams)
     typer.echo(f"{len(results)} direction x predictor results; report {report.resolve()}")
+
+
+baseline_app = typer.Typer(help="Train the benchmark's learned baselines.", no_args_is_help=True)
+app.add_typer(baseline_app, name="baseline")
+
+
+@baseline_app.command("train-unet")
+def train_unet(
+    store: Annotated[Path, typer.Option("-d", "--data", help="Chip store to train on.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="U-Net folder (new or empty).")],
+    minutes: Annotated[
+        float, typer.Option(help="Wall-clock budget: the model's training time on this machine.")
+    ],
+    batch_size: Annotated[int, typer.Option(help="Chips per step.")] = 24,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "-m", "--model", help="Model or run folder giving modalities, statistics, window."
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+) -> None:
+    """Train the deterministic U-Net baseline of `evaluate --baseline unet --unet OUTPUT`."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from terrasynth.data.store import ChipStore
+    from terrasynth.evaluation.unet import train_unet as fit
+
+    ChipStore.open(store)  # a clear error for a missing or broken store
+    with Progress(
+        TextColumn("training U-Net"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("unet", total=60.0 * minutes, info="")
+
+        def on_log(rec: dict) -> None:
+            progress.update(
+                task,
+                completed=rec["elapsed_s"],
+                info=f"step {rec['step']} · loss {rec['loss']:.3f} · "
+                f"{rec['chips_per_s']:.0f} chips/s",
+            )
+
+        run = fit(
+            store, output, minutes=minutes, batch_size=batch_size, seed=seed,
+            model_config=model, num_workers=workers, on_log=on_log,
+        )  # fmt: skip
+    for w in run.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    typer.echo(
+        f"{run.reason} after {run.steps} steps ({run.chips} chips, {run.seconds / 60:.1f} min); "
+        f"U-Net in {output}"
+    )
+    if run.reason == "interrupted":
+        raise typer.Exit(130)
 
 
 @app.command()

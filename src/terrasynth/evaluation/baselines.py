@@ -6,14 +6,20 @@
   described by the per-band mean and standard deviation of their conditioning modalities
   (centre tile, normalised units); the N nearest (Euclidean) give their target as the N
   samples. A real image, so sharp, but from elsewhere.
+* ``unet``: a deterministic any-to-any U-Net (``terrasynth.evaluation.unet``) trained on the
+  model's training data with the model's wall-clock budget; every sample is its one
+  prediction (continuous: normalised values; categorical: softmax probabilities).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from terrasynth.data.dataset import ChipDataset
+from terrasynth.errors import TerrasynthError
 from terrasynth.models.config import ModelConfig
 from terrasynth.models.signals import Signal
 
@@ -110,4 +116,59 @@ class KNNBaseline:
         return out
 
 
-BASELINES = {"mean": MeanBaseline, "knn": KNNBaseline}
+class UNetBaseline:
+    name = "unet"
+
+    def __init__(self, config: ModelConfig, path: str | Path) -> None:
+        from terrasynth.evaluation.unet import UNet, stats_mismatch
+
+        self.config = config
+        self.net = UNet.from_pretrained(path)
+        differ = stats_mismatch(self.net.config, config.stats)
+        self.warnings = (
+            [
+                f"the U-Net in {path} was trained with other normalisation statistics than "
+                f"the evaluated model's for {', '.join(differ)}"
+            ]
+            if differ
+            else []
+        )
+
+    @torch.inference_mode()
+    def sample(self, signals, tile, target, conditions, num_samples, generator):
+        if target not in self.net.modality_names:
+            raise TerrasynthError(f"the U-Net was not trained to predict '{target}'")
+        given = {
+            m: signals[m].present.bool()
+            for m in conditions
+            if m != target and m in signals and m in self.net.modality_names
+        }
+        pred = self.net.predict(signals, given)[target]
+        categorical = signals[target].target is not None
+        out = {}
+        for g, v in pred.items():
+            v = v.softmax(1) if categorical else v
+            out[g] = np.repeat(v.float().numpy()[None], num_samples, 0)
+        return out
+
+
+BASELINES = {"mean": MeanBaseline, "knn": KNNBaseline, "unet": UNetBaseline}
+
+
+def make_baseline(
+    name: str, config: ModelConfig, store: str | Path, unet: str | Path | None = None
+) -> MeanBaseline | KNNBaseline | UNetBaseline:
+    """A baseline by name with what it needs: ``knn`` the store's training split, ``unet``
+    the folder of a trained U-Net."""
+    if name not in BASELINES:
+        raise TerrasynthError(f"unknown baseline '{name}' (baselines: {', '.join(BASELINES)})")
+    if name == "knn":
+        return KNNBaseline(config, str(store))
+    if name == "unet":
+        if unet is None:
+            raise TerrasynthError(
+                "--baseline unet needs --unet FOLDER (train one with "
+                "`terrasynth baseline train-unet`)"
+            )
+        return UNetBaseline(config, unet)
+    return BASELINES[name](config)

@@ -38,12 +38,17 @@ def _slug(text: str) -> str:
 
 
 def write_report(
-    results: list[DirectionScores], folder: Path, settings: dict, protocol: dict | None = None
+    results: list[DirectionScores],
+    folder: Path,
+    settings: dict,
+    protocol: dict | None = None,
+    seams: list[dict] | None = None,
 ) -> Path:
     """Write everything into ``folder`` (atomically: a temporary sibling, then renamed).
 
     ``protocol`` (settings and chip ids per direction) is saved as ``protocol.json``: pass
-    it back with ``terrasynth evaluate --protocol`` to score exactly the same chips."""
+    it back with ``terrasynth evaluate --protocol`` to score exactly the same chips.
+    ``seams``: rows of :func:`terrasynth.evaluation.seams.scene_seams` (``seams.json``)."""
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
         (tmp / "figures").mkdir()
@@ -70,6 +75,9 @@ def write_report(
             (tmp / "protocol.json").write_text(json.dumps(protocol, indent=2))
         figures = _figures(results, tmp / "figures")
         md = _markdown(results, settings)
+        if seams:
+            (tmp / "seams.json").write_text(json.dumps(seams, indent=2))
+            md += _seams_markdown(seams)
         (tmp / "report.md").write_text(md)
         (tmp / "report.html").write_text(_html(md, figures))
     return folder / "report.html"
@@ -108,6 +116,27 @@ def _markdown(results: list[DirectionScores], settings: dict) -> str:
         if t:
             text += ["", f"## {title}", "", t]
     return "\n".join(text) + "\n"
+
+
+def _seams_markdown(seams: list[dict]) -> str:
+    lines = [
+        "",
+        "## Seams of whole scenes",
+        "",
+        "Gradient energy across window borders over the energy across all other pixel pairs "
+        "(about 1: no seam), and over the energy across the model's own patch edges. "
+        "`shared`: overlapping windows on one noise field, blended at every step; "
+        "`independent`: each window sampled alone, blended by the same cosine window.",
+        "",
+        "| method | target | seam ratio | vs patch edges | seconds |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in seams:
+        lines.append(
+            f"| {r['method']} | {r['target']} | {r['seam_ratio']:.3f} | "
+            f"{r['seam_ratio_vs_patch_edges']:.3f} | {r['seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _html(md: str, figures: list[tuple[str, str]]) -> str:

@@ -22,11 +22,12 @@ class FlowSampler:
     steps: int = 8
     eta: float = 0.0  # 0: deterministic; 1: fresh noise every step
     shift: float = 1.0  # >1 spends more steps at high noise
+    start: float = 1.0  # < 1: start from a partly noised guess (a cascade's parent level)
 
     def timesteps(self) -> torch.Tensor:
-        """Noise levels t_0 = 1 > t_1 > ... > t_steps = 0."""
+        """Noise levels t_0 = start > t_1 > ... > t_steps = 0."""
         t = torch.linspace(1.0, 0.0, self.steps + 1)
-        return self.shift * t / (1 + (self.shift - 1) * t)
+        return self.start * self.shift * t / (1 + (self.shift - 1) * t)
 
     def step(
         self,

@@ -67,10 +67,10 @@ class NoiseField:
         return out
 
 
-def _field(seed: int, stream: str, like: torch.Tensor, n: int) -> torch.Tensor:
-    """(n, C, h, w) noise for n samples of a (1, C, h, w) group, from lazy fields."""
+def _field(seed: int, target: str, group: str, like: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, C, h, w) start noise for n samples of a (1, C, h, w) group, from lazy fields."""
     c, h, w = like.shape[1:]
-    return torch.stack([NoiseField(seed, f"{stream}/{s}", c).crop(0, 0, h, w) for s in range(n)])
+    return torch.stack([start_noise(seed, target, group, s, c).crop(0, 0, h, w) for s in range(n)])
 
 
 def window_offsets(size: int, window: int, stride: int) -> list[int]:
@@ -139,6 +139,83 @@ def _layout(model: SceneModel, scene: dict[str, Signal]) -> tuple[dict, list[tup
 
 
 @torch.no_grad()
+def blend_x0(
+    model: SceneModel,
+    scene: dict[str, Signal],
+    targets: list[str],
+    x: dict,
+    items: list[tuple[int, tuple[int, int]]],
+    t: float,
+    gsd: float,
+    factors: dict,
+    guidance: float = 1.0,
+    given_bands: dict | None = None,
+    batch_size: int = 32,
+    with_probs: bool = False,
+    on_call: Callable[[], None] | None = None,
+) -> tuple[dict, dict, dict]:
+    """One sampling step's blended x0 over the grid of ``scene``.
+
+    ``x``: the targets' noisy state on that grid, one row per sample; ``items``: the
+    (sample, (row, col)) windows to run, batched ``batch_size`` at a time. Returns the
+    weighted sums of the windows' x0 predictions, their weights, and (``with_probs``) the
+    weighted class probabilities of categorical targets; sum / weight is the blend.
+    """
+    size = model.config.image_size
+    weight = blend_weight(size)
+    acc, norm = _zeros_like_state(x), _zeros_like_state(x, weights_only=True)
+    probs_acc: dict[str, dict[str, torch.Tensor]] = {}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        wins = [w for _, w in chunk]
+        sigs = _window_signals(scene, wins, size, factors)
+        xs = _window_state(x, chunk, size, factors)
+        gsd_b = torch.full((len(chunk),), float(gsd))
+        given = _expand_given(given_bands, len(chunk))
+        pred = predict(model, sigs, targets, xs, t, gsd_b, given, True)
+        if on_call is not None:
+            on_call()
+        if guidance != 1.0:
+            unc = predict(model, sigs, targets, xs, t, gsd_b, given, False)
+            pred = {n: guide(pred[n], unc[n], guidance) for n in targets}
+            if on_call is not None:
+                on_call()
+        for n in targets:
+            x0, payload = x0_from_prediction(sigs[n], pred[n])
+            x0 = keep_given(x0, sigs[n], (given or {}).get(n))
+            if not isinstance(x0, dict):
+                for k, (s, _) in enumerate(chunk):
+                    acc[n][s] += x0[k]
+                    norm[n][s] += 1.0
+                continue
+            for g, v in x0.items():
+                f = factors[n][g]
+                wgt = _crop_weight(weight, f)
+                for k, (s, (r, c)) in enumerate(chunk):
+                    _crop(acc[n][g][s], r, c, size, f).add_(v[k] * wgt)
+                    _crop(norm[n][g][s], r, c, size, f).add_(wgt)
+                    if payload is not None and with_probs:
+                        pa = probs_acc.setdefault(n, {}).setdefault(g, torch.zeros_like(acc[n][g]))
+                        _crop(pa[s], r, c, size, f).add_(payload[g][k] * wgt)
+    return acc, norm, probs_acc
+
+
+def start_noise(seed: int, target: str, group: str, sample: int, channels: int) -> NoiseField:
+    """The noise field a sample of a target's band group starts from."""
+    return NoiseField(seed, f"{target}/{group}/start/{sample}", channels)
+
+
+def step_noise(seed: int, target: str, group: str, step: int, sample: int, channels: int):
+    """The fresh noise field of a stochastic sampling step."""
+    return NoiseField(seed, f"{target}/{group}/step{step}/{sample}", channels)
+
+
+def scene_seed(generator: torch.Generator | None) -> int:
+    """The seed of a scene's noise fields, drawn from the caller's generator."""
+    return int(torch.randint(2**62, (1,), generator=generator))
+
+
+@torch.no_grad()
 def sample_scene(
     model: SceneModel,
     scene: dict[str, Signal],
@@ -161,82 +238,49 @@ def sample_scene(
     clean. ``on_step(done, total)`` reports progress in model calls.
     """
     sampler = sampler or FlowSampler()
-    size = model.config.image_size
     factors, windows = _layout(model, scene)
     # conditions no sample holds would only add masked tokens: leave them out
     scene = {n: s for n, s in scene.items() if n in targets or bool(s.present.any())}
     items = [(s, w) for s in range(num_samples) for w in windows]
-    weight = blend_weight(size)
-    weights = {
-        n: {g: _crop_weight(weight, f) for g, f in factors[n].items()}
-        for n in targets
-        if scene[n].groups is not None
-    }
-
-    def randn(shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.randn(shape, generator=generator)
-
-    seed = int(torch.randint(2**62, (1,), generator=generator))
+    seed = scene_seed(generator)
     # the state of every target: one noise field per sample over the whole scene
     x: dict[str, object] = {}
     for n in targets:
         sig = scene[n]
         if sig.groups is not None:
-            x[n] = {
-                g: _field(seed, f"{n}/{g}/start", v, num_samples) for g, v in sig.groups.items()
-            }
+            x[n] = {g: _field(seed, n, g, v, num_samples) for g, v in sig.groups.items()}
         else:
-            x[n] = randn((num_samples, sig.vector.shape[1]))
+            x[n] = torch.randn((num_samples, sig.vector.shape[1]), generator=generator)
     ts = sampler.timesteps()
     calls_per_step = -(-len(items) // batch_size) * (2 if guidance != 1.0 else 1)
-    total_calls, done = sampler.steps * calls_per_step, 0
+    total_calls = sampler.steps * calls_per_step
+    done = [0]
+
+    def on_call() -> None:
+        done[0] += 1
+        if on_step is not None:
+            on_step(done[0], total_calls)
+
     result: dict[str, Generated] = {}
     for i in range(sampler.steps):
         t, t_next = float(ts[i]), float(ts[i + 1])
-        acc, norm = _zeros_like_state(x), _zeros_like_state(x, weights_only=True)
-        probs_acc: dict[str, dict[str, torch.Tensor]] = {}
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            wins = [w for _, w in chunk]
-            sigs = _window_signals(scene, wins, size, factors)
-            xs = _window_state(x, chunk, size, factors)
-            gsd_b = torch.full((len(chunk),), float(gsd))
-            given = _expand_given(given_bands, len(chunk))
-            pred = predict(model, sigs, targets, xs, t, gsd_b, given, True)
-            done += 1
-            if guidance != 1.0:
-                unc = predict(model, sigs, targets, xs, t, gsd_b, given, False)
-                pred = {n: guide(pred[n], unc[n], guidance) for n in targets}
-                done += 1
-            for n in targets:
-                x0, payload = x0_from_prediction(sigs[n], pred[n])
-                x0 = keep_given(x0, sigs[n], (given or {}).get(n))
-                if not isinstance(x0, dict):
-                    for k, (s, _) in enumerate(chunk):
-                        acc[n][s] += x0[k]
-                        norm[n][s] += 1.0
-                    continue
-                for g, v in x0.items():
-                    f = factors[n][g]
-                    wgt = weights[n][g]
-                    for k, (s, (r, c)) in enumerate(chunk):
-                        _crop(acc[n][g][s], r, c, size, f).add_(v[k] * wgt)
-                        _crop(norm[n][g][s], r, c, size, f).add_(wgt)
-                        if payload is not None and t_next <= 0:
-                            pa = probs_acc.setdefault(n, {}).setdefault(
-                                g, torch.zeros_like(acc[n][g])
-                            )
-                            _crop(pa[s], r, c, size, f).add_(payload[g][k] * wgt)
-            if on_step is not None:
-                on_step(done, total_calls)
+        acc, norm, probs_acc = blend_x0(
+            model, scene, targets, x, items, t, gsd, factors, guidance, given_bands,
+            batch_size, with_probs=t_next <= 0, on_call=on_call,
+        )  # fmt: skip
         for n in targets:
             if isinstance(x[n], dict):
                 x0 = {g: acc[n][g] / norm[n][g] for g in x[n]}
                 fresh = {
-                    g: _field(seed, f"{n}/{g}/step{i}", x0[g][:1], num_samples)
+                    g: torch.stack(
+                        [
+                            step_noise(seed, n, g, i, s, v.shape[1]).crop(0, 0, *v.shape[-2:])
+                            for s in range(num_samples)
+                        ]
+                    )
                     if sampler.eta > 0 and t_next > 0
                     else None
-                    for g in x0
+                    for g, v in x0.items()
                 }
                 x[n] = {g: sampler.step(x0[g], x[n][g], t, t_next, generator, fresh[g]) for g in x0}
             else:

@@ -32,7 +32,7 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _band_layout(
+def band_layout(
     path: Path, modality: Modality, given: tuple[str, ...] = ()
 ) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """Band names and 1-based file indexes: as given, by band descriptions, else registry
@@ -64,7 +64,7 @@ def _band_layout(
     )
 
 
-def _overlaps(grid: Grid, ref: Grid, path: Path) -> bool:
+def overlaps(grid: Grid, ref: Grid, path: Path) -> bool:
     """True if ``grid``'s footprint, in ``ref``'s CRS, intersects ``ref``'s footprint."""
     local = any(not (g.crs.is_projected or g.crs.is_geographic) for g in (grid, ref))
     if local and grid.crs != ref.crs:
@@ -110,7 +110,7 @@ def generic_scene(
         given = tuple(b.strip() for b in band_spec.split(",") if b.strip())
         for band in given:
             modality.group_of(band)  # a clear error for a band the modality lacks
-        bands, indexes = _band_layout(path, modality, given)
+        bands, indexes = band_layout(path, modality, given)
         scale, offset = (scaling or {}).get(name, (1.0, 0.0))
         layer = read_layer(
             path,
@@ -121,7 +121,7 @@ def generic_scene(
             offset=offset,
             categorical=modality.kind == "categorical",
         )
-        if layers and not _overlaps(layer.grid, layers[0].grid, path):
+        if layers and not overlaps(layer.grid, layers[0].grid, path):
             raise InputError(f"{path} does not overlap {first}")
         layers.append(layer)
     return Scene(

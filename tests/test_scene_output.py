@@ -1,0 +1,52 @@
+"""Whole-scene outputs: tiled GeoTIFFs with overviews, band names, tags, quick-look."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+
+from terrasynth.pipeline import Pipeline
+from terrasynth.scenes.engine import generate_scene
+from terrasynth.scenes.job import JobSpec
+from terrasynth.scenes.output import _on_base_grid
+from tests.conftest import write_s1_utm
+
+pytestmark = pytest.mark.needs_data
+
+
+def test_coarse_bands_keep_their_own_pixels():
+    coarse = np.arange(4, dtype=np.float32).reshape(1, 2, 2)
+    fine = _on_base_grid(coarse, 2, 3, 4)
+    assert fine.shape == (1, 3, 4)
+    assert (fine[0, :2, :2] == 0).all() and (fine[0, 2, 2:] == 3).all()
+
+
+def test_outputs_are_tiled_with_overviews_and_described(tmp_path):
+    s1 = write_s1_utm(tmp_path / "s1.tif", 520, 512)
+    pipe = Pipeline.from_pretrained()
+    spec = JobSpec(inputs=[("s1grd", str(s1))], targets=["s2l2a", "landcover_lulc"],
+                   num_samples=2, steps=2, seed=1)  # fmt: skip
+    files = {p.name for p in generate_scene(pipe, spec, tmp_path / "out")}
+    assert {"s2l2a_std.tif", "landcover_lulc_probs.tif", "landcover_lulc_entropy.tif",
+            "quicklook.png", "generation.json"} <= files  # fmt: skip
+    out = tmp_path / "out"
+    with rasterio.open(out / "s2l2a_sample1.tif") as f, rasterio.open(s1) as src:
+        assert (f.crs, f.transform, f.width, f.height) == (
+            src.crs, src.transform, src.width, src.height
+        )  # fmt: skip
+        assert f.profile["tiled"] and f.block_shapes[0] == (256, 256)
+        assert f.overviews(1) == [2]
+        assert f.descriptions[:4] == ("B02", "B03", "B04", "B08")
+        assert f.tags()["sample"] == "1" and f.tags()["units"] == "reflectance"
+        assert np.isfinite(f.read()).all()
+    with rasterio.open(out / "landcover_lulc_sample0.tif") as f:
+        codes = np.unique(f.read())
+        legend = json.loads(f.tags()["legend"])
+        assert set(codes.tolist()) <= {int(c) for c in legend}
+    with rasterio.open(out / "landcover_lulc_probs.tif") as f:
+        np.testing.assert_allclose(f.read().sum(0), 1.0, atol=1e-4)
+    info = json.loads((out / "generation.json").read_text())
+    assert info["tiles"] == 6 and info["spec"]["seed"] == 1
