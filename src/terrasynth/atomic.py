@@ -1,4 +1,5 @@
-"""Write a whole output folder or nothing: build it under a temporary name, then rename."""
+"""Write a whole output folder or file, or nothing: build it under a temporary name, then
+rename."""
 
 from __future__ import annotations
 
@@ -24,3 +25,12 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling, so readers never see half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path

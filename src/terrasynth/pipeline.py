@@ -261,17 +261,17 @@ class Pipeline:
             scene = generic_scene(items, registry=registry, scaling=scaling)
             warnings = check_scene_values(scene, registry, strict=strict)
             out_grid = scene.layers[0].grid
-            work = _working_grid(scene, registry, gsd)
+            work = working_grid(scene, registry, gsd)
         else:
             size = size or 2 * cfg.image_size
             gsd = gsd or 10.0
             lon, lat = location if location is not None else (0.0, 0.0)
-            work = _utm_grid(lon, lat, size, gsd)
+            work = utm_grid(lon, lat, size, gsd)
             out_grid = work
             scene = Scene("joint", "joint", "generated", work, [], None)
             if location is None and "location" not in targets and cfg.use_location:
                 targets.append("location")  # the place is generated too, then georeferenced
-        work = _padded(work, cfg.image_size)
+        work = padded_grid(work, cfg.image_size)
         if max(work.width, work.height) > MAX_SIDE:
             raise InputError(
                 f"the scene is {work.width} x {work.height} px at "
@@ -317,7 +317,7 @@ class Pipeline:
             raise TerrasynthError(f"windows must be 'shared' or 'independent', not '{windows}'")
         if not items and "location" in out and location is None:
             lat_g, lon_g = location_from_vector(out["location"].vector.mean(0))
-            work = _utm_grid(float(lon_g), float(lat_g), work.width, gsd_m, work.width)
+            work = utm_grid(float(lon_g), float(lat_g), work.width, gsd_m, work.width)
             out_grid = work
         results = {
             n: self._to_output(n, out[n], signals, given, work, out_grid, aligned) for n in targets
@@ -521,7 +521,7 @@ def _vector_result(name: str, gen, reg) -> TargetResult:
     return TargetResult(mod, (), values=values)
 
 
-def _working_grid(scene: Scene, registry, gsd: float | None = None) -> Grid:
+def working_grid(scene: Scene, registry, gsd: float | None = None) -> Grid:
     """The grid generation runs on: metres, at the model's native resolution for the first
     input (its own grid, refined where a band group needs it, when projected in metres),
     or at ``gsd`` metres over the same footprint."""
@@ -547,7 +547,7 @@ def _working_grid(scene: Scene, registry, gsd: float | None = None) -> Grid:
     return Grid(crs, transform, int(width), int(height))
 
 
-def _utm_grid(lon: float, lat: float, size: int, gsd: float, width: int | None = None) -> Grid:
+def utm_grid(lon: float, lat: float, size: int, gsd: float, width: int | None = None) -> Grid:
     crs = utm_crs(lon, lat)
     from rasterio.warp import transform as warp_transform
 
@@ -557,7 +557,7 @@ def _utm_grid(lon: float, lat: float, size: int, gsd: float, width: int | None =
     return Grid(crs, transform, width or size, width or size)
 
 
-def _padded(grid: Grid, window: int) -> Grid:
+def padded_grid(grid: Grid, window: int) -> Grid:
     """``grid`` grown right and down to at least one window and a multiple of 4 px."""
     w = max(window, -(-grid.width // 4) * 4)
     h = max(window, -(-grid.height // 4) * 4)

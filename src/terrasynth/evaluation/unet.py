@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from terrasynth.atomic import write_text
 from terrasynth.data.dataset import ChipDataset, RandomCropFlip, collate_chips
 from terrasynth.data.stats import band_moments
 from terrasynth.errors import TerrasynthError
@@ -86,19 +87,13 @@ class UNetConfig:
         )
 
     def save(self, path: Path) -> None:
-        _write_text(path, json.dumps(asdict(self), indent=2))
+        write_text(path, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> UNetConfig:
         d = json.loads(Path(path).read_text())
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _channels(mod: Modality, group: BandGroup) -> int:
@@ -433,7 +428,7 @@ def train_unet(
         "source_balance": source_balance, "max_steps": max_steps, "model_config": source,
         "parameters": net.num_parameters(),
     }  # fmt: skip
-    _write_text(out / "train_config.json", json.dumps(settings, indent=2))
+    write_text(out / "train_config.json", json.dumps(settings, indent=2))
     net.train()
     step = chips = n_log = 0
     window: list[float] = []

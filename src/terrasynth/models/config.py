@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from terrasynth.atomic import write_text
 from terrasynth.errors import TerrasynthError
 from terrasynth.modalities import Modality, Registry
 
@@ -78,9 +79,7 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
+        write_text(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> ModelConfig:

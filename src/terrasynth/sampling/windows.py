@@ -163,6 +163,7 @@ def blend_x0(
     """
     size = model.config.image_size
     weight = blend_weight(size)
+    weights = {f: _crop_weight(weight, f) for d in factors.values() for f in d.values()}
     acc, norm = _zeros_like_state(x), _zeros_like_state(x, weights_only=True)
     probs_acc: dict[str, dict[str, torch.Tensor]] = {}
     for start in range(0, len(items), batch_size):
@@ -190,7 +191,7 @@ def blend_x0(
                 continue
             for g, v in x0.items():
                 f = factors[n][g]
-                wgt = _crop_weight(weight, f)
+                wgt = weights[f]
                 for k, (s, (r, c)) in enumerate(chunk):
                     _crop(acc[n][g][s], r, c, size, f).add_(v[k] * wgt)
                     _crop(norm[n][g][s], r, c, size, f).add_(wgt)

@@ -57,10 +57,6 @@ def _worker_job(folder: str) -> SceneJob:
     """The job as a Dask worker process sees it, rebuilt from its ``job.json`` once per
     process (with its cascade parent, if any)."""
     sig = json.loads((Path(folder) / "job.json").read_text())
-    spec_d = dict(sig["spec"])
-    spec_d["inputs"] = [tuple(x) for x in spec_d["inputs"]]
-    spec_d["scaling"] = {k: tuple(v) for k, v in spec_d["scaling"].items()}
-    spec_d["location"] = tuple(spec_d["location"]) if spec_d["location"] else None
     torch.set_num_threads(1)
     pipe = _worker_pipeline(sig["model"])
     grid = None
@@ -68,7 +64,7 @@ def _worker_job(folder: str) -> SceneJob:
         g = sig["grid_override"]
         grid = Grid(CRS.from_string(g["crs"]), Affine(*g["transform"]), g["width"], g["height"])
     parent = _worker_job(sig["parent"]) if sig.get("parent") else None
-    return SceneJob(pipe, JobSpec(**spec_d), folder, grid=grid, parent=parent).open()
+    return SceneJob(pipe, JobSpec.from_json(sig["spec"]), folder, grid=grid, parent=parent).open()
 
 
 @lru_cache(maxsize=2)
@@ -142,17 +138,18 @@ def generate_scene(
         else:
             run_dask(job, address, workers, progress)
 
+    job = SceneJob(pipe, spec, work_folder(output))
     parent = None
     if spec.cascade:
         # the coarse level: the same footprint, k times coarser pixels, sampled in full
-        fine = SceneJob(pipe, spec, work_folder(output))
-        k = round(spec.cascade / fine.gsd)
+        k = round(spec.cascade / job.gsd)
         coarse_spec = replace(spec, cascade=None, gsd=None)
         parent = SceneJob(
-            pipe, coarse_spec, work_folder(output, "coarse"), grid=fine.work.scaled(max(k, 1))
+            pipe, coarse_spec, work_folder(output, "coarse"), grid=job.work.scaled(max(k, 1))
         ).open(overwrite=overwrite)
         run(parent)
-    job = SceneJob(pipe, spec, work_folder(output), parent=parent).open(overwrite=overwrite)
+        job.refine(parent)
+    job.open(overwrite=overwrite)
     run(job)
     seconds = time.perf_counter() - t0
     info = {

@@ -22,7 +22,7 @@ from rasterio.windows import Window, from_bounds
 from terrasynth.data.align import AlignedGroup, align_scene
 from terrasynth.data.raster_io import Raster, layer_from_raster
 from terrasynth.data.scene import Grid, Layer, Scene
-from terrasynth.data.sources.generic import band_layout, overlaps
+from terrasynth.data.sources.generic import input_layout, overlaps
 from terrasynth.data.validate import check_values
 from terrasynth.errors import InputError
 from terrasynth.modalities import Registry
@@ -58,14 +58,8 @@ def open_inputs(
     warnings: list[str] = []
     for key, file in items:
         path = Path(file)
-        name, _, band_spec = key.partition(":")
-        mod = registry[name]
-        if not mod.is_raster:
-            raise InputError(f"{path}: {name} is a {mod.kind} modality, not a raster")
-        given = tuple(b.strip() for b in band_spec.split(",") if b.strip())
-        for band in given:
-            mod.group_of(band)
-        bands, indexes = band_layout(path, mod, given)
+        mod, bands, indexes = input_layout(key, path, registry)
+        name = mod.name
         scale, offset = (scaling or {}).get(name, (1.0, 0.0))
         with _open(path) as src:
             if src.crs is None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import zarr
 
+from terrasynth.atomic import write_text
 from terrasynth.data.align import AlignedGroup
 from terrasynth.data.scene import Grid, Layer, Scene
 from terrasynth.errors import InputError, TerrasynthError, UnknownModalityError
@@ -38,11 +39,11 @@ from terrasynth.models.signals import batch_signals
 from terrasynth.pipeline import (
     VECTOR_NAMES,
     Pipeline,
-    _padded,
-    _utm_grid,
-    _working_grid,
     days_since_epoch,
+    padded_grid,
     scene_batch,
+    utm_grid,
+    working_grid,
 )
 from terrasynth.sampling.flow import FlowSampler
 from terrasynth.sampling.windows import blend_x0, scene_seed, start_noise, step_noise
@@ -72,6 +73,15 @@ class JobSpec:
     cascade: float | None = None  # coarse GSD (m) generated first, then refined
     cascade_start: float = 0.6  # noise level the fine level starts at from its parent
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> JobSpec:
+        """The inverse of :meth:`to_json`."""
+        d = dict(d)
+        d["inputs"] = [tuple(x) for x in d["inputs"]]
+        d["scaling"] = {k: tuple(v) for k, v in d["scaling"].items()}
+        d["location"] = tuple(d["location"]) if d["location"] else None
+        return cls(**d)
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["inputs"] = [[k, str(Path(p).resolve())] for k, p in self.inputs]
@@ -94,7 +104,6 @@ class SceneJob:
         """``grid``: the working grid, when not the inputs' (a cascade's coarse level);
         ``parent``: the finished coarse level this job refines."""
         self.pipe = pipeline
-        self.parent = parent
         self.grid_override = grid
         self.model = pipeline.model
         self.cfg = self.model.config
@@ -113,15 +122,15 @@ class SceneJob:
             stub = np.broadcast_to(np.float32(0), shape)
             layer = Layer(first.modality, first.bands, stub, first.grid.crs, first.grid.transform)
             scene = Scene("job", "generic", "user", first.grid, [layer])
-            self.grid = _working_grid(scene, reg, spec.gsd)
+            self.grid = working_grid(scene, reg, spec.gsd)
         else:
             if spec.location is None:
                 raise InputError("whole-scene joint generation needs a place (--lon/--lat)")
             lon, lat = spec.location
-            self.grid = _utm_grid(lon, lat, spec.size or 2 * self.cfg.image_size, spec.gsd or 10.0)
+            self.grid = utm_grid(lon, lat, spec.size or 2 * self.cfg.image_size, spec.gsd or 10.0)
         if grid is not None:
             self.grid = grid
-        self.work = _padded(self.grid, self.cfg.image_size)
+        self.work = padded_grid(self.grid, self.cfg.image_size)
         size = self.cfg.image_size
         factors = [g.factor for n in self.raster_names for g in reg[n].groups]
         stride = max(size // 2, max(factors))
@@ -132,17 +141,25 @@ class SceneJob:
         self.location = spec.location if spec.location is not None else self.work.center_lonlat()
         self.gsd = self.work.ground_resolution_m()
         self.seed = scene_seed(torch.Generator().manual_seed(spec.seed))
-        start = spec.cascade_start if parent is not None else 1.0
-        self.sampler = FlowSampler(steps=spec.steps, eta=spec.eta, start=start)
+        self.sampler = FlowSampler(steps=spec.steps, eta=spec.eta)
+        self.parent = None
         if parent is not None:
-            k = parent.gsd / self.gsd
-            if abs(k - round(k)) > 1e-6 or round(k) < 2:
-                raise InputError(
-                    f"a cascade's coarse GSD must be 2, 3, 4... times the working GSD "
-                    f"({self.gsd:g} m), not {parent.gsd:g} m"
-                )
-            self.cascade_factor = round(k)
+            self.refine(parent)
         self._store: zarr.Group | None = None
+
+    def refine(self, parent: SceneJob) -> SceneJob:
+        """Make this job the fine level of a cascade over ``parent`` (a finished job on the
+        same footprint with pixels an integer factor coarser): sampling starts at level
+        ``cascade_start`` from the parent's up-sampled result."""
+        k = parent.gsd / self.gsd
+        if abs(k - round(k)) > 1e-6 or round(k) < 2:
+            raise InputError(
+                f"a cascade's coarse GSD must be 2, 3, 4... times the working GSD "
+                f"({self.gsd:g} m), not {parent.gsd:g} m"
+            )
+        self.parent, self.cascade_factor = parent, round(k)
+        self.sampler = replace(self.sampler, start=self.spec.cascade_start)
+        return self
 
     # -- set-up ----------------------------------------------------------------------------
     @property
@@ -226,9 +243,8 @@ class SceneJob:
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
         self._create_arrays()
-        tmp = sig_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.signature(), indent=2))
-        tmp.replace(sig_path)  # job.json last: a folder without it is never resumed
+        # job.json last: a folder without it is never resumed
+        write_text(sig_path, json.dumps(self.signature(), indent=2))
         return self
 
     def _create_arrays(self) -> None:

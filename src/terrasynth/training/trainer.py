@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Sampler
 
+from terrasynth.atomic import write_text
 from terrasynth.data.dataset import ChipDataset, ChunkShuffleSampler, RandomCropFlip, collate_chips
 from terrasynth.errors import TerrasynthError
 from terrasynth.models.config import ModelConfig, preset_config
@@ -143,9 +144,7 @@ def _dist() -> tuple[int, int]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    write_text(path, json.dumps(obj, indent=2))
 
 
 class Trainer:

@@ -64,6 +64,21 @@ def band_layout(
     )
 
 
+def input_layout(
+    key: str, path: Path, registry: Registry
+) -> tuple[Modality, tuple[str, ...], tuple[int, ...]]:
+    """Modality, band names and 1-based file band indexes of one ``MOD[:BANDS]=FILE`` input."""
+    name, _, band_spec = key.partition(":")
+    modality = registry[name]  # UnknownModalityError names the known ones
+    if not modality.is_raster:
+        raise InputError(f"{path}: {name} is a {modality.kind} modality, not a raster")
+    given = tuple(b.strip() for b in band_spec.split(",") if b.strip())
+    for band in given:
+        modality.group_of(band)  # a clear error for a band the modality lacks
+    bands, indexes = band_layout(path, modality, given)
+    return modality, bands, indexes
+
+
 def overlaps(grid: Grid, ref: Grid, path: Path) -> bool:
     """True if ``grid``'s footprint, in ``ref``'s CRS, intersects ``ref``'s footprint."""
     local = any(not (g.crs.is_projected or g.crs.is_geographic) for g in (grid, ref))
@@ -103,14 +118,8 @@ def generic_scene(
     layers: list[Layer] = []
     for key, file in items:
         path = Path(file)
-        name, _, band_spec = key.partition(":")
-        modality = registry[name]  # UnknownModalityError names the known ones
-        if not modality.is_raster:
-            raise InputError(f"{path}: {name} is a {modality.kind} modality, not a raster")
-        given = tuple(b.strip() for b in band_spec.split(",") if b.strip())
-        for band in given:
-            modality.group_of(band)  # a clear error for a band the modality lacks
-        bands, indexes = band_layout(path, modality, given)
+        modality, bands, indexes = input_layout(key, path, registry)
+        name = modality.name
         scale, offset = (scaling or {}).get(name, (1.0, 0.0))
         layer = read_layer(
             path,
