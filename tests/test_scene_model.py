@@ -12,6 +12,7 @@ from terrasynth.models.scene_model import (
     ModalityInput,
     SceneModel,
     ground_position_embedding,
+    patch_contrast,
     timestep_embedding,
 )
 from tests.conftest import MICRO_MODEL
@@ -110,9 +111,14 @@ def _flat(out: dict, skip: str, sample: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-@pytest.mark.parametrize("changed", ["s2l2a", "corine"])
-def test_absent_modality_does_not_leak_into_others(config, changed):
+@pytest.mark.parametrize("changed", ["s2l2a", "corine", "dem"])
+@pytest.mark.parametrize("context", [False, True])
+def test_absent_modality_does_not_leak_into_others(config, changed, context):
     """Sample 0 lacks ``changed``, sample 1 holds it: only sample 1 may react to its input."""
+    if context:  # the pixel-level path from every modality's given pixels to every refiner
+        config = ModelConfig.from_dict(
+            {**config.to_dict(), "refine_channels": 8, "patch_contrast": True, "pixel_context": 4}
+        )
     model = _model(config)
     inputs = _inputs(config, torch.Generator().manual_seed(1), present={changed: [False, True]})
     with torch.no_grad():
@@ -201,3 +207,79 @@ def test_gsd_changes_token_positions(config):
     assert not torch.allclose(tok[0], tok[1], atol=1e-4)
     tok2, _ = model._embed_raster("landsat8", same, torch.tensor([30.0, 30.0]))
     torch.testing.assert_close(tok2[0], tok2[1])
+
+
+def test_patch_contrast_is_free_of_offset_and_scale():
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    ones = torch.ones_like(x)
+    a = patch_contrast(x, ones, 8, eps=1e-6)
+    b = patch_contrast(5.0 + 1e-2 * x, ones, 8, eps=1e-6)  # 1 % of the relief, offset
+    assert a.shape == (2, 6, 16, 16)
+    torch.testing.assert_close(b[:, :3], a[:, :3], atol=1e-3, rtol=1e-3)  # same shape
+    torch.testing.assert_close(
+        b[:, 3:] - a[:, 3:], torch.full_like(a[:, 3:], -2.0), atol=1e-3, rtol=0
+    )
+    patches = a[:, :3].unfold(2, 8, 8).unfold(3, 8, 8)  # (B, C, 2, 2, 8, 8)
+    torch.testing.assert_close(patches.mean((-1, -2)), torch.zeros(2, 3, 2, 2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        patches.pow(2).mean((-1, -2)), torch.ones(2, 3, 2, 2), atol=1e-4, rtol=0
+    )
+
+
+def test_patch_contrast_ignores_masked_out_pixels():
+    """A flat field beside nodata (stored as 0) has no contrast; only real values count."""
+    x = torch.zeros(1, 1, 8, 8)
+    mask = torch.zeros(1, 1, 8, 8)
+    x[..., :3, :] = -0.5  # three valid rows at one elevation, the rest nodata
+    mask[..., :3, :] = 1.0
+    out = patch_contrast(x, mask, 8, eps=1e-3)
+    assert out[:, 0].abs().max() == 0  # no detail
+    torch.testing.assert_close(out[0, 1, :3], torch.full((3, 8), -3.0))  # log10(eps): flat
+    assert out[0, 1, 3:].abs().max() == 0  # nothing where the mask is 0
+    x[..., 0, 0] = -0.49  # one bump of 1 % of the normalised range
+    out = patch_contrast(x, mask, 8, eps=1e-3)
+    assert float(out[0, 0, 0, 0]) > 3 and float(out[0, 1, 0, 0]) > -3
+
+
+def test_patch_contrast_lets_tokens_see_faint_relief(config):
+    """Metres of relief on a DEM normalised by a kilometre: tokens must still tell it apart."""
+    gen = torch.Generator().manual_seed(7)
+    relief = 1e-3 * torch.randn(1, 1, 16, 16, generator=gen)  # about 1 m in normalised units
+    flat = torch.full((1, 1, 16, 16), 0.7)
+    x = lambda v: torch.cat([v, v, torch.ones_like(v)], 1)  # noisy, given, mask  # noqa: E731
+    change = {}
+    for contrast in (False, True):
+        cfg = ModelConfig.from_dict({**config.to_dict(), "patch_contrast": contrast})
+        model = _model(cfg)
+        assert ("dem__r30m" in model.contrast) == contrast
+        gsd = torch.tensor([30.0])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            a, _ = model._embed_raster("dem", {"r30m": x(flat)}, gsd)
+            b, _ = model._embed_raster("dem", {"r30m": x(flat + relief)}, gsd)
+        change[contrast] = float((a.float() - b.float()).norm() / a.float().norm())
+    assert change[False] < 0.01  # without it the relief is all but lost
+    assert change[True] > 0.1
+    assert not any(k.startswith("landcover") for k in model.contrast)  # continuous only
+
+
+def test_pixel_context_carries_a_given_pixel_to_another_modality(config):
+    """With pixel_context, one changed DEM pixel changes the Landsat output near that pixel."""
+    cfg = ModelConfig.from_dict(
+        {**config.to_dict(), "refine_channels": 8, "patch_contrast": True, "pixel_context": 4}
+    )
+    model = _model(cfg)
+    gen = torch.Generator().manual_seed(8)
+    inputs = _inputs(cfg, gen)
+    inputs = {k: inputs[k] for k in ("dem", "landsat8")}
+    dem = inputs["dem"].groups["r30m"]
+    dem[:, 2:] = 1.0  # the DEM is a condition: given values are its values
+    dem[:, 1] = dem[:, 0]
+    with torch.no_grad():
+        before = model(inputs, GSD)["landsat8"]["r30m"]
+        dem[:, 1, 5, 5] += 1.0
+        after = model(inputs, GSD)["landsat8"]["r30m"]
+    change = (after - before).abs()[0, 0]
+    assert change[5, 5] > 0
+    assert change.max() == change[4:7, 4:7].max()  # strongest at and next to the pixel
+    with pytest.raises(TerrasynthError, match="pixel_context needs refine_channels"):
+        ModelConfig.from_dict({**cfg.to_dict(), "refine_channels": 0}).validate()

@@ -35,6 +35,8 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     scene_tokens: int = 8
     refine_channels: int = 0  # width of the pixel-level refinement convolution (0: none)
+    patch_contrast: bool = False  # also embed each patch's log contrast and normalised shape
+    pixel_context: int = 0  # channels of the given pixels of all modalities fed to refiners
     use_location: bool = True
     use_time: bool = True
     preset: str = "custom"
@@ -69,6 +71,8 @@ class ModelConfig:
                     )
         if self.dim % self.heads:
             raise TerrasynthError("dim must be a multiple of heads")
+        if self.pixel_context and not self.refine_channels:
+            raise TerrasynthError("pixel_context needs refine_channels > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,16 +91,23 @@ class ModelConfig:
 
 
 # Sizes per preset. tiny: trains usefully in 15 CPU minutes; small: 2 CPU hours; base: GPUs.
+_SIZE_FIELDS = (
+    "image_size",
+    "patch_size",
+    "dim",
+    "depth",
+    "heads",
+    "scene_tokens",
+    "refine_channels",
+)
+_SIZES = {
+    "tiny": (32, 8, 128, 4, 4, 8, 32),
+    "small": (64, 8, 256, 8, 8, 16, 48),
+    "base": (64, 4, 512, 12, 8, 32, 64),
+}
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        image_size=32, patch_size=8, dim=128, depth=4, heads=4, scene_tokens=8, refine_channels=32
-    ),
-    "small": dict(
-        image_size=64, patch_size=8, dim=256, depth=8, heads=8, scene_tokens=16, refine_channels=48
-    ),
-    "base": dict(
-        image_size=64, patch_size=4, dim=512, depth=12, heads=8, scene_tokens=32, refine_channels=64
-    ),
+    name: dict(zip(_SIZE_FIELDS, sizes, strict=True), patch_contrast=True, pixel_context=16)
+    for name, sizes in _SIZES.items()
 }
 
 

@@ -114,6 +114,17 @@ class SceneModel(nn.Module):
         # decoded image and the pixel-level input lets neighbouring patches agree at their
         # borders and restores detail finer than a patch (zero-initialised: starts as none).
         self.refine: nn.ModuleDict = nn.ModuleDict()
+        # Continuous values are normalised by the store's global statistics, so small local
+        # variations (8 m of relief on a DEM whose spread is a kilometre) are tiny numbers
+        # that bfloat16 rounds away. With ``patch_contrast`` each patch is also embedded as
+        # its log contrast and its shape at unit contrast (see ``patch_contrast``).
+        self.contrast: nn.ModuleDict = nn.ModuleDict()
+        # Tokens see 8 x 8 patches; a per-pixel relation between modalities (spectra to a
+        # class, elevation to slope) is learned far faster at pixel level. With
+        # ``pixel_context`` every band group maps its given pixels (1 x 1 convolution) to a
+        # few shared channels; their sum over the modalities of a chip joins every
+        # refiner's input (see ``_pixel_context``).
+        self.context: nn.ModuleDict = nn.ModuleDict()
         names = []
         for mod in config.raster_modalities():
             for g in mod.groups:
@@ -123,8 +134,15 @@ class SceneModel(nn.Module):
                 self.embed[_k(key)] = nn.Conv2d(3 * ch, d, kernel_size=p, stride=p)
                 self.head[_k(key)] = nn.Linear(d, ch * p * p)
                 self.patch[key] = p
+                k = config.pixel_context
                 if config.refine_channels:
-                    self.refine[_k(key)] = _refiner(4 * ch, config.refine_channels, ch)
+                    self.refine[_k(key)] = _refiner(4 * ch + k, config.refine_channels, ch)
+                continuous = mod.kind != "categorical"
+                if config.patch_contrast and continuous:
+                    self.contrast[_k(key)] = nn.Conv2d(2 * ch, d, kernel_size=p, stride=p)
+                if k:  # inputs: given values and mask (and their patch contrast)
+                    cin = (4 if continuous and config.patch_contrast else 2) * ch
+                    self.context[_k(key)] = nn.Conv2d(cin, k, 1, bias=False)
             names.append(mod.name)
         for name, size in config.vector_modalities().items():
             self.embed[_k(name)] = nn.Sequential(nn.Linear(3 * size, d), nn.SiLU(), nn.Linear(d, d))
@@ -175,6 +193,7 @@ class SceneModel(nn.Module):
         tokens.append(scene)
         conds.append(self.modality_embed.weight[-1].expand(b, scene.shape[1], d))
         keeps.append(torch.ones(b, scene.shape[1], dtype=torch.bool, device=gsd.device))
+        context = self._pixel_context(inputs) if self.config.pixel_context else None
         x, c, keep = torch.cat(tokens, 1), torch.cat(conds, 1), torch.cat(keeps, 1)
         for block in self.blocks:
             x = block(x, c, keep)
@@ -188,7 +207,7 @@ class SceneModel(nn.Module):
             if grid is None:
                 out[name] = self.head[_k(name)](part[:, 0])
             else:
-                out[name] = self._decode_raster(name, part, grid, inputs[name].groups)
+                out[name] = self._decode_raster(name, part, grid, inputs[name].groups, context)
         return out
 
     def _embed_raster(
@@ -198,6 +217,10 @@ class SceneModel(nn.Module):
         for gname, x in groups.items():
             key = f"{name}/{gname}"
             e = self.embed[_k(key)](x)  # (B, D, gh, gw)
+            if _k(key) in self.contrast:
+                c = x.shape[1] // 3  # channels: noisy values, given values, given mask
+                given, mask = x[:, c : 2 * c], x[:, 2 * c :]
+                e = e + self.contrast[_k(key)](patch_contrast(given, mask, self.patch[key]))
             total = e if total is None else total + e
         b, d, gh, gw = total.shape
         tok = total.flatten(2).transpose(1, 2)  # (B, N, D)
@@ -215,6 +238,7 @@ class SceneModel(nn.Module):
         part: torch.Tensor,
         grid: tuple[int, int],
         groups: dict[str, torch.Tensor],
+        context: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         gh, gw = grid
         b = part.shape[0]
@@ -227,9 +251,34 @@ class SceneModel(nn.Module):
             y = y.view(b, gh, gw, ch, p, p).permute(0, 3, 1, 4, 2, 5)
             y = y.reshape(b, ch, gh * p, gw * p)
             if self.config.refine_channels:
-                y = y + self.refine[_k(key)](torch.cat([y, groups[gname].to(y.dtype)], 1))
+                parts = [y, groups[gname].to(y.dtype)]
+                if context is not None:
+                    parts.append(F.adaptive_avg_pool2d(context, y.shape[-2:]).to(y.dtype))
+                y = y + self.refine[_k(key)](torch.cat(parts, 1))
             out[gname] = y
         return out
+
+    def _pixel_context(self, inputs: dict[str, ModalityInput]) -> torch.Tensor | None:
+        """(B, pixel_context, H, W) at the finest grid: summed maps of every given pixel.
+
+        Only given values count (conditions, given bands), never noisy ones, and only for
+        samples where the modality takes part, so nothing absent or generated leaks in.
+        """
+        total = None
+        for name, inp in inputs.items():
+            for gname, x in (inp.groups or {}).items():
+                key = _k(f"{name}/{gname}")
+                c = x.shape[1] // 3
+                given, mask = x[:, c : 2 * c], x[:, 2 * c :]
+                feats = [given, mask]
+                if key in self.contrast:
+                    feats.append(patch_contrast(given, mask, self.patch[f"{name}/{gname}"]))
+                f = self.context[key](torch.cat(feats, 1))
+                f = torch.where(inp.present[:, None, None, None], f, torch.zeros_like(f))
+                factor = self.config.patch_size // self.patch[f"{name}/{gname}"]
+                f = F.interpolate(f, scale_factor=factor, mode="nearest") if factor > 1 else f
+                total = f if total is None else total + f
+        return total
 
     # -- persistence -----------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -253,6 +302,25 @@ class SceneModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def patch_contrast(x: torch.Tensor, mask: torch.Tensor, p: int, eps: float = 1e-3) -> torch.Tensor:
+    """Per ``p`` x ``p`` patch and channel: the given values at unit contrast and log10 contrast.
+
+    (B, C, H, W) values and 0/1 mask -> (B, 2C, H, W): ``(x - patch mean) / (patch std +
+    eps)`` and ``log10(patch std + eps)``, both over the patch's masked-in pixels only (a
+    chip's nodata border is no cliff) and zero where the mask is. Computed in float32 so
+    that relief far below bfloat16's resolution of the raw values still reaches the model.
+    """
+    x, mask = x.float(), mask.float().clamp(0, 1)
+
+    def patch_mean(v: torch.Tensor) -> torch.Tensor:  # masked mean, spread over the patch
+        num, den = F.avg_pool2d(v * mask, p), F.avg_pool2d(mask, p)
+        return F.interpolate(num / den.clamp_min(1e-6), scale_factor=p, mode="nearest")
+
+    detail = (x - patch_mean(x)) * mask
+    std = patch_mean(detail**2).sqrt()
+    return torch.cat([detail / (std + eps), torch.log10(std + eps) * mask], 1)
 
 
 def _refiner(cin: int, hidden: int, cout: int) -> nn.Sequential:
