@@ -10,6 +10,7 @@ from terrasynth.data.dataset import (
     ChunkShuffleSampler,
     RandomCropFlip,
     _augmented_affine,
+    chip_groups,
     collate_chips,
 )
 
@@ -121,3 +122,21 @@ def test_chunk_sampler_balances_sources(ds):
     assert np.allclose(share, 1 / len(names), atol=0.05)  # every source about equally often
     natural = ChunkShuffleSampler(ds, seed=1, balance=1.0)
     assert sorted(natural) == list(range(len(ds)))
+
+
+def test_chunk_sampler_balances_kinds_inside_a_source(ds):
+    kinds = chip_groups(ds, "kind")
+    sources = chip_groups(ds, "source")
+    assert all(k.split("|")[0] == s for k, s in zip(kinds, sources, strict=True))
+    names, counts = np.unique(kinds, return_counts=True)
+    assert len(names) > len(np.unique(sources))  # some source holds chips of several kinds
+    seen = np.zeros(len(names))
+    for epoch in range(4):
+        sampler = ChunkShuffleSampler(ds, seed=2, balance=0.0, balance_by="kind")
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        seen += np.array([(kinds[order] == n).sum() for n in names])
+    share = seen / seen.sum()
+    assert np.allclose(share, 1 / len(names), atol=0.05)  # every kind about equally often
+    with pytest.raises(ValueError, match="balance_by"):
+        ChunkShuffleSampler(ds, balance_by="modality")

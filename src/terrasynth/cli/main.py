@@ -44,8 +44,15 @@ def train(
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     source_balance: Annotated[
-        float, typer.Option(help="1: sources in store proportions; 0: each equally often.")
+        float, typer.Option(help="1: chip groups in store proportions; 0: each equally often.")
     ] = 0.5,
+    balance_by: Annotated[
+        str,
+        typer.Option(help="Chip groups to balance: 'kind' (source and modality set) or 'source'."),
+    ] = "kind",
+    derive: Annotated[
+        bool, typer.Option(help="Fill derived modalities (slope from DEM) into training chips.")
+    ] = True,
     resume: Annotated[bool, typer.Option(help="Continue the run in the output folder.")] = False,
 ) -> None:
     """Train the scene model on a chip store (multi-GPU/-node: launch with torchrun)."""
@@ -65,6 +72,8 @@ def train(
         num_workers=workers,
         seed=seed,
         source_balance=source_balance,
+        balance_by=balance_by,
+        derive=derive,
     )
     trainer = Trainer(store, run, cfg, resume=resume)
     show = trainer.rank == 0

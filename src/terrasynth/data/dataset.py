@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
+from terrasynth.data.derived import DERIVATIONS
 from terrasynth.data.stats import apply_transform, band_moments
 from terrasynth.data.store import CHUNK_CHIPS, ChipStore
 from terrasynth.errors import TerrasynthError
@@ -44,6 +45,7 @@ class ChipDataset(Dataset):
         modalities: list[str] | None = None,
         transform: Any = None,
         cache_chunks: int = 64,
+        derive: bool = False,
     ) -> None:
         self.store = store if isinstance(store, ChipStore) else ChipStore.open(store)
         self.path = self.store.path
@@ -55,6 +57,13 @@ class ChipDataset(Dataset):
                 raise TerrasynthError(f"modality '{m}' is not in store {self.path}")
         self.transform = transform
         self.cache_chunks = cache_chunks
+        # Derived modalities (``data.derived``) filled in where a chip lacks them but holds
+        # their source: for training only, evaluation must see what the store holds.
+        self.derive = {
+            t: src
+            for t, (src, _) in DERIVATIONS.items()
+            if derive and t in self.modalities and src in self.modalities
+        }
         self.chip_size = self.store.chip_size
         stats = self.store.stats
         self._norm: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -101,11 +110,17 @@ class ChipDataset(Dataset):
     def __getitem__(self, i: int) -> Sample:
         idx = int(self.indices[i])
         sample: Sample = {}
+        has = self._has[idx].copy()
         for j, m in enumerate(self.modalities):
             # An absent modality is never read: its zeros come without touching the store.
-            read = self._read_modality if self._has[idx, j] else self._absent_modality
-            sample.update(read(m, idx))
-        sample["available"] = torch.from_numpy(self._has[idx].copy())
+            if has[j]:
+                sample.update(self._read_modality(m, idx))
+            elif m in self.derive and has[self.modalities.index(self.derive[m])]:
+                sample.update(self._derived_modality(m, idx))
+                has[j] = True
+            else:
+                sample.update(self._absent_modality(m, idx))
+        sample["available"] = torch.from_numpy(has)
         sample["location"] = torch.from_numpy(self._location[idx].copy())
         sample["time"] = torch.tensor([self._time[idx]], dtype=torch.float32)
         sample["transform"] = torch.from_numpy(self._affine[idx].copy())
@@ -141,6 +156,22 @@ class ChipDataset(Dataset):
             offset += n
         return out
 
+    def _derived_modality(self, m: str, idx: int) -> Sample:
+        """``m`` computed from its source modality's stored values (one band, one group)."""
+        src, fn = self.derive[m], DERIVATIONS[m][1]
+        (sg,), (tg,) = self.registry[src].groups, self.registry[m].groups
+        data = self._array(f"{src}/{sg.name}/data", idx)[0].astype(np.float32)
+        valid = self._array(f"{src}/{sg.name}/valid", idx)
+        pixel_m = float(self._gsd[idx]) * self.chip_size / data.shape[-1]
+        v, ok = fn(data, valid, pixel_m)
+        mean, std = self._norm[m]
+        v = (apply_transform(v[None], self.registry[m].transform) - mean[0]) / std[0]
+        return {
+            f"{m}/bands": torch.ones(1, dtype=torch.bool),
+            f"{m}/{tg.name}": torch.from_numpy((v * ok).astype(np.float32)),
+            f"{m}/{tg.name}/valid": torch.from_numpy(ok),
+        }
+
     def _absent_modality(self, m: str, idx: int) -> Sample:
         # The same zero tensors serve every chip lacking ``m`` (read-only by contract).
         if m not in self._absent:
@@ -162,29 +193,54 @@ class ChipDataset(Dataset):
         return out
 
 
+BALANCE_GROUPS = ("source", "kind")
+
+
+def chip_groups(dataset: ChipDataset, by: str) -> np.ndarray:
+    """A group label per chip of the dataset: its source, or its source and modality set."""
+    table = dataset.store.table.iloc[dataset.indices]
+    labels = table["source"].to_numpy().astype(str)
+    if by == "kind":
+        for m in dataset.modalities:
+            labels = np.char.add(labels, np.where(table[f"has_{m}"].to_numpy(), "|" + m, ""))
+    return labels
+
+
 class ChunkShuffleSampler(Sampler[int]):
     """Random order that visits store chunks one at a time (shuffled chunks, shuffled inside).
 
     Random access into a chunked store costs a chunk read per chip; this order reads each
     chunk once per visit while keeping batches well mixed across chunks of one source.
 
-    ``balance`` re-weights sources: a source of ``n`` chips contributes about
+    ``balance`` re-weights groups of chips: a group of ``n`` chips contributes about
     ``n ** balance`` shares of an epoch (1: natural proportions, every chip once; 0: every
-    source equally often). Small sources are then visited several times per epoch and large
+    group equally often). Small groups are then visited several times per epoch and large
     ones partly, so a store dominated by one source still teaches every modality.
+    ``balance_by`` says what a group is: ``"source"`` (every chip of one source) or
+    ``"kind"`` (the chips of one source that hold the same modalities, so that a rare
+    pairing inside a large source, such as the few labelled chips of a time series, is seen
+    as often as a small source).
     """
 
-    def __init__(self, dataset: ChipDataset, seed: int = 0, balance: float = 1.0) -> None:
+    def __init__(
+        self,
+        dataset: ChipDataset,
+        seed: int = 0,
+        balance: float = 1.0,
+        balance_by: str = "source",
+    ) -> None:
         if not 0.0 <= balance <= 1.0:
             raise ValueError("balance must lie in [0, 1]")
+        if balance_by not in BALANCE_GROUPS:
+            raise ValueError(f"balance_by must be one of {', '.join(BALANCE_GROUPS)}")
         self.dataset = dataset
         self.seed = seed
         self.balance = balance
         self.epoch = 0
-        sources = dataset.store.table["source"].to_numpy()[dataset.indices]
-        names, inverse, counts = np.unique(sources, return_inverse=True, return_counts=True)
+        groups = chip_groups(dataset, balance_by)
+        names, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
         share = counts.astype(float) ** balance
-        target = len(sources) * share / share.sum()  # chips per epoch for each source
+        target = len(groups) * share / share.sum()  # chips per epoch for each group
         self.visits = (target / counts)[inverse]  # expected visits of each chip per epoch
 
     def set_epoch(self, epoch: int) -> None:

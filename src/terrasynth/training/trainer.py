@@ -62,12 +62,15 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     num_workers: int = 0
-    source_balance: float = 0.5  # 1: sources in store proportions; 0: equally often
+    source_balance: float = 0.5  # 1: groups in store proportions; 0: equally often
+    balance_by: str = "kind"  # groups: "source", or "kind" (source and modality set)
+    derive: bool = True  # fill derived modalities (slope from DEM) into training chips
     time_limit_min: float = 0.0  # stop (and checkpoint) after this many minutes; 0: none
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
+        d = {"balance_by": "source", "derive": False, **d}  # runs saved before the options
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -86,8 +89,9 @@ class ResumableBatches(Sampler[list[int]]):
         rank: int = 0,
         world: int = 1,
         balance: float = 1.0,
+        balance_by: str = "source",
     ) -> None:
-        self.sampler = ChunkShuffleSampler(dataset, seed=seed, balance=balance)
+        self.sampler = ChunkShuffleSampler(dataset, seed, balance, balance_by)
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.epoch, self.offset = 0, 0  # offset: batches of the epoch already drawn
         # Loader workers draw batches ahead of training; the position after each drawn
@@ -169,7 +173,7 @@ class Trainer:
             cfg = TrainConfig.from_dict(saved)
         self.cfg = cfg
         torch.manual_seed(cfg.seed + self.rank)
-        self.dataset = ChipDataset(store, split="train")
+        self.dataset = ChipDataset(store, split="train", derive=cfg.derive)
         if len(self.dataset) == 0:
             raise TerrasynthError(f"{store}: no training chips")
         ckpt = self.run / "checkpoints" / latest.read_text().strip() if resume else None
@@ -189,7 +193,13 @@ class Trainer:
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
         self.batches = ResumableBatches(
-            self.dataset, cfg.batch_size, cfg.seed, self.rank, self.world, cfg.source_balance
+            self.dataset,
+            cfg.batch_size,
+            cfg.seed,
+            self.rank,
+            self.world,
+            cfg.source_balance,
+            cfg.balance_by,
         )
         self.gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.rank)
         self.objective = ObjectiveConfig()
