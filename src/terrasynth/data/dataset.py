@@ -145,16 +145,19 @@ class ChipDataset(Dataset):
             if mod.kind == "categorical":
                 x = torch.from_numpy(np.where(valid, data[0].astype(np.int64), -1))
             else:
-                mean, std = self._norm[m]
                 sl = slice(offset, offset + n)
-                v = apply_transform(data.astype(np.float32), mod.transform)
-                v = (v - mean[sl, None, None]) / std[sl, None, None]
-                v *= band_avail[sl, None, None]
+                v = self._normalise(m, data, sl) * band_avail[sl, None, None]
                 x = torch.from_numpy(v.astype(np.float32))
             out[f"{m}/{group.name}"] = x
             out[f"{m}/{group.name}/valid"] = torch.from_numpy(valid.copy())
             offset += n
         return out
+
+    def _normalise(self, m: str, data: np.ndarray, bands: slice) -> np.ndarray:
+        """Physical values (C, H, W) of ``m``'s bands ``bands`` in model units."""
+        mean, std = self._norm[m]
+        v = apply_transform(data.astype(np.float32), self.registry[m].transform)
+        return (v - mean[bands, None, None]) / std[bands, None, None]
 
     def _derived_modality(self, m: str, idx: int) -> Sample:
         """``m`` computed from its source modality's stored values (one band, one group)."""
@@ -164,8 +167,7 @@ class ChipDataset(Dataset):
         valid = self._array(f"{src}/{sg.name}/valid", idx)
         pixel_m = float(self._gsd[idx]) * self.chip_size / data.shape[-1]
         v, ok = fn(data, valid, pixel_m)
-        mean, std = self._norm[m]
-        v = (apply_transform(v[None], self.registry[m].transform) - mean[0]) / std[0]
+        v = self._normalise(m, v[None], slice(0, 1))
         return {
             f"{m}/bands": torch.ones(1, dtype=torch.bool),
             f"{m}/{tg.name}": torch.from_numpy((v * ok).astype(np.float32)),
@@ -198,11 +200,11 @@ BALANCE_GROUPS = ("source", "kind")
 
 def chip_groups(dataset: ChipDataset, by: str) -> np.ndarray:
     """A group label per chip of the dataset: its source, or its source and modality set."""
-    table = dataset.store.table.iloc[dataset.indices]
-    labels = table["source"].to_numpy().astype(str)
+    labels = dataset.store.table["source"].to_numpy().astype(str)[dataset.indices]
     if by == "kind":
-        for m in dataset.modalities:
-            labels = np.char.add(labels, np.where(table[f"has_{m}"].to_numpy(), "|" + m, ""))
+        has = dataset._has[dataset.indices]
+        for j, m in enumerate(dataset.modalities):
+            labels = np.char.add(labels, np.where(has[:, j], "|" + m, ""))
     return labels
 
 

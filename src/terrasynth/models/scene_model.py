@@ -168,6 +168,7 @@ class SceneModel(nn.Module):
         """Predict x0 of every modality in ``inputs``. ``gsd``: (B,) metres per pixel."""
         d = self.config.dim
         tokens, conds, keeps, spans = [], [], [], []
+        contrasts: dict[str, torch.Tensor] = {}  # patch contrast per group, made once
         b = gsd.shape[0]
         gsd_emb = self.gsd_mlp(timestep_embedding(torch.log10(gsd.clamp_min(1e-3)) / 6 + 0.5, d))[
             :, None
@@ -177,7 +178,7 @@ class SceneModel(nn.Module):
                 raise TerrasynthError(f"the model does not know modality '{name}'")
             mid = self.modality_names.index(name)
             if inp.groups is not None:
-                tok, grid = self._embed_raster(name, inp.groups, gsd)
+                tok, grid = self._embed_raster(name, inp.groups, gsd, contrasts)
                 tok = tok + gsd_emb
             else:
                 tok = self.embed[_k(name)](inp.vector)[:, None]
@@ -193,7 +194,7 @@ class SceneModel(nn.Module):
         tokens.append(scene)
         conds.append(self.modality_embed.weight[-1].expand(b, scene.shape[1], d))
         keeps.append(torch.ones(b, scene.shape[1], dtype=torch.bool, device=gsd.device))
-        context = self._pixel_context(inputs) if self.config.pixel_context else None
+        context = self._pixel_context(inputs, contrasts) if self.config.pixel_context else None
         x, c, keep = torch.cat(tokens, 1), torch.cat(conds, 1), torch.cat(keeps, 1)
         for block in self.blocks:
             x = block(x, c, keep)
@@ -211,16 +212,22 @@ class SceneModel(nn.Module):
         return out
 
     def _embed_raster(
-        self, name: str, groups: dict[str, torch.Tensor], gsd: torch.Tensor
+        self,
+        name: str,
+        groups: dict[str, torch.Tensor],
+        gsd: torch.Tensor,
+        contrasts: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Tokens of one raster modality; its groups' patch contrasts go into ``contrasts``."""
         total = None
         for gname, x in groups.items():
             key = f"{name}/{gname}"
             e = self.embed[_k(key)](x)  # (B, D, gh, gw)
             if _k(key) in self.contrast:
-                c = x.shape[1] // 3  # channels: noisy values, given values, given mask
-                given, mask = x[:, c : 2 * c], x[:, 2 * c :]
-                e = e + self.contrast[_k(key)](patch_contrast(given, mask, self.patch[key]))
+                pc = patch_contrast(*_given_and_mask(x), self.patch[key])
+                e = e + self.contrast[_k(key)](pc)
+                if contrasts is not None:
+                    contrasts[key] = pc
             total = e if total is None else total + e
         b, d, gh, gw = total.shape
         tok = total.flatten(2).transpose(1, 2)  # (B, N, D)
@@ -258,24 +265,25 @@ class SceneModel(nn.Module):
             out[gname] = y
         return out
 
-    def _pixel_context(self, inputs: dict[str, ModalityInput]) -> torch.Tensor | None:
+    def _pixel_context(
+        self, inputs: dict[str, ModalityInput], contrasts: dict[str, torch.Tensor]
+    ) -> torch.Tensor | None:
         """(B, pixel_context, H, W) at the finest grid: summed maps of every given pixel.
 
         Only given values count (conditions, given bands), never noisy ones, and only for
         samples where the modality takes part, so nothing absent or generated leaks in.
+        ``contrasts``: the patch contrasts that ``_embed_raster`` made.
         """
         total = None
         for name, inp in inputs.items():
             for gname, x in (inp.groups or {}).items():
-                key = _k(f"{name}/{gname}")
-                c = x.shape[1] // 3
-                given, mask = x[:, c : 2 * c], x[:, 2 * c :]
-                feats = [given, mask]
-                if key in self.contrast:
-                    feats.append(patch_contrast(given, mask, self.patch[f"{name}/{gname}"]))
-                f = self.context[key](torch.cat(feats, 1))
+                key = f"{name}/{gname}"
+                feats = [*_given_and_mask(x)]
+                if key in contrasts:
+                    feats.append(contrasts[key])
+                f = self.context[_k(key)](torch.cat(feats, 1))
                 f = torch.where(inp.present[:, None, None, None], f, torch.zeros_like(f))
-                factor = self.config.patch_size // self.patch[f"{name}/{gname}"]
+                factor = self.config.patch_size // self.patch[key]
                 f = F.interpolate(f, scale_factor=factor, mode="nearest") if factor > 1 else f
                 total = f if total is None else total + f
         return total
@@ -302,6 +310,12 @@ class SceneModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _given_and_mask(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A raster input's given values and given mask (its channels: noisy, given, mask)."""
+    c = x.shape[1] // 3
+    return x[:, c : 2 * c], x[:, 2 * c :]
 
 
 def patch_contrast(x: torch.Tensor, mask: torch.Tensor, p: int, eps: float = 1e-3) -> torch.Tensor:
