@@ -65,6 +65,15 @@ def test_from_dict_ignores_unknown_keys():
     assert not hasattr(cfg, "not_a_field")
 
 
+def test_options_added_later_are_off_for_saved_configs_and_on_in_presets():
+    saved = ModelConfig.from_dict({"dim": 64, "heads": 2})  # a config.json from before them
+    assert not saved.patch_contrast and saved.pixel_context == 0
+    assert not saved.blind_at_pure_noise
+    for preset in PRESETS.values():
+        assert preset["patch_contrast"] and preset["pixel_context"] > 0
+        assert preset["blind_at_pure_noise"]
+
+
 @pytest.mark.parametrize("name", ["tiny", "small", "base"])
 def test_presets_validate(name):
     mods = _mods(["s2l2a", "s1grd", "landcover_nlcd", "corine", "dem"])

@@ -85,6 +85,32 @@ def test_role_probabilities(real):
             assert ((r != DROPPED) == sig[n].present).all()
 
 
+def test_class_maps_are_trained_at_higher_noise_than_continuous_rasters():
+    b = 4000
+    ones = torch.ones(b, 1, 2, 2)
+    sig = {
+        "image": Signal(torch.ones(b, dtype=torch.bool), {"g": ones}, {"g": ones}),
+        "classes": Signal(
+            torch.ones(b, dtype=torch.bool),
+            {"g": ones.repeat(1, 3, 1, 1)},
+            {"g": ones.repeat(1, 3, 1, 1)},
+            target={"g": torch.zeros(b, 2, 2, dtype=torch.long)},
+        ),
+    }
+    roles = {n: torch.full((b,), GENERATED) for n in sig}
+    cfg = ObjectiveConfig(p_infill=0.0)
+    _, _, t = training_inputs(sig, roles, cfg, torch.Generator().manual_seed(0))
+    pure_image = float((t["image"] == 1).float().mean())
+    pure_classes = float((t["classes"] == 1).float().mean())
+    assert abs(pure_image - cfg.p_pure_noise) < 0.03
+    assert abs(pure_classes - cfg.p_pure_noise_categorical) < 0.03
+    # below t = 1 the class maps' levels lean to high noise (logit-normal mean shift)
+    mid_image, mid_classes = t["image"][t["image"] < 1], t["classes"][t["classes"] < 1]
+    assert abs(float(mid_image.median()) - 0.5) < 0.03
+    expected = float(torch.sigmoid(torch.tensor(cfg.logit_normal_mean_categorical)))
+    assert abs(float(mid_classes.median()) - expected) < 0.03
+
+
 def _rasters(sig: dict[str, Signal]) -> list[str]:
     return [n for n, s in sig.items() if s.groups is not None]
 

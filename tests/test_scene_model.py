@@ -283,3 +283,30 @@ def test_pixel_context_carries_a_given_pixel_to_another_modality(config):
     assert change.max() == change[4:7, 4:7].max()  # strongest at and next to the pixel
     with pytest.raises(TerrasynthError, match="pixel_context needs refine_channels"):
         ModelConfig.from_dict({**cfg.to_dict(), "refine_channels": 0}).validate()
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_blind_at_pure_noise_ignores_the_noise_draw_at_t_1_only(config, blind):
+    """With blind_at_pure_noise, x0 predicted at t = 1 depends on the conditions alone."""
+    cfg = ModelConfig.from_dict(
+        {**config.to_dict(), "refine_channels": 8, "blind_at_pure_noise": blind}
+    )
+    model = _model(cfg)
+    inputs = _inputs(cfg, torch.Generator().manual_seed(9))
+    inputs = {k: inputs[k] for k in ("dem", "landsat8", "location")}
+    target = inputs["landsat8"]
+    target.t = torch.tensor([1.0, 0.6])
+    redrawn = {
+        k: ModalityInput(v.t, v.present, dict(v.groups or {}) or None, v.vector)
+        for k, v in inputs.items()
+    }
+    c = target.groups["r30m"].shape[1] // 3
+    x = target.groups["r30m"].clone()
+    x[:, :c] = torch.randn(x[:, :c].shape, generator=torch.Generator().manual_seed(10))
+    redrawn["landsat8"].groups["r30m"] = x  # a new noise draw, same conditions
+    with torch.no_grad():
+        a, b = model(inputs, GSD), model(redrawn, GSD)
+    diff = (a["landsat8"]["r30m"] - b["landsat8"]["r30m"]).abs().flatten(1).amax(1)
+    assert diff[1] > 0  # at t < 1 the noisy values carry information and are used
+    assert (diff[0] == 0) == blind  # at t = 1 only a blind model ignores them
+    assert torch.equal(a["dem"]["r30m"][0], b["dem"]["r30m"][0]) == blind

@@ -34,6 +34,13 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+def test_runs_saved_before_an_option_keep_their_behaviour():
+    old = TrainConfig.from_dict({"preset": "tiny", "steps": 10, "source_balance": 0.3})
+    assert old.balance_by == "source" and not old.derive and old.relief_scale == 0.0
+    new = TrainConfig()
+    assert new.balance_by == "kind" and new.derive and new.relief_scale == 0.6
+
+
 @pytest.fixture
 def micro(monkeypatch):
     """The 'tiny' preset shrunk to a model that trains in milliseconds."""

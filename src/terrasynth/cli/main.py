@@ -53,6 +53,10 @@ def train(
     derive: Annotated[
         bool, typer.Option(help="Fill derived modalities (slope from DEM) into training chips.")
     ] = True,
+    relief_scale: Annotated[
+        float,
+        typer.Option(help="Chance that a training chip's DEM is flattened, slope recomputed."),
+    ] = 0.6,
     resume: Annotated[bool, typer.Option(help="Continue the run in the output folder.")] = False,
 ) -> None:
     """Train the scene model on a chip store (multi-GPU/-node: launch with torchrun)."""
@@ -74,6 +78,7 @@ def train(
         source_balance=source_balance,
         balance_by=balance_by,
         derive=derive,
+        relief_scale=relief_scale,
     )
     trainer = Trainer(store, run, cfg, resume=resume)
     show = trainer.rank == 0

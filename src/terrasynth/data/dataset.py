@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from terrasynth.data.derived import DERIVATIONS
+from terrasynth.data.derived import DERIVATIONS, scale_relief, slope_degrees
 from terrasynth.data.stats import apply_transform, band_moments
 from terrasynth.data.store import CHUNK_CHIPS, ChipStore
 from terrasynth.errors import TerrasynthError
@@ -46,6 +46,8 @@ class ChipDataset(Dataset):
         transform: Any = None,
         cache_chunks: int = 64,
         derive: bool = False,
+        relief_scale: float = 0.0,
+        seed: int | None = None,
     ) -> None:
         self.store = store if isinstance(store, ChipStore) else ChipStore.open(store)
         self.path = self.store.path
@@ -64,6 +66,14 @@ class ChipDataset(Dataset):
             for t, (src, _) in DERIVATIONS.items()
             if derive and t in self.modalities and src in self.modalities
         }
+        # Relief scaling (``data.derived``): the chance that a chip with DEM and slope gets
+        # its relief multiplied by a log-uniform factor in RELIEF_FACTORS and its slope
+        # recomputed. Training only.
+        if not 0.0 <= relief_scale <= 1.0:
+            raise ValueError("relief_scale must lie in [0, 1]")
+        self.relief_scale = relief_scale if {"dem", "slope"} <= set(self.modalities) else 0.0
+        self._seed = seed
+        self._rng: np.random.Generator | None = None  # made per process (see _random)
         self.chip_size = self.store.chip_size
         stats = self.store.stats
         self._norm: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -89,7 +99,16 @@ class ChipDataset(Dataset):
         state = self.__dict__.copy()
         state["store"] = None
         state["_cache"] = OrderedDict()
+        state["_rng"] = None
         return state
+
+    def _random(self) -> np.random.Generator:
+        """This process's generator: DataLoader workers each draw their own stream."""
+        if self._rng is None:
+            info = torch.utils.data.get_worker_info()
+            worker = 0 if info is None else info.id + 1
+            self._rng = np.random.default_rng(None if self._seed is None else (self._seed, worker))
+        return self._rng
 
     def _array(self, key: str, index: int) -> np.ndarray:
         """Row ``index`` of array ``key``, read a whole chunk at a time."""
@@ -120,6 +139,14 @@ class ChipDataset(Dataset):
                 has[j] = True
             else:
                 sample.update(self._absent_modality(m, idx))
+        if (
+            self.relief_scale
+            and has[self.modalities.index("dem")]
+            and has[self.modalities.index("slope")]
+            and self._random().random() < self.relief_scale
+        ):
+            lo, hi = np.log10(RELIEF_FACTORS)
+            sample.update(self._relief_scaled(idx, 10 ** self._random().uniform(lo, hi)))
         sample["available"] = torch.from_numpy(has)
         sample["location"] = torch.from_numpy(self._location[idx].copy())
         sample["time"] = torch.tensor([self._time[idx]], dtype=torch.float32)
@@ -174,6 +201,23 @@ class ChipDataset(Dataset):
             f"{m}/{tg.name}/valid": torch.from_numpy(ok),
         }
 
+    def _relief_scaled(self, idx: int, factor: float) -> Sample:
+        """DEM and slope of chip ``idx`` with the DEM's relief multiplied by ``factor``."""
+        (dg,), (sg,) = self.registry["dem"].groups, self.registry["slope"].groups
+        data = self._array(f"dem/{dg.name}/data", idx)[0].astype(np.float32)
+        valid = self._array(f"dem/{dg.name}/valid", idx)
+        flat = scale_relief(data, valid, factor)
+        pixel_m = float(self._gsd[idx]) * self.chip_size / data.shape[-1]
+        slope, ok = slope_degrees(flat, valid, pixel_m)
+        dem = self._normalise("dem", flat[None], slice(0, 1)) * valid
+        slope = self._normalise("slope", slope[None], slice(0, 1)) * ok
+        return {
+            f"dem/{dg.name}": torch.from_numpy(dem.astype(np.float32)),
+            "slope/bands": torch.ones(1, dtype=torch.bool),
+            f"slope/{sg.name}": torch.from_numpy(slope.astype(np.float32)),
+            f"slope/{sg.name}/valid": torch.from_numpy(ok),
+        }
+
     def _absent_modality(self, m: str, idx: int) -> Sample:
         # The same zero tensors serve every chip lacking ``m`` (read-only by contract).
         if m not in self._absent:
@@ -196,6 +240,7 @@ class ChipDataset(Dataset):
 
 
 BALANCE_GROUPS = ("source", "kind")
+RELIEF_FACTORS = (0.01, 1.0)  # range of relief scaling factors (log-uniform)
 
 
 def chip_groups(dataset: ChipDataset, by: str) -> np.ndarray:

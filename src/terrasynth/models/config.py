@@ -37,6 +37,7 @@ class ModelConfig:
     refine_channels: int = 0  # width of the pixel-level refinement convolution (0: none)
     patch_contrast: bool = False  # also embed each patch's log contrast and normalised shape
     pixel_context: int = 0  # channels of the given pixels of all modalities fed to refiners
+    blind_at_pure_noise: bool = False  # at t = 1 the model sees zeros, not the noise
     use_location: bool = True
     use_time: bool = True
     preset: str = "custom"
@@ -106,7 +107,12 @@ _SIZES = {
     "base": (64, 4, 512, 12, 8, 32, 64),
 }
 PRESETS: dict[str, dict[str, Any]] = {
-    name: dict(zip(_SIZE_FIELDS, sizes, strict=True), patch_contrast=True, pixel_context=16)
+    name: dict(
+        zip(_SIZE_FIELDS, sizes, strict=True),
+        patch_contrast=True,
+        pixel_context=16,
+        blind_at_pure_noise=True,
+    )
     for name, sizes in _SIZES.items()
 }
 

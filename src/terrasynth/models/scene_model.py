@@ -21,7 +21,7 @@ are separate from it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -167,6 +167,8 @@ class SceneModel(nn.Module):
     ) -> dict[str, dict[str, torch.Tensor] | torch.Tensor]:
         """Predict x0 of every modality in ``inputs``. ``gsd``: (B,) metres per pixel."""
         d = self.config.dim
+        if self.config.blind_at_pure_noise:
+            inputs = {n: _blind_at_pure_noise(inp) for n, inp in inputs.items()}
         tokens, conds, keeps, spans = [], [], [], []
         contrasts: dict[str, torch.Tensor] = {}  # patch contrast per group, made once
         b = gsd.shape[0]
@@ -310,6 +312,27 @@ class SceneModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _blind_at_pure_noise(inp: ModalityInput) -> ModalityInput:
+    """``inp`` with its noisy values zeroed for samples at ``t = 1``.
+
+    Pure noise is independent of x0, so the best x0 prediction there is a function of the
+    conditions alone; showing zeros makes the model's first sampling step (and its one-step
+    conditional-mean estimate) exactly that, instead of something the particular noise draw
+    sways. The sampler still moves on from the noise it drew.
+    """
+    live = (inp.t < 1).float()
+    if inp.groups is not None:
+        groups = {}
+        for g, x in inp.groups.items():
+            c = x.shape[1] // 3
+            keep = live.to(x.dtype)[:, None, None, None]
+            groups[g] = torch.cat([x[:, :c] * keep, x[:, c:]], 1)
+        return replace(inp, groups=groups)
+    c = inp.vector.shape[1] // 3
+    keep = live.to(inp.vector.dtype)[:, None]
+    return replace(inp, vector=torch.cat([inp.vector[:, :c] * keep, inp.vector[:, c:]], 1))
 
 
 def _given_and_mask(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

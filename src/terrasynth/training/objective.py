@@ -29,6 +29,11 @@ class ObjectiveConfig:
     p_infill: float = 0.15  # a generated raster keeps a random subset of its bands clean
     p_pure_noise: float = 0.25  # t = 1: generation from nothing but the conditions
     logit_normal_std: float = 1.0  # otherwise t = sigmoid(N(0, std))
+    # Class maps are one-hot planes at +-1: their class is still readable from x_t up to
+    # high noise, so most draws of the continuous schedule teach a categorical modality
+    # nothing about its conditions. Their levels lean to high noise instead.
+    p_pure_noise_categorical: float = 0.5
+    logit_normal_mean_categorical: float = 1.0  # t = sigmoid(N(mean, std))
 
 
 def sample_roles(
@@ -73,9 +78,12 @@ def training_inputs(
     for name, sig in signals.items():
         role = roles[name]
         b = role.shape[0]
-        tt = torch.sigmoid(torch.randn(b, generator=gen) * cfg.logit_normal_std)
+        categorical = sig.target is not None
+        mean = cfg.logit_normal_mean_categorical if categorical else 0.0
+        tt = torch.sigmoid(torch.randn(b, generator=gen) * cfg.logit_normal_std + mean)
         # Every sampler starts at t = 1, which a logit-normal almost never draws.
-        tt = torch.where(torch.rand(b, generator=gen) < cfg.p_pure_noise, torch.ones_like(tt), tt)
+        p_pure = cfg.p_pure_noise_categorical if categorical else cfg.p_pure_noise
+        tt = torch.where(torch.rand(b, generator=gen) < p_pure, torch.ones_like(tt), tt)
         t[name] = torch.where(role == GENERATED, tt, torch.zeros_like(tt)).to(sig.present.device)
         take_part[name] = role != DROPPED
         noise[name] = _noise_like(sig, gen)

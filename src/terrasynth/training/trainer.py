@@ -65,12 +65,14 @@ class TrainConfig:
     source_balance: float = 0.5  # 1: groups in store proportions; 0: equally often
     balance_by: str = "kind"  # groups: "source", or "kind" (source and modality set)
     derive: bool = True  # fill derived modalities (slope from DEM) into training chips
+    relief_scale: float = 0.6  # chance to flatten a chip's DEM and recompute its slope
     time_limit_min: float = 0.0  # stop (and checkpoint) after this many minutes; 0: none
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
-        d = {"balance_by": "source", "derive": False, **d}  # runs saved before the options
+        # runs saved before these options
+        d = {"balance_by": "source", "derive": False, "relief_scale": 0.0, **d}
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -173,7 +175,13 @@ class Trainer:
             cfg = TrainConfig.from_dict(saved)
         self.cfg = cfg
         torch.manual_seed(cfg.seed + self.rank)
-        self.dataset = ChipDataset(store, split="train", derive=cfg.derive)
+        self.dataset = ChipDataset(
+            store,
+            split="train",
+            derive=cfg.derive,
+            relief_scale=cfg.relief_scale,
+            seed=cfg.seed + 1000 * self.rank,
+        )
         if len(self.dataset) == 0:
             raise TerrasynthError(f"{store}: no training chips")
         ckpt = self.run / "checkpoints" / latest.read_text().strip() if resume else None
