@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from terrasynth.data.derived import DERIVATIONS, scale_relief, slope_degrees
+from terrasynth.data.derived import DERIVATIONS, scale_relief
 from terrasynth.data.stats import apply_transform, band_moments
 from terrasynth.data.store import CHUNK_CHIPS, ChipStore
 from terrasynth.errors import TerrasynthError
@@ -146,7 +146,8 @@ class ChipDataset(Dataset):
             and self._random().random() < self.relief_scale
         ):
             lo, hi = np.log10(RELIEF_FACTORS)
-            sample.update(self._relief_scaled(idx, 10 ** self._random().uniform(lo, hi)))
+            factor = 10 ** self._random().uniform(lo, hi)
+            sample.update(self._derived_modality("slope", idx, relief=factor))
         sample["available"] = torch.from_numpy(has)
         sample["location"] = torch.from_numpy(self._location[idx].copy())
         sample["time"] = torch.tensor([self._time[idx]], dtype=torch.float32)
@@ -186,37 +187,28 @@ class ChipDataset(Dataset):
         v = apply_transform(data.astype(np.float32), self.registry[m].transform)
         return (v - mean[bands, None, None]) / std[bands, None, None]
 
-    def _derived_modality(self, m: str, idx: int) -> Sample:
-        """``m`` computed from its source modality's stored values (one band, one group)."""
-        src, fn = self.derive[m], DERIVATIONS[m][1]
+    def _derived_modality(self, m: str, idx: int, relief: float = 1.0) -> Sample:
+        """``m`` computed from its source modality's stored values (one band, one group).
+
+        ``relief`` != 1: the source's relief is scaled first (``data.derived.scale_relief``)
+        and the scaled source comes back too, so the pair stays consistent.
+        """
+        src, fn = DERIVATIONS[m]
         (sg,), (tg,) = self.registry[src].groups, self.registry[m].groups
         data = self._array(f"{src}/{sg.name}/data", idx)[0].astype(np.float32)
         valid = self._array(f"{src}/{sg.name}/valid", idx)
         pixel_m = float(self._gsd[idx]) * self.chip_size / data.shape[-1]
+        out: Sample = {}
+        if relief != 1.0:
+            data = scale_relief(data, valid, relief)
+            source = self._normalise(src, data[None], slice(0, 1)) * valid
+            out[f"{src}/{sg.name}"] = torch.from_numpy(source.astype(np.float32))
         v, ok = fn(data, valid, pixel_m)
         v = self._normalise(m, v[None], slice(0, 1))
-        return {
-            f"{m}/bands": torch.ones(1, dtype=torch.bool),
-            f"{m}/{tg.name}": torch.from_numpy((v * ok).astype(np.float32)),
-            f"{m}/{tg.name}/valid": torch.from_numpy(ok),
-        }
-
-    def _relief_scaled(self, idx: int, factor: float) -> Sample:
-        """DEM and slope of chip ``idx`` with the DEM's relief multiplied by ``factor``."""
-        (dg,), (sg,) = self.registry["dem"].groups, self.registry["slope"].groups
-        data = self._array(f"dem/{dg.name}/data", idx)[0].astype(np.float32)
-        valid = self._array(f"dem/{dg.name}/valid", idx)
-        flat = scale_relief(data, valid, factor)
-        pixel_m = float(self._gsd[idx]) * self.chip_size / data.shape[-1]
-        slope, ok = slope_degrees(flat, valid, pixel_m)
-        dem = self._normalise("dem", flat[None], slice(0, 1)) * valid
-        slope = self._normalise("slope", slope[None], slice(0, 1)) * ok
-        return {
-            f"dem/{dg.name}": torch.from_numpy(dem.astype(np.float32)),
-            "slope/bands": torch.ones(1, dtype=torch.bool),
-            f"slope/{sg.name}": torch.from_numpy(slope.astype(np.float32)),
-            f"slope/{sg.name}/valid": torch.from_numpy(ok),
-        }
+        out[f"{m}/bands"] = torch.ones(1, dtype=torch.bool)
+        out[f"{m}/{tg.name}"] = torch.from_numpy((v * ok).astype(np.float32))
+        out[f"{m}/{tg.name}/valid"] = torch.from_numpy(ok)
+        return out
 
     def _absent_modality(self, m: str, idx: int) -> Sample:
         # The same zero tensors serve every chip lacking ``m`` (read-only by contract).
