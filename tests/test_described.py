@@ -135,7 +135,7 @@ def test_mask_from_another_file_and_valid_range(tmp_path):
 
 def test_shipped_descriptions_each_claim_their_own_folder():
     names = [d["name"] for _, d in shipped_descriptions()]
-    assert len(names) == len(set(names)) == 15
+    assert len(names) == len(set(names)) == 17
     for name in names:
         found = find_description(DATA / name)
         assert found is not None and found[0]["name"] == name, name

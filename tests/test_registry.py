@@ -2,6 +2,7 @@ import pytest
 
 from terrasynth.errors import TerrasynthError, UnknownModalityError
 from terrasynth.modalities import Registry, default_registry
+from terrasynth.modalities.registry import SPECTRAL_SLOTS
 
 
 def test_builtin_entries_have_expected_shapes():
@@ -67,6 +68,24 @@ def test_user_modality_from_yaml(tmp_path):
             "needs a legend",
         ),
         ("  Bad:\n    kind: scalar\n    groups: [{name: a, gsd: 0, bands: [x]}]\n", "lowercase"),
+        (
+            "  bad:\n    kind: continuous\n    value_range: [0, 1]\n"
+            "    groups: [{name: a, gsd: 10, bands: [b1, b2]}]\n"
+            "    spectral: {b1: red, b2: ultraviolet}\n",
+            "spectral slot 'ultraviolet' of band 'b2' is not one of coastal, blue",
+        ),
+        (
+            "  bad:\n    kind: continuous\n    value_range: [0, 1]\n"
+            "    groups: [{name: a, gsd: 10, bands: [b1]}]\n"
+            "    spectral: {b7: red}\n",
+            "spectral band 'b7' is not one of its bands",
+        ),
+        (
+            "  bad:\n    kind: categorical\n    legend: {1: {name: x}}\n"
+            "    groups: [{name: a, gsd: 10, bands: [class]}]\n"
+            "    spectral: {class: red}\n",
+            "only continuous modalities have spectral slots",
+        ),
     ],
 )
 def test_invalid_user_modality_is_refused(tmp_path, body, message):
@@ -84,3 +103,53 @@ def test_redefining_builtin_differently_is_refused(tmp_path):
     )
     with pytest.raises(TerrasynthError, match="already defined"):
         default_registry([f])
+
+
+def test_builtin_spectral_slots():
+    reg = default_registry()
+    # the red band of every optical sensor, whatever the sensor calls it
+    for name, band in [
+        ("s2l2a", "B04"),
+        ("s2l1c", "B04"),
+        ("landsat8", "B4"),
+        ("landsat8_sr", "B4"),
+        ("landsat7", "B3"),
+        ("aerial", "R"),
+        ("rgb_visual", "R"),
+    ]:
+        assert reg[name].spectral_slots[band] == "red", name
+    s2 = reg["s2l2a"].spectral_slots
+    assert (s2["B08"], s2["B8A"]) == ("nir", "nir08")  # broad and narrow NIR stay apart
+    assert reg["landsat8"].spectral_slots["B5"] == "nir08"  # OLI's NIR is the narrow one
+    assert reg["s2l1c"].spectral_slots["B10"] == "cirrus"
+    assert reg["landsat7"].spectral_slots["B61"] == reg["landsat7"].spectral_slots["B62"]
+    for name, mod in reg.items():
+        slots = mod.spectral_slots
+        assert set(slots) <= set(mod.bands), name
+        assert set(slots.values()) <= set(SPECTRAL_SLOTS), name
+        if slots and mod.rgb:  # a sensor's quick-look bands are its red, green and blue
+            assert [slots[b] for b in mod.rgb] == ["red", "green", "blue"], name
+        if mod.kind != "continuous" or name in ("s1grd", "dem"):
+            assert not slots, name
+
+
+def test_spectral_slots_round_trip_and_stay_optional(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text(
+        "modalities:\n"
+        "  drone:\n"
+        "    kind: continuous\n"
+        "    units: reflectance\n"
+        "    value_range: [0, 1]\n"
+        "    groups:\n"
+        "      - {name: r01m, gsd: 1, bands: [re, nir, dsm]}\n"
+        "    spectral: {re: rededge1, nir: nir}\n"
+    )
+    drone = default_registry([f])["drone"]
+    assert drone.spectral_slots == {"re": "rededge1", "nir": "nir"}  # dsm has no slot
+    d = drone.to_dict()
+    assert d["spectral"] == {"re": "rededge1", "nir": "nir"}
+    assert Registry.from_dict({"drone": d})["drone"] == drone
+    # entries without slots keep the dict form they had (store snapshots, saved models)
+    assert "spectral" not in default_registry()["s1grd"].to_dict()
+    assert default_registry()["s1grd"].spectral_slots == {}

@@ -22,6 +22,25 @@ Kind = Literal["continuous", "categorical", "multilabel", "scalar"]
 KINDS: tuple[str, ...] = ("continuous", "categorical", "multilabel", "scalar")
 TRANSFORMS: tuple[str, ...] = ("none", "log1p")
 MAX_GROUP_FACTOR = 4  # coarsest band group is stored at most 4x coarser than the finest
+# Spectral slots: wavelength ranges that bands of different optical sensors share. A band
+# mapped to a slot (``spectral`` in its entry) shares the model's input and output channels
+# with every other sensor's band of that slot, so what one sensor teaches carries to others.
+SPECTRAL_SLOTS: tuple[str, ...] = (
+    "coastal",  # ~443 nm
+    "blue",  # ~490 nm
+    "green",  # ~560 nm
+    "red",  # ~665 nm
+    "rededge1",  # ~705 nm
+    "rededge2",  # ~740 nm
+    "rededge3",  # ~783 nm
+    "nir",  # broad near infrared, ~840 nm
+    "nir08",  # narrow near infrared, ~865 nm
+    "watervapour",  # ~945 nm
+    "cirrus",  # ~1375 nm
+    "swir16",  # ~1610 nm
+    "swir22",  # ~2200 nm
+    "thermal",  # ~11 um
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,12 @@ class Modality:
     nodata: float | None = None
     legend: tuple[LegendEntry, ...] = ()
     rgb: tuple[str, ...] = ()
+    spectral: tuple[tuple[str, str], ...] = ()  # (band, spectral slot) pairs
+
+    @property
+    def spectral_slots(self) -> dict[str, str]:
+        """Band -> spectral slot (see ``SPECTRAL_SLOTS``) of the bands that have one."""
+        return dict(self.spectral)
 
     @property
     def bands(self) -> tuple[str, ...]:
@@ -110,6 +135,8 @@ class Modality:
             d["legend"] = {e.code: {"name": e.name, "color": e.color} for e in self.legend}
         if self.rgb:
             d["rgb"] = list(self.rgb)
+        if self.spectral:
+            d["spectral"] = dict(self.spectral)
         return d
 
 
@@ -165,6 +192,17 @@ def modality_from_dict(name: str, d: Mapping[str, Any]) -> Modality:
     for b in rgb:
         if b not in all_bands:
             raise TerrasynthError(f"{where}: rgb band '{b}' is not one of its bands")
+    spectral = tuple((str(b), str(s)) for b, s in (d.get("spectral") or {}).items())
+    for b, slot in spectral:
+        if b not in all_bands:
+            raise TerrasynthError(f"{where}: spectral band '{b}' is not one of its bands")
+        if slot not in SPECTRAL_SLOTS:
+            raise TerrasynthError(
+                f"{where}: spectral slot '{slot}' of band '{b}' is not one of "
+                f"{', '.join(SPECTRAL_SLOTS)}"
+            )
+    if spectral and kind != "continuous":
+        raise TerrasynthError(f"{where}: only continuous modalities have spectral slots")
     return Modality(
         name=name,
         description=str(d.get("description", "")),
@@ -177,6 +215,7 @@ def modality_from_dict(name: str, d: Mapping[str, Any]) -> Modality:
         nodata=d.get("nodata"),
         legend=legend,
         rgb=rgb,
+        spectral=spectral,
     )
 
 
