@@ -1,6 +1,6 @@
 """Predict each modality from the others on a split: model vs training mean / majority.
 
-    python bench/model_vs_mean.py RUN_OR_MODEL_DIR STORE [--split test] [--steps 8]
+    python bench/model_vs_mean.py RUN_OR_MODEL_DIR STORE [--split test] [--steps N]
 
 Prints a Markdown table (MAE in physical units for continuous modalities, accuracy for
 land-cover maps) and whether the model beats the baseline on each.
@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from terrasynth.evaluation.translate import evaluate_translation, format_table
-from terrasynth.models.scene_model import SceneModel
+from terrasynth.models.base import sampling_steps
+from terrasynth.models.factory import load_model
 
 
 def main() -> None:
@@ -23,12 +24,13 @@ def main() -> None:
     ap.add_argument("model", type=Path, help="a run folder (uses RUN/model) or a model folder")
     ap.add_argument("store")
     ap.add_argument("--split", default="test")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=None, help="default: the model's own")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-chips", type=int, default=None)
     args = ap.parse_args()
     folder = args.model / "model" if (args.model / "model").is_dir() else args.model
-    model = SceneModel.from_pretrained(folder)
+    model = load_model(folder)
+    args.steps = sampling_steps(model, args.steps)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     rows = evaluate_translation(

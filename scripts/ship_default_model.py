@@ -1,6 +1,6 @@
 """Make a training run the built-in model: weights, config and a measured model card.
 
-    python scripts/ship_default_model.py RUN STORE [--sampling-steps 1]
+    python scripts/ship_default_model.py RUN STORE [--sampling-steps N]
 
 Copies the run's EMA weights (stored as bfloat16 to keep the package small) and config into
 ``src/terrasynth/weights/default/``, measures the model on the store's test split against
@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import save_file
 
 from terrasynth.evaluation.translate import evaluate_translation, format_table
-from terrasynth.models.scene_model import CONFIG, WEIGHTS, SceneModel
+from terrasynth.models.base import CONFIG, WEIGHTS
+from terrasynth.models.factory import load_model
 from terrasynth.training.trainer import read_metrics
 
 TARGET = Path(__file__).resolve().parents[1] / "src" / "terrasynth" / "weights" / "default"
@@ -32,9 +33,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("run", type=Path)
     ap.add_argument("store", type=Path)
-    ap.add_argument("--sampling-steps", type=int, default=1)
+    ap.add_argument("--sampling-steps", type=int, default=None, help="default: the model's")
     args = ap.parse_args()
-    model = SceneModel.from_pretrained(args.run / "model")
+    model = load_model(args.run / "model")
     tmp = TARGET.with_name(".default.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -42,7 +43,7 @@ def main() -> None:
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS))
     # measure the shipped (bfloat16) weights, not the float32 ones
-    shipped = SceneModel.from_pretrained(tmp)
+    shipped = load_model(tmp)
     t0 = time.perf_counter()
     rows = evaluate_translation(shipped, str(args.store), "test", args.sampling_steps)
     seconds = time.perf_counter() - t0
@@ -57,6 +58,34 @@ def main() -> None:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     wins = sum(r.better for r in rows)
+    c = model.config
+    params = model.num_parameters() / 1e6
+    names = ", ".join(model.modality_names)
+    if c.backbone == "conv_generator":
+        scales = ", ".join(f"{k} {v:.2f}" for k, v in sorted(c.spread_scale.items())) or "none"
+        lines = [
+            f"- Backbone `conv_generator`, preset `{c.preset}`: {params:.2f} M parameters;",
+            f"  U-Net widths {c.widths}, residual generator width {c.generator_channels},",
+            f"  training crop {c.image_size} px, sampling window {c.window_size} px",
+            f"  (stride {c.stride}), ensemble of {c.ensemble} in training, one sampling step.",
+            "- Spread per modality calibrated on the validation split (`terrasynth calibrate`):",
+            f"  {scales}.",
+            f"- Modalities ({len(model.modality_names)}): {names}.",
+            "- Full-resolution convolutional mean plus a one-step residual generator trained",
+            "  with proper scores (fair CRPS, patch and spectral energy scores); spectral slots",
+            "  shared across optical sensors (`docs/design.md`).",
+        ]
+    else:
+        lines = [
+            f"- Backbone `scene_transformer`, preset `{c.preset}`: {params:.2f} M parameters,",
+            f"  dim {c.dim}, depth {c.depth}, {c.heads} heads, patch {c.patch_size} px,",
+            f"  window {c.image_size} px, {c.scene_tokens} scene tokens.",
+            f"- Modalities ({len(model.modality_names)}): {names}.",
+            "- Pixel-space patch tokens, flow matching with a noise level per modality, x0",
+            "  prediction (`docs/design.md`).",
+        ]
+    description = "\n".join(lines)
+    steps = model.default_steps if args.sampling_steps is None else args.sampling_steps
     card = f"""# terrasynth built-in model
 
 The model `terrasynth generate`, `terrasynth evaluate` and `terrasynth demo` use when no
@@ -65,13 +94,7 @@ bfloat16 ({(tmp / WEIGHTS).stat().st_size / 2**20:.1f} MiB).
 
 ## Model
 
-- Preset `{model.config.preset}`: {model.num_parameters() / 1e6:.2f} M parameters, dim
-  {model.config.dim}, depth {model.config.depth}, {model.config.heads} heads, patch
-  {model.config.patch_size} px, window {model.config.image_size} px, {model.config.scene_tokens}
-  scene tokens, refinement convolution width {model.config.refine_channels}.
-- Modalities ({len(model.modality_names)}): {", ".join(model.modality_names)}.
-- Pixel-space patch tokens, flow matching with a noise level per modality, x0 prediction
-  (`docs/design.md`).
+{description}
 
 ## Data
 
@@ -83,7 +106,8 @@ Their licences are listed per chip in the store and in `../shared/data/*/SOURCE.
 
 ## Training
 
-`terrasynth train -d STORE -o RUN --steps {train_cfg["steps"]} --batch-size
+`terrasynth train -d STORE -o RUN --backbone {train_cfg.get("backbone", "scene_transformer")}
+--preset {train_cfg["preset"]} --steps {train_cfg["steps"]} --batch-size
 {train_cfg["batch_size"]} --source-balance {train_cfg.get("source_balance", 1.0)}
 --time-limit {train_cfg["time_limit_min"]:g}` (seed {train_cfg["seed"]}, lr {train_cfg["lr"]},
 warm-up {train_cfg["warmup"]}, EMA {train_cfg["ema_decay"]}, bf16 autocast): stopped at step
@@ -95,9 +119,10 @@ into `docs/runs/`).
 
 Each raster modality predicted from all others present on a test chip, compared with the
 training mean (MAE, physical units) or the training majority class (accuracy);
-{args.sampling_steps} sampling step(s), seed 0. Reproduce with
+{steps} sampling step(s), seed 0. Reproduce with
 `python bench/model_vs_mean.py src/terrasynth/weights/default STORE --steps
-{args.sampling_steps}` ({seconds:.0f} s here).
+{steps}` ({seconds:.0f} s here). The benchmark against kNN retrieval, the U-Net and the
+U-Net plus noise at the same budget is in `docs/benchmark.md`.
 
 {format_table(rows)}
 
@@ -107,9 +132,12 @@ training data (see `docs/training.md`).
 
 ## Limits
 
-A model this small, trained this briefly, produces plausible statistics and coarse
-structure, not fine detail; samples of one input differ mostly in texture. It knows only
-the modalities above, at the resolutions of the training data. Built from commit
+A model this small, trained for at most an hour or two on 2 CPU cores, follows the coarse
+structure of its inputs, not every field edge; where the inputs say little (Sentinel-1
+alone), its samples differ widely and its spread says so. Class maps are its most likely
+classes (every sample the same map); their probabilities are calibrated by the
+cross-entropy training. It knows only the modalities above, at the resolutions of the
+training data. Built from commit
 `{commit}`.
 """
     (tmp / "MODEL_CARD.md").write_text(card)

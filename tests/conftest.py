@@ -12,6 +12,9 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ZION = DATA / "zion_landsat8_srtm_nlcd"
 # A model small enough for unit tests of the model, objective, sampler and trainer.
 MICRO_MODEL = dict(image_size=16, patch_size=8, dim=32, depth=1, heads=2, scene_tokens=2)
+# The convolutional generator at about that size (32 px: the widest noise filter needs more
+# than 16 px).
+MICRO_CONV = dict(image_size=32, widths=[8, 16], cond_dim=8, generator_channels=8, ensemble=2)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -277,3 +277,44 @@ def test_generic_mode_band_subset_in_the_key(tmp_path):
     assert_one_line_error(res, "file has 4")
     res = cli("data", "build", "--input", f"s2l2a:B99,B03,B04,B08={f}", "-o", str(tmp_path / "e"))
     assert_one_line_error(res, "no band 'B99'")
+
+
+def test_evaluate_texture_shuffle_and_noisy_unet(small_store, tmp_path):
+    """`evaluate` with the noisy U-Net and the shuffle test: the rows and the fitted sigmas."""
+    import csv
+
+    import torch
+
+    from terrasynth.evaluation.unet import UNet, UNetConfig, model_config_of
+
+    torch.manual_seed(0)
+    cfg = UNetConfig.from_model_config(model_config_of(None)[0], widths=(8, 16, 32))
+    folder = UNet(cfg).save_pretrained(tmp_path / "unet")
+    out = tmp_path / "report"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        res = cli(
+            "evaluate", "-d", str(small_store), "-o", str(out), "--no-model",
+            "--baseline", "unet", "--baseline", "unet_noise", "--unet", str(folder),
+            "-t", "landsat8", "--max-chips", "3", "-n", "2", "--shuffle-conditions",
+        )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    val = {(r["predictor"], r["direction"], r["metric"]): float(r["value"]) for r in rows}
+    d = "dem -> landsat8"
+    for p in ("unet", "unet_noise"):
+        for m in ("texture_ratio", "spectrum_ratio", "sample_spectral_angle", "crps_shuffled"):
+            assert np.isfinite(val[(p, d, m)]), (p, m)
+        assert val[(p, d, "input_dependence")] > 0
+    assert val[("unet", d, "diversity")] == 0 and val[("unet_noise", d, "diversity")] > 0
+    # white noise on top of the U-Net: rougher than the U-Net itself
+    assert val[("unet_noise", d, "texture_ratio")] > val[("unet", d, "texture_ratio")]
+    assert val[("unet_noise", d, "spectrum_ratio")] > val[("unet", d, "spectrum_ratio")]
+    settings = json.loads((out / "metrics.json").read_text())["settings"]
+    assert settings["shuffle_conditions"] is True
+    fits = {(f["target"], tuple(f["conditions"])): f for f in settings["unet_noise_sigmas"]}
+    assert fits[("landsat8", ("dem",))]["split"] == "val"
+    assert "input_dependence" in (out / "report.md").read_text()
+    res = cli("evaluate", "-d", str(small_store), "-o", str(tmp_path / "r2"), "--unet", str(folder))
+    assert res.returncode != 0 and "only used with --baseline unet or unet_noise" in res.stderr

@@ -97,3 +97,86 @@ def test_categorical_metrics():
         probs[c][pred == c] = 1.0
     # confident everywhere, right on 4 of 6 known pixels: ECE = 1 - 4/6
     assert M.expected_calibration_error(probs, truth) == pytest.approx(1 - 4 / 6)
+
+
+def test_gradient_energy_counts_valid_neighbour_pairs_only():
+    ramp = np.tile(np.arange(5.0) * 2, (2, 4, 1))  # (2, 4, 5): +2 per column, flat in rows
+    total, pairs = M.gradient_energy(ramp)
+    assert np.allclose(pairs, 4 * 4 + 3 * 5)  # horizontal + vertical neighbour pairs
+    assert np.allclose(total, 4 * 4 * 2.0**2)  # only horizontal steps are non-zero
+    valid = np.ones((4, 5), bool)
+    valid[:, 2] = False  # cuts every horizontal pair touching column 2
+    ramp[:, :, 2] = 1e6  # and what is invalid must not count
+    total, pairs = M.gradient_energy(ramp, valid)
+    assert np.allclose(pairs, 4 * 2 + 3 * 4)
+    assert np.allclose(total, 4 * 2 * 2.0**2)
+
+
+def smooth_field(shape, sigma=1.5, seed=0):
+    from scipy.ndimage import gaussian_filter
+
+    g = np.random.default_rng(seed)
+    return gaussian_filter(g.normal(0, 1, shape), (0,) * (len(shape) - 2) + (sigma, sigma))
+
+
+def test_texture_ratio_sees_smooth_and_noisy_samples():
+    truth = smooth_field((2, 32, 32))
+    assert M.texture_ratio(truth[None], truth) == pytest.approx(1.0)
+    assert M.texture_ratio(2 * truth[None], truth) == pytest.approx(4.0)
+    assert M.texture_ratio(np.zeros((3, 2, 32, 32)), truth) == 0.0
+    real_like = smooth_field((6, 2, 32, 32), seed=1)  # other draws of the same process
+    assert 0.7 < M.texture_ratio(real_like, truth) < 1.4
+    from scipy.ndimage import gaussian_filter
+
+    assert M.texture_ratio(gaussian_filter(real_like, (0, 0, 2, 2)), truth) < 0.3
+    assert M.texture_ratio(real_like + rng.normal(0, 0.3, real_like.shape), truth) > 5
+    # per sample, not of the mean: two samples whose noise cancels in their mean
+    noise = rng.normal(0, 0.3, truth.shape)
+    pair = np.stack([truth + noise, truth - noise])
+    assert M.texture_ratio(pair.mean(0, keepdims=True), truth) == pytest.approx(1.0)
+    assert M.texture_ratio(pair, truth) > 5
+    assert np.isnan(M.texture_ratio(pair, np.ones_like(truth)))  # a flat truth: undefined
+
+
+def test_radial_power_spectrum_puts_a_wave_in_its_ring():
+    y, x = np.mgrid[:32, :32]
+    wave = np.cos(2 * np.pi * 5 * x / 32)[None] + 3.0  # 5 cycles per tile, and an offset
+    p = M.radial_power_spectrum(wave)
+    assert p.shape == (1, 16) and int(p[0].argmax()) + 1 == 5
+    assert p[0, 4] > 100 * np.delete(p[0], [3, 4, 5]).max()  # the Hann window leaks to k +- 1
+    white = M.radial_power_spectrum(rng.normal(0, 1, (64, 32, 32))).mean(0)
+    assert white[8:].mean() == pytest.approx(white[2:8].mean(), rel=0.2)  # flat
+
+
+def test_spectrum_ratio_in_log2_units_over_the_high_frequencies():
+    truth = smooth_field((2, 32, 32), sigma=1.0)
+    assert M.spectrum_ratio(truth[None], truth) == pytest.approx(0.0, abs=1e-9)
+    assert M.spectrum_ratio(2 * truth[None], truth) == pytest.approx(2.0, abs=1e-5)  # 4x power
+    assert M.spectrum_ratio(np.zeros((2, 2, 32, 32)), truth) == pytest.approx(
+        np.log2(M.SPECTRUM_FLOOR), abs=0.01
+    )
+    from scipy.ndimage import gaussian_filter
+
+    assert M.spectrum_ratio(gaussian_filter(truth, (0, 2, 2))[None], truth) < -3
+    noisy = truth[None] + rng.normal(0, 0.3, (4, 2, 32, 32))
+    assert M.spectrum_ratio(noisy, truth) > 2
+    # only the upper half of the rings counts: a change at low frequency leaves it alone
+    y, x = np.mgrid[:32, :32]
+    low = truth + 5 * np.cos(2 * np.pi * 2 * x / 32)[None]
+    assert M.spectrum_ratio(low[None], truth) == pytest.approx(0.0, abs=0.05)
+    # per sample, not of the mean
+    noise = rng.normal(0, 0.3, truth.shape)
+    assert M.spectrum_ratio(np.stack([truth + noise, truth - noise]), truth) > 2
+    assert np.isnan(M.spectrum_log_ratio(np.ones((1, 16)), np.zeros((1, 16))))
+
+
+def test_sample_spectral_angle_is_of_each_sample_not_of_the_mean():
+    truth = np.zeros((3, 2, 2))
+    truth[0] = 1.0
+    a, b = truth.copy(), truth.copy()
+    a[1], b[1] = 1.0, -1.0  # 45 degrees either side: their mean is the truth's direction
+    samples = np.stack([a, b])
+    assert M.spectral_angle(samples.mean(0), truth) == pytest.approx(0.0, abs=1e-6)
+    assert M.sample_spectral_angle(samples, truth) == pytest.approx(45.0)
+    t = rng.uniform(0.1, 1, (4, 5, 5))
+    assert M.sample_spectral_angle(np.stack([2 * t, 3 * t]), t) == pytest.approx(0.0, abs=1e-3)

@@ -8,11 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 
+from terrasynth.data.store import ChipStore
 from terrasynth.errors import TerrasynthError
+from terrasynth.models.config import ModelConfig
+from terrasynth.models.conv_generator import ConvGenerator
+from terrasynth.models.factory import build_model
 from terrasynth.pipeline import Pipeline, default_model_path
-from tests.conftest import DATA, ZION, run_cli
+from tests.conftest import DATA, MICRO_CONV, ZION, run_cli
 
 pytestmark = pytest.mark.needs_data
 
@@ -237,3 +242,50 @@ def test_non_empty_output_folder_is_kept(pipe, s1_4326, tmp_path):
     with pytest.raises(TerrasynthError, match="not empty"):
         gen.save(out)
     assert (out / "mine.txt").read_text() == "user data"
+
+
+@pytest.fixture(scope="module")
+def conv_folder(small_store, tmp_path_factory) -> Path:
+    """A micro convolutional generator for the small store's modalities, saved (untrained:
+    the plumbing, not the quality, is under test)."""
+    store = ChipStore.open(small_store)
+    mods = {m: store.registry[m].to_dict() for m in store.modalities}
+    cfg = ModelConfig(backbone="conv_generator", modalities=mods, stats=store.stats, **MICRO_CONV)
+    torch.manual_seed(0)
+    return build_model(cfg).save_pretrained(tmp_path_factory.mktemp("conv") / "model")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_conv_generator_writes_georeferenced_reproducible_samples(conv_folder, s1_utm, tmp_path):
+    pipe = Pipeline.from_pretrained(conv_folder)
+    assert isinstance(pipe.model, ConvGenerator)
+    a = pipe.generate(inputs={"s1grd": s1_utm}, targets=["s2l2a"], num_samples=2, seed=0)
+    assert a.info["sampler"]["steps"] == 1  # one-step model
+    with rasterio.open(s1_utm) as src:
+        crs, transform, shape = src.crs, src.transform, src.shape
+    assert a.grid.crs == crs and a.grid.transform == transform
+    s = a["s2l2a"].samples
+    assert s.shape == (2, 12, *shape) and np.isfinite(s).all()
+    assert np.abs(s[0] - s[1]).mean() > 1e-4  # two samples, not one twice
+    # the same seed, the same samples (from a freshly loaded model too); steps asked of a
+    # one-step model change nothing
+    again = Pipeline.from_pretrained(conv_folder).generate(
+        inputs={"s1grd": s1_utm}, targets=["s2l2a"], num_samples=2, seed=0, steps=8
+    )
+    assert again.info["sampler"]["steps"] == 1
+    assert np.array_equal(s, again["s2l2a"].samples)
+    other = pipe.generate(inputs={"s1grd": s1_utm}, targets=["s2l2a"], num_samples=2, seed=1)
+    assert not np.array_equal(s, other["s2l2a"].samples)
+    out = tmp_path / "out"
+    a.save(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["generation.json", "quicklook.png", "s2l2a_mean.tif", "s2l2a_std.tif"]
+        + [f"s2l2a_sample{i}.tif" for i in range(2)]
+    )
+    for i in range(2):
+        with rasterio.open(out / f"s2l2a_sample{i}.tif") as f:
+            assert f.crs == crs and f.transform == transform and f.shape == shape
+            assert f.count == 12 and f.descriptions[2] == "B04"
+            assert np.array_equal(f.read(), s[i])
+    info = json.loads((out / "generation.json").read_text())
+    assert info["model"] == str(conv_folder) and info["seed"] == 0

@@ -39,8 +39,9 @@ from terrasynth.data.sources.generic import generic_scene
 from terrasynth.data.stats import denormalise, normalise
 from terrasynth.errors import InputError, TerrasynthError, UnknownModalityError
 from terrasynth.modalities import Modality
+from terrasynth.models.base import GenerativeModel, sampling_steps
 from terrasynth.models.config import ModelConfig
-from terrasynth.models.scene_model import SceneModel
+from terrasynth.models.factory import load_model
 from terrasynth.models.signals import batch_signals, location_from_vector, time_from_vector
 from terrasynth.sampling.flow import FlowSampler
 from terrasynth.sampling.windows import sample_independent_tiles, sample_scene
@@ -162,9 +163,9 @@ class Generation:
 
 
 class Pipeline:
-    """Any-to-any generation with a trained :class:`SceneModel` (see the module docstring)."""
+    """Any-to-any generation with any trained model (see the module docstring)."""
 
-    def __init__(self, model: SceneModel, source: str = "") -> None:
+    def __init__(self, model: GenerativeModel, source: str = "") -> None:
         self.model = model.eval()
         self.source = source
 
@@ -177,7 +178,7 @@ class Pipeline:
         if not (folder / "config.json").exists():
             where = "the built-in model is missing from this installation" if path is None else ""
             raise TerrasynthError(f"{folder}: not a model folder {where}".strip())
-        return cls(SceneModel.from_pretrained(folder), source=str(folder))
+        return cls(load_model(folder), source=str(folder))
 
     @property
     def modalities(self) -> list[str]:
@@ -209,7 +210,7 @@ class Pipeline:
         num_samples: int = 4,
         seed: int = 0,
         *,
-        steps: int = 8,
+        steps: int | None = None,
         eta: float = 0.0,
         guidance: float = 1.0,
         scaling: dict[str, tuple[float, float]] | None = None,
@@ -225,9 +226,10 @@ class Pipeline:
         """Generate ``targets`` from ``inputs`` (``{modality[:bands]: GeoTIFF}``).
 
         ``num_samples`` samples from ``seed`` (same seed, same samples), ``steps`` sampling
-        steps, ``eta`` 0 deterministic to 1 stochastic, ``guidance`` > 1 classifier-free
-        guidance. A target that is also an input (``s2l2a:B04,B03,B02=rgb.tif`` with target
-        ``s2l2a``) has its missing bands generated (band infilling). With no inputs the
+        steps (default: the model's own; a one-step generator always takes 1), ``eta`` 0
+        deterministic to 1 stochastic, ``guidance`` > 1 classifier-free guidance. A target
+        that is also an input (``s2l2a:B04,B03,B02=rgb.tif`` with target ``s2l2a``) has its
+        missing bands generated (band infilling). With no inputs the
         scene is generated jointly: ``size`` px at ``gsd`` m, optionally at ``location``
         (lon, lat). ``time`` (ISO date) conditions any generation. ``windows="independent"``
         samples every window on its own (the usual tiling; for seam comparisons only).
@@ -246,6 +248,7 @@ class Pipeline:
                 raise UnknownModalityError(
                     f"the model cannot generate '{t}' (it knows: {', '.join(self.modalities)})"
                 )
+        steps = sampling_steps(self.model, steps)  # None: the model's own; one-step: 1
         if num_samples < 1 or steps < 1:
             raise TerrasynthError("num_samples and steps must be at least 1")
         for key, _ in items:
@@ -263,7 +266,7 @@ class Pipeline:
             out_grid = scene.layers[0].grid
             work = working_grid(scene, registry, gsd)
         else:
-            size = size or 2 * cfg.image_size
+            size = size or 2 * cfg.window_size
             gsd = gsd or 10.0
             lon, lat = location if location is not None else (0.0, 0.0)
             work = utm_grid(lon, lat, size, gsd)
@@ -271,7 +274,7 @@ class Pipeline:
             scene = Scene("joint", "joint", "generated", work, [], None)
             if location is None and "location" not in targets and cfg.use_location:
                 targets.append("location")  # the place is generated too, then georeferenced
-        work = padded_grid(work, cfg.image_size)
+        work = padded_grid(work, cfg.window_size)
         if max(work.width, work.height) > MAX_SIDE:
             raise InputError(
                 f"the scene is {work.width} x {work.height} px at "

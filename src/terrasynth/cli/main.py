@@ -34,6 +34,10 @@ def train(
     store: Annotated[Path, typer.Option("-d", "--data", help="Chip store to train on.")],
     run: Annotated[Path, typer.Option("-o", "--output", help="Run folder.")],
     preset: Annotated[str, typer.Option(help="Model size: tiny, small or base.")] = "tiny",
+    backbone: Annotated[
+        str,
+        typer.Option(help="Model class: 'conv_generator' or 'scene_transformer'."),
+    ] = "scene_transformer",
     steps: Annotated[int, typer.Option(help="Optimiser steps in all.")] = 1400,
     batch_size: Annotated[int, typer.Option(help="Chips per process and micro-step.")] = 24,
     accumulate: Annotated[int, typer.Option(help="Micro-steps per optimiser step.")] = 1,
@@ -66,6 +70,7 @@ def train(
 
     cfg = TrainConfig(
         preset=preset,
+        backbone=backbone,
         steps=steps,
         batch_size=batch_size,
         accumulate=accumulate,
@@ -126,7 +131,10 @@ def generate(
     ] = None,
     num_samples: Annotated[int, typer.Option("-n", "--num-samples", help="Samples.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same samples.")] = 0,
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 8,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Sampling steps (default: the model's own; one-step models: 1)."),
+    ] = None,
     eta: Annotated[
         float, typer.Option(help="0: deterministic sampler; up to 1: stochastic.")
     ] = 0.0,
@@ -191,7 +199,10 @@ def generate(
     offsets = parse_numbers(offset or [], "--offset")
     scaling = {m: (scales.get(m, 1.0), offsets.get(m, 0.0)) for m in {*scales, *offsets}}
     pipe = Pipeline.from_pretrained(model)
+    from terrasynth.models.base import sampling_steps
     from terrasynth.scenes.job import JobSpec
+
+    steps = sampling_steps(pipe.model, steps)
 
     # the same settings drive in-memory generation and the whole-scene engine
     settings = dict(
@@ -304,17 +315,23 @@ def evaluate(
     ] = None,
     split: Annotated[str, typer.Option(help="Split: test, val or train.")] = "test",
     baseline: Annotated[
-        list[str] | None, typer.Option(help="Baselines to run beside the model: mean, knn, unet.")
+        list[str] | None,
+        typer.Option(help="Baselines to run beside the model: mean, knn, unet, unet_noise."),
     ] = None,
     unet: Annotated[
         Path | None,
-        typer.Option(help="Trained U-Net folder for --baseline unet (baseline train-unet)."),
+        typer.Option(
+            help="Trained U-Net folder for --baseline unet / unet_noise (baseline train-unet)."
+        ),
     ] = None,
     target: Annotated[
         list[str] | None, typer.Option("-t", "--target", help="Only these target modalities.")
     ] = None,
     num_samples: Annotated[int, typer.Option("-n", "--num-samples", help="Samples per tile.")] = 4,
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 8,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Sampling steps (default: the model's own; one-step models: 1)."),
+    ] = None,
     eta: Annotated[float, typer.Option(help="0: deterministic; up to 1: stochastic.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     max_chips: Annotated[
@@ -332,6 +349,13 @@ def evaluate(
     seam_target: Annotated[
         list[str] | None, typer.Option(help="Targets of the seam scene (default s2l2a).")
     ] = None,
+    shuffle_conditions: Annotated[
+        bool,
+        typer.Option(
+            help="Input-dependence test: also generate every chip from another chip's "
+            "conditions (crps_shuffled, input_dependence); doubles the time."
+        ),
+    ] = False,
 ) -> None:
     """Score generation on a store's split against baselines (JSON, CSV, report).
 
@@ -352,12 +376,14 @@ def evaluate(
     from terrasynth.pipeline import Pipeline
 
     ChipStore.open(store)  # a clear error for a missing or broken store
-    if "unet" in (baseline or []) and unet is None:
+    uses_unet = [b for b in baseline or [] if b in ("unet", "unet_noise")]
+    if uses_unet and unet is None:
         raise TerrasynthError(
-            "--baseline unet needs --unet FOLDER (train one with `terrasynth baseline train-unet`)"
+            f"--baseline {uses_unet[0]} needs --unet FOLDER (train one with "
+            "`terrasynth baseline train-unet`)"
         )
-    if unet is not None and "unet" not in (baseline or []):
-        raise TerrasynthError("--unet is only used with --baseline unet")
+    if unet is not None and not uses_unet:
+        raise TerrasynthError("--unet is only used with --baseline unet or unet_noise")
     frozen = None
     if protocol is not None:
         from terrasynth.data.raster_io import read_json
@@ -371,6 +397,9 @@ def evaluate(
         seed = fixed.get("seed", seed)
     pipe = Pipeline.from_pretrained(model)
     config = pipe.model.config
+    from terrasynth.models.base import sampling_steps
+
+    steps = sampling_steps(pipe.model, steps)
     predictors = [] if no_model else [ModelPredictor(pipe.model, steps=steps, eta=eta)]
     for name in baseline or []:
         predictors.append(make_baseline(name, config, store, unet))
@@ -392,6 +421,7 @@ def evaluate(
         predictors, config, str(store), directions, split, num_samples, seed, max_chips,
         progress=lambda line: typer.echo(line, err=True),
         chips=frozen["directions"] if frozen is not None else None,
+        shuffle_conditions=shuffle_conditions,
     )  # fmt: skip
     settings = {
         "model": pipe.source, "store": str(store), "split": split, "num_samples": num_samples,
@@ -399,6 +429,11 @@ def evaluate(
     }  # fmt: skip
     if unet is not None:
         settings["unet"] = str(unet)
+    if shuffle_conditions:
+        settings["shuffle_conditions"] = True
+    for p in predictors:
+        if hasattr(p, "fitted"):
+            settings[f"{p.name}_sigmas"] = p.fitted()
     seams = None
     if seam_input:
         from terrasynth.evaluation.seams import scene_seams
@@ -408,6 +443,47 @@ def evaluate(
         settings["seam_input"] = list(seam_input)
     report = write_report(results, output, settings, protocol_of(results, settings), seams)
     typer.echo(f"{len(results)} direction x predictor results; report {report.resolve()}")
+
+
+@app.command()
+def calibrate(
+    model: Annotated[Path, typer.Option("-m", "--model", help="Model or run folder.")],
+    store: Annotated[Path, typer.Option("-d", "--data", help="Chip store.")],
+    split: Annotated[str, typer.Option(help="Split to fit on (never test).")] = "val",
+    members: Annotated[int, typer.Option(help="Samples per chip.")] = 8,
+    max_chips: Annotated[int, typer.Option(help="Chips per modality.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Fit the spread of a one-step generator per modality on the validation split.
+
+    Writes ``spread_scale`` into the model's config.json (the factor minimising CRPS)."""
+    from terrasynth.data.store import ChipStore
+    from terrasynth.evaluation.calibration import fit_spread_scale
+    from terrasynth.pipeline import Pipeline
+
+    if split == "test":
+        raise TerrasynthError("calibrate on the validation split, never on the test split")
+    ChipStore.open(store)
+    pipe = Pipeline.from_pretrained(model)
+    cfg = pipe.model.config
+    if cfg.backbone != "conv_generator":
+        raise TerrasynthError(f"{model}: only one-step generators (conv_generator) have a spread")
+    fits = fit_spread_scale(pipe.model, str(store), split, members, max_chips, seed=seed)
+    if not fits:
+        raise TerrasynthError(f"{store}: no {split} chip holds a modality of the model")
+    typer.echo(
+        "modality  chips  scale  CRPS(1)  CRPS  spread/skill(1)  spread/skill  cov90(1)  cov90"
+    )
+    for name, fit in fits.items():
+        r = fit.summary()
+        typer.echo(
+            f"{name:14s} {r['chips']:4d} {r['scale']:6.3f} {r['crps_at_1']:8.4f} {r['crps']:7.4f} "
+            f"{r['spread_skill_at_1']:8.3f} {r['spread_skill']:13.3f} "
+            f"{r['coverage_90_at_1']:9.3f} {r['coverage_90']:6.3f}"
+        )
+    cfg.spread_scale = {**cfg.spread_scale, **{n: f.scale for n, f in fits.items()}}
+    cfg.save(Path(pipe.source) / "config.json")
+    typer.echo(f"spread_scale written to {Path(pipe.source) / 'config.json'}")
 
 
 baseline_app = typer.Typer(help="Train the benchmark's learned baselines.", no_args_is_help=True)

@@ -9,6 +9,11 @@
 * ``unet``: a deterministic any-to-any U-Net (``terrasynth.evaluation.unet``) trained on the
   model's training data with the model's wall-clock budget; every sample is its one
   prediction (continuous: normalised values; categorical: softmax probabilities).
+* ``unet_noise``: the U-Net's prediction plus independent Gaussian noise per pixel, with a
+  per-band standard deviation fitted on the store's validation split: the root mean square
+  residual of the U-Net, per direction (target and conditions), over the known pixels of
+  up to 256 validation chips. The simplest probabilistic version of the U-Net: calibrated
+  in its spread, but with the texture of white noise. Land cover: as ``unet``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 import torch
 
 from terrasynth.data.dataset import ChipDataset
+from terrasynth.data.stats import band_moments
 from terrasynth.errors import TerrasynthError
 from terrasynth.models.config import ModelConfig
 from terrasynth.models.signals import Signal
@@ -75,7 +81,7 @@ class KNNBaseline:
         for c in conds:
             ok &= has[c]
         pick = np.flatnonzero(ok)[: self.max_train]
-        size = self.config.image_size
+        size = self.config.window_size
         feats, targets = [], []
         for i in pick:
             sample = ds[int(i)]
@@ -152,23 +158,145 @@ class UNetBaseline:
         return out
 
 
-BASELINES = {"mean": MeanBaseline, "knn": KNNBaseline, "unet": UNetBaseline}
+class UNetNoiseBaseline(UNetBaseline):
+    """The U-Net plus Gaussian noise of its validation residual (module docstring).
+
+    The standard deviations are fitted once per direction, when the baseline first meets it
+    (:meth:`fit`), and kept in :attr:`fits` (the report's settings list them)."""
+
+    name = "unet_noise"
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        path: str | Path,
+        store: str | Path,
+        max_chips: int = 256,
+        batch_size: int = 16,
+    ) -> None:
+        super().__init__(config, path)
+        self.store = str(store)
+        self.max_chips = max_chips
+        self.batch_size = batch_size
+        self.fits: dict[tuple[str, tuple[str, ...]], dict] = {}
+
+    def _key(self, target: str, conditions) -> tuple[str, tuple[str, ...]]:
+        names = self.net.modality_names
+        return target, tuple(sorted({c for c in conditions if c != target and c in names}))
+
+    @torch.inference_mode()
+    def fit(self, target: str, conditions) -> dict:
+        """Per band of ``target``: the root mean square residual of the U-Net given
+        ``conditions`` (those of them each chip holds), in normalised units, over the known
+        pixels of the validation chips that hold the target and any condition (the training
+        split's when the validation split has none; 1, the training spread, for bands seen
+        on no chip)."""
+        from terrasynth.data.dataset import collate_chips
+        from terrasynth.evaluation.translate import tiles
+        from terrasynth.models.signals import batch_signals
+
+        key = self._key(target, conditions)
+        if key in self.fits:
+            return self.fits[key]
+        if target not in self.net.modality_names:
+            raise TerrasynthError(f"the U-Net was not trained to predict '{target}'")
+        mod = self.config.registry[target]
+        conds = key[1]
+        pick, ds, used = np.zeros(0, int), None, None
+        for split in ("val", "train"):
+            here = ChipDataset(self.store, split=split)
+            if target not in here.modalities or len(here) == 0:
+                continue
+            has = {m: here.store.available(m)[here.indices] for m in here.modalities}
+            ok = has[target] & np.logical_or.reduce(
+                [has[c] for c in conds if c in has] or [np.zeros(len(here), bool)]
+            )
+            if ok.any():
+                pick, ds, used = np.flatnonzero(ok), here, split
+                break
+        if len(pick) > self.max_chips:  # spread over the split, not its first source
+            pick = pick[np.linspace(0, len(pick) - 1, self.max_chips).astype(int)]
+        sq = {g.name: np.zeros(len(g.bands)) for g in mod.groups}
+        cnt = {g.name: np.zeros(len(g.bands)) for g in mod.groups}
+        for start in range(0, len(pick), self.batch_size):
+            batch = collate_chips([ds[int(i)] for i in pick[start : start + self.batch_size]])
+            for tile in tiles(batch, self.config.window_size, ds.chip_size):
+                sig = batch_signals(tile, self.config, ds.modalities)
+                given = {c: sig[c].present.bool() for c in conds if c in sig}
+                if target not in sig or not given:
+                    continue
+                pred = self.net.predict(sig, given)[target]
+                t = sig[target]
+                for g in mod.groups:
+                    k = t.known[g.name] * t.present[:, None, None, None]
+                    err = (pred[g.name].float() - t.groups[g.name]) ** 2 * k
+                    sq[g.name] += err.sum((0, 2, 3)).double().numpy()
+                    cnt[g.name] += k.sum((0, 2, 3)).double().numpy()
+        sigma = {}
+        for g in mod.groups:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                sigma[g.name] = np.where(cnt[g.name] > 0, np.sqrt(sq[g.name] / cnt[g.name]), 1.0)
+        bands = [b for g in mod.groups for b in g.bands]
+        flat = np.concatenate([sigma[g.name] for g in mod.groups])
+        _, std = band_moments(self.config.stats.get(target, {}), tuple(bands))
+        self.fits[key] = {
+            "target": target,
+            "conditions": list(conds),
+            "split": used,
+            "chips": int(len(pick)),
+            "pixels": {
+                b: int(n) for b, n in zip(bands, np.concatenate(list(cnt.values())), strict=True)
+            },
+            "sigma": {b: float(v) for b, v in zip(bands, flat, strict=True)},
+            "sigma_physical": (
+                {b: float(v * w) for b, v, w in zip(bands, flat, std, strict=True)}
+                if mod.transform == "none"
+                else None
+            ),
+            "groups": sigma,
+        }
+        return self.fits[key]
+
+    def sample(self, signals, tile, target, conditions, num_samples, generator):
+        out = super().sample(signals, tile, target, conditions, num_samples, generator)
+        if signals[target].target is not None:  # land cover: the U-Net's probabilities
+            return out
+        sigma = self.fit(target, conditions)["groups"]
+        for g, v in out.items():
+            noise = torch.randn(v.shape, generator=generator).numpy()
+            out[g] = (v + noise * sigma[g][None, None, :, None, None]).astype(np.float32)
+        return out
+
+    def fitted(self) -> list[dict]:
+        """The fitted standard deviations, one entry per direction (JSON-ready)."""
+        return [{k: v for k, v in f.items() if k != "groups"} for f in self.fits.values()]
+
+
+BASELINES = {
+    "mean": MeanBaseline,
+    "knn": KNNBaseline,
+    "unet": UNetBaseline,
+    "unet_noise": UNetNoiseBaseline,
+}
 
 
 def make_baseline(
     name: str, config: ModelConfig, store: str | Path, unet: str | Path | None = None
 ) -> MeanBaseline | KNNBaseline | UNetBaseline:
     """A baseline by name with what it needs: ``knn`` the store's training split, ``unet``
-    the folder of a trained U-Net."""
+    the folder of a trained U-Net, ``unet_noise`` that folder and the store's validation
+    split."""
     if name not in BASELINES:
         raise TerrasynthError(f"unknown baseline '{name}' (baselines: {', '.join(BASELINES)})")
     if name == "knn":
         return KNNBaseline(config, str(store))
-    if name == "unet":
+    if name in ("unet", "unet_noise"):
         if unet is None:
             raise TerrasynthError(
-                "--baseline unet needs --unet FOLDER (train one with "
+                f"--baseline {name} needs --unet FOLDER (train one with "
                 "`terrasynth baseline train-unet`)"
             )
+        if name == "unet_noise":
+            return UNetNoiseBaseline(config, unet, store)
         return UNetBaseline(config, unet)
     return BASELINES[name](config)

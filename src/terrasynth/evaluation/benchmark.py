@@ -25,8 +25,8 @@ from terrasynth.errors import TerrasynthError
 from terrasynth.evaluation import metrics as M
 from terrasynth.evaluation.translate import tiles
 from terrasynth.modalities import Modality
+from terrasynth.models.base import GenerativeModel, sampling_steps
 from terrasynth.models.config import ModelConfig
-from terrasynth.models.scene_model import SceneModel
 from terrasynth.models.signals import Signal, batch_signals
 from terrasynth.sampling.conditional import generate
 from terrasynth.sampling.flow import FlowSampler
@@ -63,11 +63,17 @@ class Predictor(Protocol):
 
 
 class ModelPredictor:
-    """The scene model with a flow sampler: N samples by repeating the batch N times."""
+    """Any model with a flow sampler: N samples by repeating the batch N times."""
 
-    def __init__(self, model: SceneModel, steps: int = 8, eta: float = 0.0, name: str = "model"):
+    def __init__(
+        self,
+        model: GenerativeModel,
+        steps: int | None = None,
+        eta: float = 0.0,
+        name: str = "model",
+    ):
         self.model = model.eval()
-        self.sampler = FlowSampler(steps=steps, eta=eta)
+        self.sampler = FlowSampler(steps=sampling_steps(model, steps), eta=eta)
         self.name = name
 
     def sample(self, signals, tile, target, conditions, num_samples, generator):
@@ -114,6 +120,12 @@ class DirectionScores:
     confidence: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # categorical
     examples: list[dict] = field(default_factory=list)
     chip_ids: list[str] = field(default_factory=list)
+    # per band [sum of squared gradients of the samples, their pairs, same of the truth]
+    texture: dict[str, np.ndarray] = field(default_factory=dict)
+    # per band (2, K): summed radial power spectra of the samples (mean over samples) and
+    # of the truth, over the tiles on which the band is fully known
+    spectra: dict[str, np.ndarray] = field(default_factory=dict)
+    donors: dict[str, str] = field(default_factory=dict)  # shuffle test: chip -> donor chip
 
     def add(self, key: str, value: float, weight: float) -> None:
         if np.isfinite(value):
@@ -129,6 +141,18 @@ class DirectionScores:
             out["wasserstein"] += M.band_wasserstein(real, fake) / len(self.real_values)
             out.setdefault("range_coverage", 0.0)
             out["range_coverage"] += M.range_coverage(real, fake) / len(self.real_values)
+        if self.texture:
+            t = np.stack(list(self.texture.values()))  # (bands, 4)
+            out["texture_ratio"] = M.energy_ratio(t[:, 0], t[:, 1], t[:, 2], t[:, 3])
+        if self.spectra:
+            fake = np.stack([v[0] for v in self.spectra.values()])
+            true = np.stack([v[1] for v in self.spectra.values()])
+            out["spectrum_ratio"] = M.spectrum_log_ratio(fake, true)
+        # shuffle test: error with another chip's conditions over error with the own ones
+        if out.get("crps_shuffled") is not None and out.get("crps", 0) > 0:
+            out["input_dependence"] = out["crps_shuffled"] / out["crps"]
+        if out.get("accuracy_shuffled") is not None and out.get("accuracy", 1) < 1:
+            out["input_dependence"] = (1 - out["accuracy_shuffled"]) / (1 - out["accuracy"])
         if len(self.real_features) > 3 and len(self.fake_features) > 3:
             prc = M.precision_recall_coverage(
                 np.stack(self.real_features), np.stack(self.fake_features)
@@ -140,6 +164,37 @@ class DirectionScores:
 
 LEVELS = np.array([0.1, 0.3, 0.5, 0.7, 0.9])
 EXAMPLES = 3  # tiles per direction kept for pictures
+
+
+def physical_tile(
+    mod: Modality, group_samples: dict[str, np.ndarray], sig: Signal, stats: dict, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]] | None:
+    """The k-th tile of a continuous target in physical units on the modality's finest grid:
+    truth (C, H, W), samples (N, C, H, W), known (C, H, W) and the band names, for the
+    bands the chip holds (None when it holds none)."""
+    parts_true, parts_fake, masks = [], [], []
+    for g in mod.groups:
+        known = sig.known[g.name][k].numpy() > 0  # (C, h, w)
+        x = group_samples[g.name][:, k]  # (N, C, h, w) normalised
+        true = denormalise(sig.groups[g.name][k].numpy(), stats, g.bands, mod.transform)
+        fake = denormalise(x, stats, g.bands, mod.transform)
+        factor = g.factor
+        if factor > 1:  # compare on the finest grid of the modality
+            true = true.repeat(factor, 1).repeat(factor, 2)
+            fake = fake.repeat(factor, 2).repeat(factor, 3)
+            known = known.repeat(factor, 1).repeat(factor, 2)
+        parts_true.append(true)
+        parts_fake.append(fake)
+        masks.append(known)
+    true = np.concatenate(parts_true)
+    fake = np.concatenate(parts_fake, 1)
+    known = np.concatenate(masks)
+    bands = [b for g in mod.groups for b in g.bands]
+    keep = known.reshape(len(bands), -1).any(1)  # bands the chip holds
+    if not keep.any():
+        return None
+    kept = [b for b, ok in zip(bands, keep, strict=True) if ok]
+    return true[keep], fake[:, keep], known[keep], kept
 
 
 def score_tile(
@@ -175,29 +230,10 @@ def score_tile(
         if len(scores.examples) < EXAMPLES:
             scores.examples.append({"truth": truth, "samples": maps, "kind": "categorical"})
         return
-    parts_true, parts_fake, masks = [], [], []
-    for g in mod.groups:
-        known = sig.known[g.name][k].numpy() > 0  # (C, h, w)
-        x = group_samples[g.name][:, k]  # (N, C, h, w) normalised
-        true = denormalise(sig.groups[g.name][k].numpy(), stats, g.bands, mod.transform)
-        fake = denormalise(x, stats, g.bands, mod.transform)
-        factor = g.factor
-        if factor > 1:  # compare on the finest grid of the modality
-            true = true.repeat(factor, 1).repeat(factor, 2)
-            fake = fake.repeat(factor, 2).repeat(factor, 3)
-            known = known.repeat(factor, 1).repeat(factor, 2)
-        parts_true.append(true)
-        parts_fake.append(fake)
-        masks.append(known)
-    true = np.concatenate(parts_true)
-    fake = np.concatenate(parts_fake, 1)
-    known = np.concatenate(masks)
-    bands = [b for g in mod.groups for b in g.bands]
-    keep = known.reshape(len(bands), -1).any(1)  # bands the chip holds
-    if not keep.any():
+    tile = physical_tile(mod, group_samples, sig, stats, k)
+    if tile is None:
         return
-    true, fake, known = true[keep], fake[:, keep], known[keep]
-    kept = [b for b, ok in zip(bands, keep, strict=True) if ok]
+    true, fake, known, kept = tile
     n_known = float(known.sum())
     mean = fake.mean(0)
     lo = np.array([stats["bands"].get(b, {}).get("p01", 0.0) for b in kept])
@@ -209,6 +245,7 @@ def score_tile(
     scores.add("ssim", M.ssim(mean, true, span, known), n_known)
     if len(kept) >= 3:
         scores.add("spectral_angle", M.spectral_angle(mean, true, known), n_known)
+        scores.add("sample_spectral_angle", M.sample_spectral_angle(fake, true, known), n_known)
     scores.add("mae_best_of_n", M.best_of_n_mae(fake, true, known), n_known)
     scores.add("crps", M.crps_ensemble(fake, true, known), n_known)
     if len(fake) > 1:
@@ -219,6 +256,19 @@ def score_tile(
             np.array([M.interval_coverage(fake, true, lv, known) for lv in LEVELS])
         )
     scores.add("diversity", M.diversity(fake, known), n_known)
+    # texture: every sample's own gradients and spectrum, pooled over the direction's tiles
+    fake_sum, fake_n = np.sum([M.gradient_energy(s, known) for s in fake], 0)
+    energy = np.stack([fake_sum, fake_n, *M.gradient_energy(true, known)], 1)  # (bands, 4)
+    for i, b in enumerate(kept):
+        scores.texture[b] = scores.texture.get(b, np.zeros(4)) + energy[i]
+        if known[i].all():
+            p_true = M.radial_power_spectrum(true[i : i + 1])[0]
+            p_fake = np.mean([M.radial_power_spectrum(s[i : i + 1])[0] for s in fake], 0)
+            prev = scores.spectra.get(b)
+            if prev is None:
+                scores.spectra[b] = np.stack([p_fake, p_true])
+            elif prev.shape[1] == len(p_true):
+                prev += np.stack([p_fake, p_true])
     for i, b in enumerate(kept):
         m = known[i]
         scores.real_values.setdefault(b, []).append(true[i][m][::4])
@@ -231,6 +281,30 @@ def score_tile(
         scores.examples.append(
             {"truth": true, "samples": fake, "bands": kept, "kind": "continuous"}
         )
+
+
+def score_shuffled_tile(
+    scores: DirectionScores,
+    mod: Modality,
+    group_samples: dict[str, np.ndarray],
+    sig: Signal,
+    stats: dict,
+    k: int,
+) -> None:
+    """Score the k-th tile generated from another chip's conditions: ``crps_shuffled``
+    (continuous) or ``accuracy_shuffled`` (categorical), weighted as in :func:`score_tile`."""
+    if mod.kind == "categorical":
+        g = mod.groups[0].name
+        truth = sig.target[g][k].numpy()
+        n_known = float((truth >= 0).sum())
+        if n_known:
+            pred = group_samples[g][:, k].mean(0).argmax(0)
+            scores.add("accuracy_shuffled", M.accuracy(pred, truth), n_known)
+        return
+    tile = physical_tile(mod, group_samples, sig, stats, k)
+    if tile is not None:
+        true, fake, known, _ = tile
+        scores.add("crps_shuffled", M.crps_ensemble(fake, true, known), float(known.sum()))
 
 
 def default_directions(ds: ChipDataset, config: ModelConfig, min_tiles_chips: int = 2):
@@ -248,6 +322,42 @@ def default_directions(ds: ChipDataset, config: ModelConfig, min_tiles_chips: in
     return out
 
 
+def direction_signals(
+    tile: dict, config: ModelConfig, order: list[str], target: str, conds: list[str]
+) -> tuple[dict[str, Signal], list[str]]:
+    """A tile's signals with the modalities outside the direction marked absent, and the
+    conditions the predictor is given (the direction's, then location and time)."""
+    sig = batch_signals(tile, config, order)
+    conditions = [c for c in conds if c in sig]
+    for n in list(sig):
+        if n != target and n not in conditions and n not in ("location", "time"):
+            sig[n] = Signal(
+                torch.zeros_like(sig[n].present), groups=sig[n].groups,
+                known=sig[n].known, target=sig[n].target, vector=sig[n].vector,
+            )  # fmt: skip
+    return sig, conditions + [c for c in ("location", "time") if c in sig]
+
+
+def donor_chips(scenes: np.ndarray, seed: int) -> np.ndarray:
+    """For the shuffle test: a permutation ``donor`` of ``range(len(scenes))`` in which no
+    chip is its own donor and, wherever the scene sizes allow it (no scene holds more than
+    half the chips), every donor comes from another scene.
+
+    Chips are put in random order grouped by scene, and each takes the chip ``s``
+    positions further on (cyclically), ``s`` being the size of the largest scene."""
+    n = len(scenes)
+    if n < 2:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    names, inverse, counts = np.unique(scenes, return_inverse=True, return_counts=True)
+    rank = rng.permutation(len(names))[inverse]  # scenes in random order
+    order = np.lexsort((rng.random(n), rank))  # grouped by scene, random within
+    shift = min(int(counts.max()), n - 1)
+    donor = np.empty(n, dtype=int)
+    donor[order] = order[(np.arange(n) + shift) % n]
+    return donor
+
+
 @torch.no_grad()
 def run_benchmark(
     predictors: list[Predictor],
@@ -261,16 +371,26 @@ def run_benchmark(
     batch_size: int = 8,
     progress: Callable[[str], None] | None = None,
     chips: dict[str, list[str]] | None = None,
+    shuffle_conditions: bool = False,
 ) -> list[DirectionScores]:
     """Score every predictor on every direction (see the module docstring).
 
     ``chips``: a frozen protocol's chip ids per direction name (``Direction.name``); the
-    chosen ids are recorded in each result's ``chip_ids`` either way."""
+    chosen ids are recorded in each result's ``chip_ids`` either way.
+
+    ``shuffle_conditions``: the input-dependence test. After the ordinary pass every chip's
+    target is generated again from another chip's conditions (all of them, location and
+    time included; donors from :func:`donor_chips`, the same for every predictor), with
+    the same seed, and scored as ``crps_shuffled`` (land cover: ``accuracy_shuffled``);
+    ``input_dependence`` is the ratio of the two errors. The ordinary scores do not change.
+    """
     ds = ChipDataset(store, split=split)
     order = ds.modalities
     reg = config.registry
     directions = directions or default_directions(ds, config)
     has = {m: ds.store.available(m)[ds.indices] for m in order}
+    ids = ds.store.table["chip_id"].to_numpy()[ds.indices]
+    scenes = ds.store.table["scene_id"].to_numpy()[ds.indices]
     results = []
     for d in directions:
         mod = reg[d.target]
@@ -285,7 +405,6 @@ def run_benchmark(
             else np.logical_and.reduce([has[c] for c in conds])
         )
         pick = np.flatnonzero(need)
-        ids = ds.store.table["chip_id"].to_numpy()[ds.indices]
         if chips is not None:
             wanted = set(chips.get(d.name, []))
             pick = np.array([i for i in pick if ids[i] in wanted], dtype=int)
@@ -299,28 +418,41 @@ def run_benchmark(
             pick = pick[:max_chips]
         if len(pick) == 0:
             continue
-        loader = DataLoader(
-            Subset(ds, pick.tolist()), batch_size=batch_size, collate_fn=collate_chips
-        )
+
+        def loader(indices: np.ndarray) -> DataLoader:
+            return DataLoader(
+                Subset(ds, indices.tolist()), batch_size=batch_size, collate_fn=collate_chips
+            )
+
+        donors = pick[donor_chips(scenes[pick], seed)] if shuffle_conditions else None
         for pred in predictors:
             gen = torch.Generator().manual_seed(seed)
             scores = DirectionScores(d, pred.name, mod.kind)
             scores.chip_ids = [str(ids[i]) for i in pick]
-            for batch in loader:
-                for tile in tiles(batch, config.image_size, ds.chip_size):
-                    sig = batch_signals(tile, config, order)
-                    # conditions outside the direction take no part
-                    conditions = [c for c in conds if c in sig]
-                    for n in list(sig):
-                        if n != d.target and n not in conditions and n not in ("location", "time"):
-                            sig[n] = Signal(
-                                torch.zeros_like(sig[n].present), groups=sig[n].groups,
-                                known=sig[n].known, target=sig[n].target, vector=sig[n].vector,
-                            )  # fmt: skip
-                    conditions += [c for c in ("location", "time") if c in sig]
+            for batch in loader(pick):
+                for tile in tiles(batch, config.window_size, ds.chip_size):
+                    sig, conditions = direction_signals(tile, config, order, d.target, conds)
                     samples = pred.sample(sig, tile, d.target, conditions, num_samples, gen)
                     for k in range(tile["gsd"].shape[0]):
                         score_tile(scores, mod, samples, sig[d.target], config.stats[d.target], k)
+            if donors is not None and len(pick) > 1:
+                pairs = zip(pick, donors, strict=True)
+                scores.donors = {str(ids[i]): str(ids[j]) for i, j in pairs}
+                gen = torch.Generator().manual_seed(seed)  # the same noise as above
+                for batch, other in zip(loader(pick), loader(donors), strict=True):
+                    for tile, dtile in zip(
+                        tiles(batch, config.window_size, ds.chip_size),
+                        tiles(other, config.window_size, ds.chip_size),
+                        strict=True,
+                    ):
+                        sig, conditions = direction_signals(tile, config, order, d.target, conds)
+                        given, _ = direction_signals(dtile, config, order, d.target, conds)
+                        mixed = {n: sig[n] if n == d.target else given[n] for n in sig}
+                        samples = pred.sample(mixed, tile, d.target, conditions, num_samples, gen)
+                        for k in range(tile["gsd"].shape[0]):
+                            score_shuffled_tile(
+                                scores, mod, samples, sig[d.target], config.stats[d.target], k
+                            )
             if progress is not None:
                 progress(f"{pred.name}: {d.name} ({scores.tiles} tiles)")
             results.append(scores)

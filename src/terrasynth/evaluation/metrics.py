@@ -75,6 +75,105 @@ def best_of_n_mae(samples: np.ndarray, truth: np.ndarray, valid=None) -> float:
     return min(mae(s, truth, valid) for s in samples)
 
 
+def sample_spectral_angle(samples: np.ndarray, truth: np.ndarray, valid=None) -> float:
+    """Mean over samples of each sample's mean spectral angle to the truth (degrees).
+
+    Unlike :func:`spectral_angle` of the sample mean, averaging the samples first cannot
+    hide spectra that no single sample gets right (or wrong)."""
+    return float(np.mean([spectral_angle(s, truth, valid) for s in samples]))
+
+
+# -- texture ------------------------------------------------------------------------------
+def gradient_energy(x: np.ndarray, valid=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per band of a (C, H, W) image: the sum of squared finite differences between
+    horizontal and vertical neighbours that are both valid, and the number of such pairs."""
+    m = _mask(valid, x.shape)
+    mx = m[:, :, 1:] & m[:, :, :-1]
+    my = m[:, 1:] & m[:, :-1]
+    with np.errstate(invalid="ignore", over="ignore"):
+        dx = np.where(mx, np.diff(x, axis=2), 0.0)
+        dy = np.where(my, np.diff(x, axis=1), 0.0)
+    total = (dx.astype(np.float64) ** 2).sum((1, 2)) + (dy.astype(np.float64) ** 2).sum((1, 2))
+    return total, (mx.sum((1, 2)) + my.sum((1, 2))).astype(np.float64)
+
+
+def energy_ratio(
+    fake_sum: np.ndarray, fake_n: np.ndarray, true_sum: np.ndarray, true_n: np.ndarray
+) -> float:
+    """Mean over bands of (fake_sum / fake_n) / (true_sum / true_n): the texture ratio from
+    accumulated :func:`gradient_energy` sums. Bands without pairs, or whose truth has no
+    gradient at all, are left out (NaN when none is left)."""
+    fake_sum, fake_n = np.asarray(fake_sum, float), np.asarray(fake_n, float)
+    true_sum, true_n = np.asarray(true_sum, float), np.asarray(true_n, float)
+    ok = (fake_n > 0) & (true_n > 0) & (true_sum > 0)
+    if not ok.any():
+        return float("nan")
+    return float(np.mean((fake_sum[ok] / fake_n[ok]) / (true_sum[ok] / true_n[ok])))
+
+
+def texture_ratio(samples: np.ndarray, truth: np.ndarray, valid=None) -> float:
+    """Roughness of the samples against the truth: per band, the mean squared spatial
+    gradient (finite differences over valid neighbour pairs) of every sample (not of their
+    mean) over that of the truth, averaged over bands. 1: as rough as the real image;
+    < 1 too smooth (0 for a constant prediction); >> 1 noise."""
+    true_sum, true_n = gradient_energy(truth, valid)
+    fake_sum, fake_n = np.zeros_like(true_sum), np.zeros_like(true_n)
+    for s in samples:
+        a, b = gradient_energy(s, valid)
+        fake_sum += a
+        fake_n += b
+    return energy_ratio(fake_sum, fake_n, true_sum, true_n)
+
+
+def radial_power_spectrum(x: np.ndarray) -> np.ndarray:
+    """Radially averaged power spectrum of each band of a fully valid (C, H, W) image:
+    band mean removed, a 2-D Hann window applied, |FFT|^2 averaged over rings of radius
+    k = 1 .. n // 2 (n = min(H, W); frequency k / n cycles per pixel). Returns (C, n // 2)."""
+    c, h, w = x.shape
+    n = min(h, w)
+    win = np.hanning(h)[:, None] * np.hanning(w)[None]
+    y = (x - x.mean((1, 2), keepdims=True)) * win
+    power = np.abs(np.fft.fft2(y.astype(np.float64))) ** 2 / (win**2).sum()
+    r = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.fftfreq(w)[None]) * n
+    ring = np.rint(r).astype(int).ravel()
+    keep = (ring >= 1) & (ring <= n // 2)
+    counts = np.bincount(ring[keep], minlength=n // 2 + 1)[1:]
+    out = np.stack(
+        [np.bincount(ring[keep], p.ravel()[keep], minlength=n // 2 + 1)[1:] for p in power]
+    )
+    return out / np.maximum(counts, 1)
+
+
+SPECTRUM_FLOOR = 1e-6  # of the truth's power in each ring: a constant scores about -20
+
+
+def spectrum_log_ratio(fake_power: np.ndarray, true_power: np.ndarray) -> float:
+    """Mean over bands of the mean log2 ratio of generated to real power over the upper half
+    of the radial frequencies (rings k > K / 2 of K: periods shorter than 4 px). 0: as much
+    fine detail as the real image; -1: half the power (too smooth); > 0 noise. Both powers
+    get ``SPECTRUM_FLOOR`` times the truth's power of the ring added, so a constant
+    prediction scores log2(1e-6), about -20, instead of minus infinity; rings where the
+    truth has no power are left out (NaN when none is left)."""
+    fake_power, true_power = np.atleast_2d(fake_power), np.atleast_2d(true_power)
+    k = true_power.shape[1]
+    hi = np.arange(1, k + 1) > k / 2
+    f, t = fake_power[:, hi], true_power[:, hi]
+    vals = []
+    for fb, tb in zip(f, t, strict=True):
+        ok = tb > 0
+        if ok.any():
+            eps = SPECTRUM_FLOOR * tb[ok]
+            vals.append(np.mean(np.log2((fb[ok] + eps) / (tb[ok] + eps))))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def spectrum_ratio(samples: np.ndarray, truth: np.ndarray) -> float:
+    """:func:`spectrum_log_ratio` of the mean power spectrum of the samples (each sample's
+    own spectrum, not that of their mean) against the truth's; fully valid images only."""
+    fake = np.mean([radial_power_spectrum(s) for s in samples], 0)
+    return spectrum_log_ratio(fake, radial_power_spectrum(truth))
+
+
 # -- calibration --------------------------------------------------------------------------
 def crps_ensemble(samples: np.ndarray, truth: np.ndarray, valid=None) -> float:
     """Continuous ranked probability score of the ensemble, per value, averaged:

@@ -30,6 +30,8 @@ HIGHER_IS_BETTER = {
     "coverage_90": None, "diversity": None, "wasserstein": False, "range_coverage": True,
     "feature_precision": True, "feature_recall": True, "feature_coverage": True,
     "accuracy": True, "miou": True, "ece": False, "accuracy_best_of_n": True,
+    "sample_spectral_angle": False, "texture_ratio": None, "spectrum_ratio": None,
+    "crps_shuffled": None, "accuracy_shuffled": None, "input_dependence": True,
 }  # fmt: skip
 
 
@@ -109,7 +111,12 @@ def _markdown(results: list[DirectionScores], settings: dict) -> str:
         "Settings: " + ", ".join(f"{k} `{v}`" for k, v in settings.items()) + ". Pointwise "
         "scores use the mean of the samples; `best_of_n` the sample closest to the truth; "
         "distribution scores pool all tiles of a direction (features: per-band mean, "
-        "standard deviation, gradient magnitude and 10/50/90 % quantiles of a tile)."
+        "standard deviation, gradient magnitude and 10/50/90 % quantiles of a tile). "
+        "Texture of every sample, pooled: `texture_ratio` (mean squared gradient of the "
+        "samples over the truth's; 1 as rough as real, < 1 too smooth, >> 1 noise) and "
+        "`spectrum_ratio` (mean log2 ratio of their radial power spectra over the upper "
+        "half of the frequencies; 0 as real). `input_dependence`: the error with another "
+        "chip's conditions over the error with the chip's own (about 1: inputs ignored)."
     )
     for kind, title in (("continuous", "Continuous targets"), ("categorical", "Land cover")):
         t = _table(results, kind)

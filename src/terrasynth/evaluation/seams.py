@@ -72,7 +72,7 @@ def scene_seams(
     from terrasynth.errors import InputError
     from terrasynth.sampling.windows import window_offsets
 
-    size = pipe.model.config.image_size
+    size = pipe.model.config.window_size
     patch = pipe.model.config.patch_size
     rows = []
     for method in ("shared", "independent"):
@@ -87,7 +87,7 @@ def scene_seams(
                 f"resolution ({work['crs']} at {work['gsd_m']} m)"
             )
         factors = [g.factor for t in targets for g in pipe.model.config.registry[t].groups]
-        stride = max(size // 2, max(factors))
+        stride = max(pipe.model.config.stride, max(factors))
         h, w = out["height"], out["width"]
         r_b = border_positions(h, window_offsets(work["height"], size, stride), size)
         c_b = border_positions(w, window_offsets(work["width"], size, stride), size)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from terrasynth.data.dataset import ChipDataset, collate_chips, is_raster_key
 from terrasynth.data.stats import denormalise
-from terrasynth.models.scene_model import SceneModel
+from terrasynth.models.base import GenerativeModel, sampling_steps
 from terrasynth.models.signals import batch_signals
 from terrasynth.sampling.conditional import generate
 from terrasynth.sampling.flow import FlowSampler
@@ -43,7 +43,9 @@ class Row:
 
 
 def tiles(batch: dict, size: int, chip_size: int) -> list[dict]:
-    """Split a collated batch of chips into batches of non-overlapping ``size`` tiles."""
+    """Split a collated batch of chips into batches of non-overlapping ``size`` tiles (the
+    whole chips when ``size`` is larger)."""
+    size = min(size, chip_size)
     out = []
     for r in range(0, chip_size - size + 1, size):
         for c in range(0, chip_size - size + 1, size):
@@ -64,10 +66,10 @@ def _denorm(x: torch.Tensor, stats: dict, bands: tuple[str, ...], transform: str
 
 @torch.no_grad()
 def evaluate_translation(
-    model: SceneModel,
+    model: GenerativeModel,
     store: str,
     split: str = "test",
-    steps: int = 8,
+    steps: int | None = None,
     batch_size: int = 16,
     seed: int = 0,
     max_chips: int | None = None,
@@ -82,7 +84,7 @@ def evaluate_translation(
     rasters = [m.name for m in cfg.raster_modalities() if m.name in order]
     others = [m for m in order if m in cfg.modalities and reg[m].kind != "scalar"]
     gen = torch.Generator().manual_seed(seed)
-    sampler = FlowSampler(steps=steps)
+    sampler = FlowSampler(steps=sampling_steps(model, steps))
     rows = []
     has = np.stack([ds.store.available(m)[ds.indices] for m in order], 1)
     for target in rasters:
@@ -98,7 +100,7 @@ def evaluate_translation(
         loader = DataLoader(sub, batch_size=batch_size, collate_fn=collate_chips)
         err_m = err_b = n = 0.0
         for batch in loader:
-            for tile in tiles(batch, cfg.image_size, ds.chip_size):
+            for tile in tiles(batch, cfg.window_size, ds.chip_size):
                 sig = batch_signals(tile, cfg, order)
                 conds = [m for m in sig if m != target]
                 out = generate(model, sig, [target], conds, tile["gsd"], sampler, gen)

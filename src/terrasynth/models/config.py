@@ -21,9 +21,17 @@ LOCATION_DIM = 3  # unit vector on the sphere
 TIME_DIM = 3  # sin / cos of day of year, scaled year
 
 
+BACKBONES = ("scene_transformer", "conv_generator")
+
+
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a model (sizes and modality table)."""
+    """Everything needed to rebuild a model (backbone, sizes and modality table).
+
+    ``backbone`` names the model class (``terrasynth.models.factory`` builds it); the
+    transformer's fields (patch, dim, depth, ...) and the convolutional generator's
+    (``widths``, ``ensemble``, ...) sit side by side, each backbone reading its own.
+    """
 
     modalities: dict[str, dict[str, Any]] = field(default_factory=dict)  # registry entries
     stats: dict[str, Any] = field(default_factory=dict)  # the store's statistics
@@ -41,6 +49,27 @@ class ModelConfig:
     use_location: bool = True
     use_time: bool = True
     preset: str = "custom"
+    backbone: str = "scene_transformer"  # the model class (see BACKBONES)
+    # convolutional generator (backbone "conv_generator")
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128])  # channels per level
+    cond_dim: int = 32  # sensor / place / time conditioning vector
+    generator_channels: int = 32  # width of the residual generator
+    ensemble: int = 4  # members per chip in training (fair CRPS, energy score)
+    spread_scale: dict[str, float] = field(default_factory=dict)  # calibration per modality
+    # sampling windows (0: the training crop, half-window stride); a fully convolutional
+    # model can also slide with a smaller overlap
+    window: int = 0
+    window_stride: int = 0
+
+    @property
+    def window_size(self) -> int:
+        """Pixels of the base grid the model sees per window when sampling."""
+        return self.window or self.image_size
+
+    @property
+    def stride(self) -> int:
+        """Base-grid pixels between neighbouring sampling windows."""
+        return self.window_stride or self.window_size // 2
 
     @property
     def registry(self) -> Registry:
@@ -61,6 +90,22 @@ class ModelConfig:
         return out
 
     def validate(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise TerrasynthError(
+                f"unknown backbone '{self.backbone}' (backbones: {', '.join(BACKBONES)})"
+            )
+        if self.backbone == "conv_generator":
+            multiple = 2 ** (len(self.widths) - 1) * max(
+                (g.factor for m in self.raster_modalities() for g in m.groups), default=1
+            )
+            if self.image_size % multiple:
+                raise TerrasynthError(f"image_size must be a multiple of {multiple}")
+            for w in self.widths:
+                if w % min(8, w):
+                    raise TerrasynthError(f"widths must be multiples of 8 (GroupNorm), got {w}")
+            if self.ensemble < 2:
+                raise TerrasynthError("ensemble must be at least 2 (fair CRPS needs pairs)")
+            return
         if self.image_size % self.patch_size:
             raise TerrasynthError("image_size must be a multiple of patch_size")
         for mod in self.raster_modalities():
@@ -115,11 +160,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     )
     for name, sizes in _SIZES.items()
 }
+# The convolutional generator: window, widths per level, generator width, ensemble.
+CONV_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        image_size=32, widths=[32, 64, 128], generator_channels=32, ensemble=4, window_stride=24
+    ),
+    "small": dict(image_size=64, widths=[48, 96, 192], generator_channels=48, ensemble=4),
+    "base": dict(image_size=128, widths=[64, 128, 256, 512], generator_channels=64, ensemble=6),
+}
 
 
-def preset_config(name: str, modalities: dict[str, dict], stats: dict) -> ModelConfig:
-    if name not in PRESETS:
-        raise TerrasynthError(f"unknown preset '{name}' (presets: {', '.join(PRESETS)})")
-    cfg = ModelConfig(modalities=modalities, stats=stats, preset=name, **PRESETS[name])
+def preset_config(
+    name: str, modalities: dict[str, dict], stats: dict, backbone: str = "scene_transformer"
+) -> ModelConfig:
+    table = CONV_PRESETS if backbone == "conv_generator" else PRESETS
+    if name not in table:
+        raise TerrasynthError(f"unknown preset '{name}' (presets: {', '.join(table)})")
+    cfg = ModelConfig(
+        backbone=backbone, modalities=modalities, stats=stats, preset=name, **table[name]
+    )
     cfg.validate()
     return cfg

@@ -22,18 +22,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from terrasynth.errors import TerrasynthError
+from terrasynth.models.base import CONFIG, WEIGHTS, PretrainedMixin
 from terrasynth.models.config import ModelConfig
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
+__all__ = ["CONFIG", "WEIGHTS", "ModalityInput", "SceneModel"]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -99,8 +97,10 @@ class Block(nn.Module):
         return x + g2 * self.mlp(h)
 
 
-class SceneModel(nn.Module):
+class SceneModel(PretrainedMixin, nn.Module):
     """Any-to-any multimodal scene model (see the module docstring)."""
+
+    default_steps = 8
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -289,29 +289,6 @@ class SceneModel(nn.Module):
                 f = F.interpolate(f, scale_factor=factor, mode="nearest") if factor > 1 else f
                 total = f if total is None else total + f
         return total
-
-    # -- persistence -----------------------------------------------------------------------
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (atomically) into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.config.save(folder / CONFIG)
-        tmp = folder / f".{WEIGHTS}.tmp"
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
-        tmp.replace(folder / WEIGHTS)
-        return folder
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, map_location: str = "cpu") -> SceneModel:
-        folder = Path(folder)
-        if not (folder / CONFIG).exists() or not (folder / WEIGHTS).exists():
-            raise TerrasynthError(f"{folder}: no {CONFIG} and {WEIGHTS} here")
-        model = cls(ModelConfig.load(folder / CONFIG))
-        model.load_state_dict(load_file(str(folder / WEIGHTS), device=map_location))
-        return model
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 def _blind_at_pure_noise(inp: ModalityInput) -> ModalityInput:

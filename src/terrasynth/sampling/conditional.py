@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from terrasynth.models.scene_model import ModalityInput, SceneModel
+from terrasynth.models.base import GenerativeModel
+from terrasynth.models.scene_model import ModalityInput
 from terrasynth.models.signals import Signal
 from terrasynth.sampling.flow import FlowSampler
 
@@ -41,7 +42,7 @@ def x0_from_prediction(sig: Signal, pred) -> tuple[object, object]:
 
 @torch.no_grad()
 def generate(
-    model: SceneModel,
+    model: GenerativeModel,
     signals: dict[str, Signal],
     targets: list[str],
     conditions: list[str],
@@ -111,7 +112,7 @@ def guide(cond, unc, w: float):
 
 
 def predict(
-    model: SceneModel,
+    model: GenerativeModel,
     sigs: dict[str, Signal],
     targets: list[str],
     x: dict,
@@ -123,6 +124,19 @@ def predict(
     """One model call: targets in their current noisy state ``x`` at level ``t``, every
     other modality of ``sigs`` clean (or all dropped: the unconditional branch of guidance).
     """
+    return model(sampling_inputs(sigs, targets, x, t, gsd, given_bands, with_conditions), gsd)
+
+
+def sampling_inputs(
+    sigs: dict[str, Signal],
+    targets: list[str],
+    x: dict,
+    t: float,
+    gsd: torch.Tensor,
+    given_bands: dict | None,
+    with_conditions: bool,
+) -> dict[str, ModalityInput]:
+    """The model inputs of :func:`predict`."""
     b = gsd.shape[0]
     inputs: dict[str, ModalityInput] = {}
     for n, sig in sigs.items():
@@ -146,4 +160,4 @@ def predict(
             else:
                 vec = torch.cat([sig.vector, sig.vector * sig.known, sig.known], 1)
             inputs[n] = ModalityInput(level, take, vector=vec)
-    return model(inputs, gsd)
+    return inputs

@@ -1,6 +1,6 @@
 """Sampling a scene larger than the model's window: overlapping windows, one noise field.
 
-The model sees ``image_size`` pixels at a time. A scene is covered by windows that overlap
+The model sees ``window_size`` pixels at a time. A scene is covered by windows that overlap
 by half; every window starts from its crop of one noise field drawn for the whole scene,
 and at every sampling step the windows' x0 predictions are blended (a smooth weight that
 falls towards each window's border) before the sampler moves the whole field to the next
@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from terrasynth.models.scene_model import SceneModel
+from terrasynth.models.base import GenerativeModel
 from terrasynth.models.signals import Signal
 from terrasynth.sampling.conditional import (
     Generated,
@@ -124,23 +124,23 @@ def _window_signals(
     return out
 
 
-def _layout(model: SceneModel, scene: dict[str, Signal]) -> tuple[dict, list[tuple[int, int]]]:
+def _layout(model: GenerativeModel, scene: dict[str, Signal]) -> tuple[dict, list[tuple[int, int]]]:
     """Band-group factors of the scene's rasters and the (row, col) offsets of its windows
-    on the base grid (half-window stride, at least the coarsest factor)."""
-    size = model.config.image_size
+    on the base grid (the model's stride, at least the coarsest factor)."""
+    size = model.config.window_size
     reg = model.config.registry
     factors = {n: {g.name: g.factor for g in reg[n].groups} for n, s in scene.items() if s.groups}
     first = next(n for n, s in scene.items() if s.groups is not None)
     g0, x = next(iter(scene[first].groups.items()))
     height, width = (d * factors[first][g0] for d in x.shape[-2:])
-    stride = max(size // 2, max(max(f.values()) for f in factors.values()))
+    stride = max(model.config.stride, max(max(f.values()) for f in factors.values()))
     rows, cols = window_offsets(height, size, stride), window_offsets(width, size, stride)
     return factors, [(r, c) for r in rows for c in cols]
 
 
 @torch.no_grad()
 def blend_x0(
-    model: SceneModel,
+    model: GenerativeModel,
     scene: dict[str, Signal],
     targets: list[str],
     x: dict,
@@ -161,7 +161,7 @@ def blend_x0(
     weighted sums of the windows' x0 predictions, their weights, and (``with_probs``) the
     weighted class probabilities of categorical targets; sum / weight is the blend.
     """
-    size = model.config.image_size
+    size = model.config.window_size
     weight = blend_weight(size)
     weights = {f: _crop_weight(weight, f) for d in factors.values() for f in d.values()}
     acc, norm = _zeros_like_state(x), _zeros_like_state(x, weights_only=True)
@@ -218,7 +218,7 @@ def scene_seed(generator: torch.Generator | None) -> int:
 
 @torch.no_grad()
 def sample_scene(
-    model: SceneModel,
+    model: GenerativeModel,
     scene: dict[str, Signal],
     targets: list[str],
     gsd: float,
@@ -332,7 +332,7 @@ def _expand_given(given: dict | None, n: int) -> dict | None:
 
 @torch.no_grad()
 def sample_independent_tiles(
-    model: SceneModel,
+    model: GenerativeModel,
     scene: dict[str, Signal],
     targets: list[str],
     gsd: float,
@@ -343,7 +343,7 @@ def sample_independent_tiles(
     """The usual tiling, for comparison: every window is sampled on its own, from its own
     noise, and the finished windows are blended with the same weight as
     :func:`sample_scene` uses. Neighbours do not agree where they overlap, so seams show."""
-    size = model.config.image_size
+    size = model.config.window_size
     factors, windows = _layout(model, scene)
     first = next(n for n, sig in scene.items() if sig.groups is not None)
     height, width = next(iter(scene[first].groups.values())).shape[-2:]

@@ -35,6 +35,7 @@ from terrasynth.atomic import write_text
 from terrasynth.data.align import AlignedGroup
 from terrasynth.data.scene import Grid, Layer, Scene
 from terrasynth.errors import InputError, TerrasynthError, UnknownModalityError
+from terrasynth.models.base import sampling_steps
 from terrasynth.models.signals import batch_signals
 from terrasynth.pipeline import (
     VECTOR_NAMES,
@@ -59,7 +60,7 @@ class JobSpec:
     targets: list[str]
     num_samples: int = 1
     seed: int = 0
-    steps: int = 8
+    steps: int | None = None  # None: the model's own
     eta: float = 0.0
     guidance: float = 1.0
     scaling: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -107,7 +108,7 @@ class SceneJob:
         self.grid_override = grid
         self.model = pipeline.model
         self.cfg = self.model.config
-        self.spec = spec
+        self.spec = replace(spec, steps=sampling_steps(self.model, spec.steps))
         self.folder = Path(folder)
         self._check_targets()
         reg = self.cfg.registry
@@ -127,13 +128,13 @@ class SceneJob:
             if spec.location is None:
                 raise InputError("whole-scene joint generation needs a place (--lon/--lat)")
             lon, lat = spec.location
-            self.grid = utm_grid(lon, lat, spec.size or 2 * self.cfg.image_size, spec.gsd or 10.0)
+            self.grid = utm_grid(lon, lat, spec.size or 2 * self.cfg.window_size, spec.gsd or 10.0)
         if grid is not None:
             self.grid = grid
-        self.work = padded_grid(self.grid, self.cfg.image_size)
-        size = self.cfg.image_size
+        self.work = padded_grid(self.grid, self.cfg.window_size)
+        size = self.cfg.window_size
         factors = [g.factor for n in self.raster_names for g in reg[n].groups]
-        stride = max(size // 2, max(factors))
+        stride = max(self.cfg.stride, max(factors))
         self.plan = ScenePlan(self.work.height, self.work.width, size, stride, spec.tile)
         self.input_names = {f.modality for f in self.files}
         self.held = self._held_bands()
@@ -141,7 +142,7 @@ class SceneJob:
         self.location = spec.location if spec.location is not None else self.work.center_lonlat()
         self.gsd = self.work.ground_resolution_m()
         self.seed = scene_seed(torch.Generator().manual_seed(spec.seed))
-        self.sampler = FlowSampler(steps=spec.steps, eta=spec.eta)
+        self.sampler = FlowSampler(steps=self.spec.steps, eta=spec.eta)
         self.parent = None
         if parent is not None:
             self.refine(parent)

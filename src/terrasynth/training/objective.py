@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from terrasynth.models.scene_model import SceneModel
+from terrasynth.models.base import GenerativeModel
 from terrasynth.models.signals import Signal, model_inputs
 
 DROPPED, CONDITIONED, GENERATED = 0, 1, 2
@@ -161,7 +161,7 @@ def modality_losses(
 
 
 def training_step(
-    model: SceneModel,
+    model: GenerativeModel,
     batch_signals: dict[str, Signal],
     gsd: torch.Tensor,
     cfg: ObjectiveConfig,
@@ -180,3 +180,16 @@ def training_step(
         return zero, {}
     loss = torch.stack(list(losses.values())).mean()
     return loss, {k: float(v.detach()) for k, v in losses.items()}
+
+
+class FlowObjective:
+    """The flow-matching training step as an objective object (the trainer's interface:
+    ``objective(model, signals, gsd, generator) -> (loss, per-modality values)``)."""
+
+    def __init__(self, cfg: ObjectiveConfig | None = None) -> None:
+        self.cfg = cfg or ObjectiveConfig()
+
+    def __call__(
+        self, model, signals: dict[str, Signal], gsd: torch.Tensor, gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return training_step(model, signals, gsd, self.cfg, gen)

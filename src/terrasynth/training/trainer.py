@@ -37,9 +37,10 @@ from terrasynth.atomic import write_text
 from terrasynth.data.dataset import ChipDataset, ChunkShuffleSampler, RandomCropFlip, collate_chips
 from terrasynth.errors import TerrasynthError
 from terrasynth.models.config import ModelConfig, preset_config
-from terrasynth.models.scene_model import SceneModel
+from terrasynth.models.factory import build_model
 from terrasynth.models.signals import batch_signals
-from terrasynth.training.objective import ObjectiveConfig, training_step
+from terrasynth.training.objective import FlowObjective
+from terrasynth.training.score_objective import ScoreObjective
 
 KEEP_CHECKPOINTS = 2
 
@@ -49,6 +50,7 @@ class TrainConfig:
     """Training settings, saved as ``train_config.json`` in the run folder."""
 
     preset: str = "tiny"
+    backbone: str = "scene_transformer"  # or "conv_generator"
     steps: int = 1400
     batch_size: int = 24  # per process and micro-step
     accumulate: int = 1
@@ -72,7 +74,13 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         # runs saved before these options
-        d = {"balance_by": "source", "derive": False, "relief_scale": 0.0, **d}
+        d = {
+            "balance_by": "source",
+            "derive": False,
+            "relief_scale": 0.0,
+            "backbone": "scene_transformer",
+            **d,
+        }
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -153,8 +161,16 @@ def _write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2))
 
 
+def objective_for(config: ModelConfig):
+    """The training objective of a model's backbone: flow matching for the transformer,
+    proper scores over an ensemble for the one-step convolutional generator."""
+    if config.backbone == "conv_generator":
+        return ScoreObjective()
+    return FlowObjective()
+
+
 class Trainer:
-    """Trains a :class:`SceneModel` on a chip store into a run folder."""
+    """Trains any model of ``terrasynth.models.factory`` on a chip store into a run folder."""
 
     def __init__(
         self, store: str | Path, run: str | Path, cfg: TrainConfig, resume: bool = False
@@ -190,11 +206,11 @@ class Trainer:
         else:
             reg = self.dataset.registry
             mods = {m: reg[m].to_dict() for m in self.dataset.modalities}
-            model_cfg = preset_config(cfg.preset, mods, self.dataset.store.stats)
+            model_cfg = preset_config(cfg.preset, mods, self.dataset.store.stats, cfg.backbone)
         self.dataset.transform = RandomCropFlip(
             model_cfg.image_size, self.dataset.chip_size, seed=cfg.seed + 1000 * self.rank
         )
-        self.model = SceneModel(model_cfg).to(self.device)
+        self.model = build_model(model_cfg).to(self.device)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)
@@ -210,7 +226,7 @@ class Trainer:
             cfg.balance_by,
         )
         self.gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.rank)
-        self.objective = ObjectiveConfig()
+        self.objective = objective_for(model_cfg)
         self.step = 0
         self.trained_batches = 0  # micro-batches trained since the start or the resume
         if ckpt is not None:
@@ -314,12 +330,8 @@ class Trainer:
                         _to(batch, self.device), self.model.config, self.dataset.modalities
                     )
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                        loss, parts = training_step(
-                            self.net,
-                            signals,
-                            batch["gsd"].to(self.device),
-                            self.objective,
-                            self.gen,
+                        loss, parts = self.objective(
+                            self.net, signals, batch["gsd"].to(self.device), self.gen
                         )
                     (loss / cfg.accumulate).backward()
                     loss_sum += float(loss.detach()) / cfg.accumulate
@@ -391,7 +403,10 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 def _tokens(signals: dict, config: ModelConfig) -> int:
     """Tokens in a batch's sequences (for throughput figures)."""
-    per_raster = (config.image_size // config.patch_size) ** 2
+    if config.backbone == "conv_generator":  # pixels of the base grid, not tokens
+        per_raster = config.image_size**2
+    else:
+        per_raster = (config.image_size // config.patch_size) ** 2
     n = 0
     for s in signals.values():
         n += int(s.present.sum()) * (per_raster if s.groups is not None else 1)

@@ -1,0 +1,73 @@
+"""What every model of terrasynth offers, whatever its backbone.
+
+A model maps per-modality inputs (:class:`~terrasynth.models.scene_model.ModalityInput`:
+noisy values, given values, given mask, noise level ``t``, presence) and the ground sampling
+distance to the x0 estimate of every generated modality: normalised values (continuous),
+class logits (categorical) or vectors. Samplers, the trainer, whole-scene generation and
+evaluation talk to models through this protocol only; ``terrasynth.models.factory`` builds
+or loads the class that a config's ``backbone`` names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from terrasynth.errors import TerrasynthError
+from terrasynth.models.config import ModelConfig
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+@runtime_checkable
+class GenerativeModel(Protocol):
+    """The model interface (see the module docstring)."""
+
+    config: ModelConfig
+    default_steps: ClassVar[int]  # sampler steps the model is made for (1: one-step)
+
+    def __call__(self, inputs: dict[str, Any], gsd: torch.Tensor) -> dict[str, Any]: ...
+
+    def save_pretrained(self, folder: str | Path) -> Path: ...
+
+    def num_parameters(self) -> int: ...
+
+
+class PretrainedMixin:
+    """``save_pretrained`` / ``from_pretrained`` with ``config.json`` + safetensors weights."""
+
+    config: ModelConfig
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (atomically) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder / CONFIG)
+        tmp = folder / f".{WEIGHTS}.tmp"
+        state = self.state_dict()  # type: ignore[attr-defined]
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+        tmp.replace(folder / WEIGHTS)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, map_location: str = "cpu"):
+        folder = Path(folder)
+        if not (folder / CONFIG).exists() or not (folder / WEIGHTS).exists():
+            raise TerrasynthError(f"{folder}: no {CONFIG} and {WEIGHTS} here")
+        model = cls(ModelConfig.load(folder / CONFIG))  # type: ignore[call-arg]
+        model.load_state_dict(load_file(str(folder / WEIGHTS), device=map_location))
+        return model
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # type: ignore[attr-defined]
+
+
+def sampling_steps(model: GenerativeModel, steps: int | None) -> int:
+    """The sampler steps to use: the model's own for one-step models or when unset."""
+    if steps is None or getattr(model, "default_steps", 8) == 1:
+        return int(getattr(model, "default_steps", 8))
+    return int(steps)

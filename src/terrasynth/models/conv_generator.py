@@ -1,0 +1,411 @@
+"""The convolutional generator: a full-resolution U-Net mean plus a one-step residual generator.
+
+Built for sample quality per CPU-hour. Every raster modality enters at full resolution as
+values and a given-mask (coarser band groups repeated onto the finest grid):
+
+* **Spectral slots.** Bands of optical sensors that share a wavelength range (the
+  registry's ``spectral`` mapping: S2 L1C/L2A B04, Landsat 8 B4, Landsat 7 B3 are all
+  ``red``) share one input channel pair and one output channel. Values stay in each
+  sensor's store-normalised units; which sensors were given and which one is generated
+  are learned conditioning vectors (FiLM), so a band subset or an unseen sensor
+  combination still uses what the other sensors taught. Other modalities (radar,
+  elevation, class maps) have channels of their own.
+* **Trunk.** A U-Net over the stacked inputs, every block modulated by the conditioning
+  vector (given sensors, ground sampling distance, location and time when given).
+* **Mean.** Per generated modality, a 1 x 1 head on the trunk's full-resolution features
+  (FiLM'd by the target sensor): normalised values (continuous) or class logits.
+* **Residual generator.** For continuous targets, a small convolutional net maps the
+  trunk features and spatially coherent noise to a residual added to the mean. The noise
+  is the target's own pixel noise (the sampler's start noise: one field shared by
+  overlapping windows, so whole scenes stay seamless) box-filtered at several widths and
+  rescaled to unit variance: a fine map, two low-resolution maps, and a near-constant
+  "global" latent (33 px box) that FiLMs every generator layer. Trained with proper scores
+  over an ensemble (``training/score_objective.py``), the residuals carry the conditional
+  spread; ``spread_scale`` (per modality, fitted on the validation split) calibrates it.
+
+The model is a one-step sampler: it reads the target's noisy input at ``t = 1`` as its
+noise, and its output there is a sample. ``default_steps`` is 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from terrasynth.modalities import Modality
+from terrasynth.modalities.registry import SPECTRAL_SLOTS
+from terrasynth.models.base import PretrainedMixin
+from terrasynth.models.config import ModelConfig
+from terrasynth.models.scene_model import ModalityInput
+
+NOISE_CHANNELS = 4  # noise maps per box width
+RANK = 3  # spectral rank of the residual: each pixel's residual spectrum mixes RANK loadings
+BOX_WIDTHS = (1, 5, 17)  # fine and low-resolution noise maps (pixels of the base grid)
+GLOBAL_WIDTH = 33  # the near-constant latent
+
+
+def _k(name: str) -> str:
+    return name.replace("/", "__").replace(".", "_")
+
+
+class FiLMBlock(nn.Module):
+    """Two 3 x 3 convolutions with GroupNorm and SiLU, modulated by a conditioning vector."""
+
+    def __init__(self, cin: int, cout: int, cond_dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm1 = nn.GroupNorm(min(8, cout), cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(min(8, cout), cout)
+        self.film = nn.Linear(cond_dim, 2 * cout)
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.film(c)[:, :, None, None].chunk(2, 1)
+        h = F.silu(self.norm1(self.conv1(x)) * (1 + scale) + shift)
+        h = self.norm2(self.conv2(h))
+        return F.silu(h + self.skip(x))
+
+
+def _modulate(x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
+    scale, shift = film.chunk(2, 1)
+    return x * (1 + scale) + shift
+
+
+def box_noise(noise: torch.Tensor, width: int) -> torch.Tensor:
+    """Noise box-filtered over ``width`` x ``width`` pixels, rescaled to unit variance.
+
+    A stride-1 filter keeps it translation-equivariant: two overlapping windows cut from one
+    noise field see the same smooth noise where they overlap (up to their borders).
+    """
+    if width == 1:
+        return noise
+    pad = width // 2
+    small = pad >= min(noise.shape[-2:])  # reflection needs more pixels than the pad
+    x = F.pad(noise, (pad, pad, pad, pad), mode="replicate" if small else "reflect")
+    # separable: a row pass then a column pass (2 w instead of w^2 operations per pixel)
+    x = F.avg_pool2d(x, (1, width), stride=1)
+    return F.avg_pool2d(x, (width, 1), stride=1) * width
+
+
+class ConvGenerator(PretrainedMixin, nn.Module):
+    """Any-to-any generator over raster modalities (see the module docstring)."""
+
+    default_steps = 1  # one-step sampler: the output at t = 1 is a sample
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.rasters: list[Modality] = config.raster_modalities()
+        self.vectors = config.vector_modalities()
+        names = [m.name for m in self.rasters]
+        self.modality_names = names + list(self.vectors)
+        self.slot_names = list(SPECTRAL_SLOTS)
+        n_slots = len(self.slot_names)
+        w, cd = list(config.widths), config.cond_dim
+        # Fixed band -> slot maps per band group, and the channels of unmapped bands.
+        self._slot_maps: dict[str, torch.Tensor] = {}
+        cin = 2 * n_slots
+        self._own: dict[str, list[int]] = {}  # group key -> indices of bands without a slot
+        for mod in self.rasters:
+            slots = mod.spectral_slots
+            for g in mod.groups:
+                key = f"{mod.name}/{g.name}"
+                if mod.kind == "categorical":
+                    self._own[key] = list(range(mod.num_classes))
+                    cin += mod.num_classes + 1
+                    continue
+                m = torch.zeros(len(g.bands), n_slots)
+                own = []
+                for i, b in enumerate(g.bands):
+                    if b in slots:
+                        m[i, self.slot_names.index(slots[b])] = 1.0
+                    else:
+                        own.append(i)
+                self._slot_maps[key] = m
+                self._own[key] = own
+                cin += 2 * len(own)
+        self.in_channels = cin
+        # conditioning: given sensors, target sensors, GSD, location, time
+        self.sensor_in = nn.Embedding(len(names), cd)
+        self.sensor_out = nn.Embedding(len(names), cd)
+        self.cond_mlp = nn.Sequential(nn.Linear(cd + 1 + 8, cd), nn.SiLU(), nn.Linear(cd, cd))
+        # trunk
+        self.stem = nn.Conv2d(cin, w[0], 1)  # per-pixel embedding of the stacked inputs
+        self.down = nn.ModuleList()
+        prev = w[0]
+        for width in w:
+            self.down.append(FiLMBlock(prev, width, cd))
+            prev = width
+        self.up = nn.ModuleList()
+        self.merge = nn.ModuleList()
+        for i in range(len(w) - 2, -1, -1):
+            self.up.append(nn.Conv2d(w[i + 1], w[i], 1))
+            self.merge.append(FiLMBlock(2 * w[i], w[i], cd))
+        # heads: FiLM per target sensor, a shared slot head, own heads for unmapped bands
+        f0, gch = w[0], config.generator_channels
+        self.target_film = nn.Linear(cd, 2 * f0 + 2 * gch)
+        nn.init.zeros_(self.target_film.weight)
+        nn.init.zeros_(self.target_film.bias)
+        self.slot_head = nn.Conv2d(f0, n_slots, 1)
+        # residual = sum over RANK coefficient maps (from the generator) of spectral loadings
+        # (from the trunk): a pixel's residual spectrum is a mix of a few plausible spectra,
+        # not independent noise per band (which paints fields pure red or green)
+        self.coef = nn.Conv2d(gch, RANK, 1)
+        self.slot_loadings = nn.Conv2d(f0, RANK * n_slots, 1)
+        self.own_head = nn.ModuleDict()
+        self.own_residual = nn.ModuleDict()
+        self.band_scale = nn.ParameterDict()
+        self.band_shift = nn.ParameterDict()
+        for mod in self.rasters:
+            for g in mod.groups:
+                key = f"{mod.name}/{g.name}"
+                own = self._own[key]
+                if own:
+                    self.own_head[_k(key)] = nn.Conv2d(f0, len(own), 1)
+                    if mod.kind != "categorical":
+                        self.own_residual[_k(key)] = nn.Conv2d(f0, RANK * len(own), 1)
+                if mod.kind != "categorical":
+                    # per-sensor calibration of the shared slots (identity at start)
+                    self.band_scale[_k(key)] = nn.Parameter(torch.ones(len(g.bands)))
+                    self.band_shift[_k(key)] = nn.Parameter(torch.zeros(len(g.bands)))
+        n_noise = NOISE_CHANNELS * len(BOX_WIDTHS)
+        self.gen_in = nn.Conv2d(f0 + n_noise, gch, 3, padding=1)
+        self.gen_mid = nn.Conv2d(gch, gch, 3, padding=1)
+        # the near-constant latent and the conditioning modulate both generator layers
+        self.gen_latent = nn.Conv2d(NOISE_CHANNELS, 4 * gch, 1)
+        self.gen_cond = nn.Linear(cd, 4 * gch)
+        self.vector_head = nn.ModuleDict(
+            {_k(n): nn.Linear(w[-1] + cd, size) for n, size in self.vectors.items()}
+        )
+
+    @property
+    def multiple(self) -> int:
+        return 2 ** (len(self.config.widths) - 1)
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(
+        self,
+        inputs: dict[str, ModalityInput],
+        gsd: torch.Tensor,
+        members: int = 1,
+        generator: torch.Generator | None = None,
+    ):
+        """x0 of every generated modality (``t > 0`` for some sample).
+
+        With ``members`` > 1 (training), returns ``(mean, samples)``: the deterministic mean
+        and a list of ``members`` samples, the first from the inputs' own noise and the
+        others from fresh noise drawn from ``generator``.
+        """
+        targets = [n for n, inp in inputs.items() if bool((inp.t > 0).any())]
+        feats, deep, cond = self._trunk(inputs, gsd, targets)
+        continuous = [
+            n
+            for n in targets
+            if inputs[n].groups is not None and self.config.registry[n].kind != "categorical"
+        ]
+        # One generator pass per member serves every generated modality: its noise is the
+        # sum of theirs (rescaled), so jointly generated modalities vary together.
+        gen_feats = []
+        for i in range(members if continuous else 0):
+            noise = self._joint_noise(inputs, continuous, fresh=i > 0, generator=generator)
+            gen_feats.append(self._residual(feats, noise, cond))
+        mean: dict = {}
+        samples: list[dict] = [{} for _ in range(members)]
+        for name in targets:
+            inp = inputs[name]
+            if inp.groups is None:
+                v = self.vector_head[_k(name)](torch.cat([deep.mean((2, 3)), cond], 1))
+                mean[name] = v
+                for s in samples:
+                    s[name] = v
+                continue
+            mod = self.config.registry[name]
+            film = self._target_film(name, cond)
+            f = _modulate(feats, film[0])
+            mu = self._head(mod, f)
+            mean[name] = mu
+            if mod.kind == "categorical":
+                for s in samples:
+                    s[name] = mu
+                continue
+            scale = float(self.config.spread_scale.get(name, 1.0))
+            for s, h in zip(samples, gen_feats, strict=True):
+                res = self._residual_head(mod, f, self.coef(_modulate(h, film[1])))
+                s[name] = {g: mu[g] + scale * res[g] for g in mu}
+        if members == 1:
+            return samples[0]
+        return mean, samples
+
+    def _trunk(self, inputs: dict[str, ModalityInput], gsd: torch.Tensor, targets: list[str]):
+        x, given_ids = self._stack(inputs, gsd)
+        b = x.shape[0]
+        emb_in = (given_ids.float() @ self.sensor_in.weight) / given_ids.sum(1, keepdim=True).clamp(
+            min=1
+        )
+        extra = [torch.log10(gsd.clamp_min(1e-3))[:, None].to(x.dtype)]
+        for name in ("location", "time"):
+            inp = inputs.get(name)
+            if inp is not None and inp.vector is not None and name in self.vectors:
+                c = inp.vector.shape[1] // 3
+                shown = inp.present[:, None].float() * (inp.t == 0).float()[:, None]
+                extra += [inp.vector[:, c : 2 * c] * shown, shown]
+            else:
+                extra += [torch.zeros(b, 3, device=x.device), torch.zeros(b, 1, device=x.device)]
+        cond = self.cond_mlp(torch.cat([emb_in, *extra], 1))
+        h = self.stem(x)
+        skips = []
+        for i, block in enumerate(self.down):
+            if i > 0:
+                h = F.avg_pool2d(h, 2)
+            h = block(h, cond)
+            skips.append(h)
+        deep = h
+        for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1]), strict=True):
+            up_h = F.interpolate(up(h), scale_factor=2, mode="bilinear", align_corners=False)
+            h = merge(torch.cat([up_h, skip], 1), cond)
+        return h, deep, cond
+
+    def _stack(self, inputs: dict[str, ModalityInput], gsd: torch.Tensor):
+        """(B, in_channels, S, S) given values and masks, and (B, M) which sensors were given."""
+        ref = next(inp for inp in inputs.values() if inp.groups is not None)
+        name0 = next(n for n, inp in inputs.items() if inp.groups is not None)
+        g0 = next(iter(ref.groups))
+        size = ref.groups[g0].shape[-1] * self.config.registry[name0].group(g0).factor
+        b, dev = gsd.shape[0], gsd.device
+        n_slots = len(self.slot_names)
+        slot_sum = torch.zeros(b, n_slots, size, size, device=dev)
+        slot_cnt = torch.zeros(b, n_slots, size, size, device=dev)
+        own_parts = []
+        given_ids = torch.zeros(b, len(self.rasters), device=dev)
+        for mi, mod in enumerate(self.rasters):
+            inp = inputs.get(mod.name)
+            for g in mod.groups:
+                key = f"{mod.name}/{g.name}"
+                own = self._own[key]
+                n_own = len(own) + (1 if mod.kind == "categorical" else len(own))
+                if inp is None or inp.groups is None or g.name not in inp.groups:
+                    if n_own:
+                        own_parts.append(torch.zeros(b, n_own, size, size, device=dev))
+                    continue
+                xg = inp.groups[g.name].float()
+                c = xg.shape[1] // 3
+                val, mask = xg[:, c : 2 * c], xg[:, 2 * c :]
+                mask = mask * inp.present.float()[:, None, None, None]
+                given_ids[:, mi] = torch.maximum(
+                    given_ids[:, mi], (mask.flatten(1).amax(1) > 0).float()
+                )
+                if g.factor > 1:
+                    val = F.interpolate(val, scale_factor=g.factor, mode="nearest")
+                    mask = F.interpolate(mask, scale_factor=g.factor, mode="nearest")
+                if mod.kind == "categorical":
+                    onehot = (val + 1) / 2 * mask
+                    own_parts.append(torch.cat([onehot, mask.amax(1, keepdim=True)], 1))
+                    continue
+                m = self._slot_maps[key].to(dev)
+                slot_sum = slot_sum + torch.einsum("bchw,cs->bshw", val * mask, m)
+                slot_cnt = slot_cnt + torch.einsum("bchw,cs->bshw", mask, m)
+                if own:
+                    own_parts.append(torch.cat([val[:, own] * mask[:, own], mask[:, own]], 1))
+        slots = slot_sum / slot_cnt.clamp_min(1.0)
+        x = torch.cat([slots, (slot_cnt > 0).float(), *own_parts], 1)
+        return x, given_ids
+
+    def _target_film(self, name: str, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FiLM (scale, shift) of the generated sensor for the trunk and generator features."""
+        idx = [m.name for m in self.rasters].index(name)
+        e = self.sensor_out.weight[idx][None] + cond
+        f0 = self.config.widths[0]
+        film = self.target_film(e)[:, :, None, None]
+        return (film[:, : 2 * f0], film[:, 2 * f0 :])
+
+    def _residual_head(
+        self, mod: Modality, f: torch.Tensor, coef: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Per band group on its own grid: the residual, coefficients times loadings."""
+        b, _, h, w = f.shape
+
+        def mix(loadings: torch.Tensor) -> torch.Tensor:  # (B, RANK * C, H, W) -> (B, C, H, W)
+            return (loadings.view(b, RANK, -1, h, w) * coef[:, :, None]).sum(1)
+
+        slots = mix(self.slot_loadings(f))
+        out = {}
+        for g in mod.groups:
+            key = f"{mod.name}/{g.name}"
+            y = torch.einsum("bshw,cs->bchw", slots, self._slot_maps[key].to(f.device))
+            own = self._own[key]
+            if own:
+                y = y.clone()
+                y[:, own] = mix(self.own_residual[_k(key)](f))
+            out[g.name] = F.avg_pool2d(y, g.factor) if g.factor > 1 else y
+        return out
+
+    def _head(self, mod: Modality, f: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per band group on its own grid: slot outputs picked per band, own bands' heads."""
+        slots = self.slot_head(f) if mod.kind != "categorical" else None
+        out = {}
+        for g in mod.groups:
+            key = f"{mod.name}/{g.name}"
+            if mod.kind == "categorical":
+                y = self.own_head[_k(key)](f)
+            else:
+                m = self._slot_maps[key].to(f.device)
+                y = torch.einsum("bshw,cs->bchw", slots, m)
+                own = self._own[key]
+                if own:
+                    y = y.clone()
+                    y[:, own] = self.own_head[_k(key)](f)
+                y = (
+                    y * self.band_scale[_k(key)][None, :, None, None]
+                    + self.band_shift[_k(key)][None, :, None, None]
+                )
+            out[g.name] = F.avg_pool2d(y, g.factor) if g.factor > 1 else y
+        return out
+
+    def _joint_noise(
+        self,
+        inputs: dict[str, ModalityInput],
+        names: list[str],
+        fresh: bool,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """(B, NOISE_CHANNELS, S, S) unit-variance pixel noise of the generated modalities.
+
+        Per modality its first channels (repeated if it has fewer) on the base grid; summed
+        over the modalities a sample generates and rescaled by their count's square root."""
+        total, count = None, None
+        for name in names:
+            inp = inputs[name]
+            mod = self.config.registry[name]
+            parts = []
+            for g in mod.groups:
+                xg = inp.groups[g.name]
+                c = xg.shape[1] // 3
+                n = xg[:, :c].float()
+                if fresh:
+                    n = torch.randn(n.shape, generator=generator).to(n.device)
+                if g.factor > 1:  # repeated coarse noise keeps unit variance per pixel
+                    n = F.interpolate(n, scale_factor=g.factor, mode="nearest")
+                parts.append(n)
+            allnoise = torch.cat(parts, 1)
+            n = allnoise[:, [i % allnoise.shape[1] for i in range(NOISE_CHANNELS)]]
+            on = (inp.present & (inp.t > 0)).float()[:, None, None, None]
+            total = n * on if total is None else total + n * on
+            count = on if count is None else count + on
+        return total / count.clamp_min(1.0).sqrt()
+
+    def _residual(self, f: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Generator features from trunk features and noise (fine, coarse and latent maps).
+
+        The latent is a map too (a 33 px box filter of the noise), not one vector per
+        window, so that overlapping windows of a whole scene agree on it."""
+        maps = torch.cat([box_noise(noise, w) for w in BOX_WIDTHS], 1).to(f.dtype)
+        z = box_noise(noise, GLOBAL_WIDTH).to(f.dtype)
+        mod = self.gen_latent(z) + self.gen_cond(cond)[:, :, None, None]
+        s1, b1, s2, b2 = mod.chunk(4, 1)
+        h = F.silu(self.gen_in(torch.cat([f, maps], 1)) * (1 + s1) + b1)
+        return F.silu(self.gen_mid(h) * (1 + s2) + b2)

@@ -1,0 +1,153 @@
+"""Proper scoring rules for the one-step generator (``ConvGenerator``).
+
+Each step splits every chip's modalities at random into generated, conditioned and dropped
+(with band infilling), exactly as the flow objective does; generated modalities are shown
+at ``t = 1`` (their noisy input is the generator's noise). The model returns its mean and an
+ensemble of ``config.ensemble`` samples, scored against the truth over generated values:
+
+* **fair CRPS** per value: ``mean_i |X_i - y| - sum_{i != j} |X_i - X_j| / (2 M (M - 1))``,
+  unbiased for the ensemble's distribution (Ferro 2014), so spread is rewarded exactly as
+  far as it matches the error;
+* **patch energy score** over 4 x 4 pixel patches of all bands of a group: the same form
+  with Euclidean norms of whole patch vectors. It ties bands and neighbouring pixels
+  together, so a sample must get the spectrum and texture of a patch right jointly, not
+  band by band (per-band CRPS alone is met by spectrally absurd samples);
+* **spectral energy score** (weight ``spectral_weight``): the energy score of each pixel's
+  spectrum (all bands of a group), low-dimensional and so far more sensitive to how bands
+  vary together than the patch score;
+* **anomaly CRPS** (weight ``anomaly_weight``): the fair CRPS again after removing each
+  chip's (and each sample's) mean per band. Store-normalised units make a chip's level
+  dominate (a DEM's spread is a kilometre, its relief in a chip a few metres); this term
+  scores the relief, the structure within the chip, on its own;
+* **MSE of the mean** (weight ``mse_weight``), so the mean head is the conditional mean;
+* class maps: cross-entropy of the logits (calibrated class probabilities); vectors: MSE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from terrasynth.models.signals import Signal
+from terrasynth.training.objective import ObjectiveConfig, sample_roles, training_inputs
+
+PATCH = 4
+
+
+@dataclass
+class ScoreConfig:
+    energy_weight: float = 1.0
+    spectral_weight: float = 1.0
+    anomaly_weight: float = 0.5
+    mse_weight: float = 0.25
+
+
+def fair_crps(samples: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Elementwise fair CRPS of an ensemble (M, ...) against ``y`` (...)."""
+    m = samples.shape[0]
+    skill = (samples - y[None]).abs().mean(0)
+    spread = (samples[:, None] - samples[None]).abs().sum((0, 1)) / (2 * m * (m - 1))
+    return skill - spread
+
+
+def energy_score(samples: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fair energy score per vector: ``samples`` (M, N, D), ``y`` (N, D) -> (N,)."""
+    m = samples.shape[0]
+    skill = (samples - y[None]).norm(dim=-1).mean(0)
+    pair = (samples[:, None] - samples[None]).norm(dim=-1).sum((0, 1)) / (2 * m * (m - 1))
+    return skill - pair
+
+
+def _anomaly(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Values minus their mean over the masked pixels of each image and band."""
+    mean = (x * mask).sum((-2, -1), keepdim=True) / mask.sum((-2, -1), keepdim=True).clamp_min(1)
+    return (x - mean) * mask
+
+
+def _patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B * patches, C * p * p) non-overlapping patch vectors."""
+    b, c = x.shape[:2]
+    v = F.unfold(x, p, stride=p)  # (B, C p p, L)
+    return v.transpose(1, 2).reshape(-1, c * p * p)
+
+
+class ScoreObjective:
+    """Training step of the one-step generator (see the module docstring)."""
+
+    def __init__(self, cfg: ScoreConfig | None = None) -> None:
+        self.cfg = cfg or ScoreConfig()
+        # every generated modality at pure noise: the generator's only level
+        self.roles = ObjectiveConfig(p_pure_noise=1.0, p_pure_noise_categorical=1.0)
+
+    def __call__(
+        self, model, signals: dict[str, Signal], gsd: torch.Tensor, gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        roles = sample_roles(signals, self.roles, gen)
+        inputs, loss_mask, _ = training_inputs(signals, roles, self.roles, gen)
+        inputs = {n: inp for n, inp in inputs.items() if bool(inp.present.any())}
+        members = getattr(model, "module", model).config.ensemble
+        mean, samples = model(inputs, gsd, members=members, generator=gen)
+        losses: dict[str, torch.Tensor] = {}
+        for name, mu in mean.items():
+            sig = signals[name]
+            if sig.groups is None:
+                m = loss_mask[name]
+                if m.sum() > 0:
+                    losses[name] = (((mu.float() - sig.vector) ** 2) * m).sum() / m.sum()
+                continue
+            total, count = 0.0, 0.0
+            for g, x0 in sig.groups.items():
+                mask = loss_mask[name][g]
+                n = mask.sum()
+                if n == 0:
+                    continue
+                if sig.target is not None:
+                    target = torch.where(mask[:, 0] > 0, sig.target[g], -1)
+                    total = total + F.cross_entropy(
+                        mu[g].float(), target, ignore_index=-1, reduction="sum"
+                    )
+                    count = count + (target >= 0).sum()
+                    continue
+                ens = torch.stack([s[name][g].float() for s in samples])  # (M, B, C, h, w)
+                y = x0 * mask
+                ens = ens * mask[None]
+                crps = (fair_crps(ens, y) * mask).sum()
+                mse = (((mu[g].float() - x0) ** 2) * mask).sum()
+                es = self._energy(ens, y, mask)
+                spectral = self._energy(ens, y, mask, patch=1) if y.shape[1] > 1 else 0.0
+                anomaly = (fair_crps(_anomaly(ens, mask[None]), _anomaly(y, mask)) * mask).sum()
+                total = (
+                    total
+                    + crps
+                    + self.cfg.mse_weight * mse
+                    + self.cfg.energy_weight * es
+                    + self.cfg.spectral_weight * spectral
+                    + self.cfg.anomaly_weight * anomaly
+                )
+                count = count + n
+            if float(count) > 0:
+                losses[name] = total / count
+        if not losses:
+            zero = sum(p.sum() * 0 for p in model.parameters())
+            return zero, {}
+        loss = torch.stack(list(losses.values())).mean()
+        return loss, {k: float(v.detach()) for k, v in losses.items()}
+
+    @staticmethod
+    def _energy(
+        ens: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, patch: int = PATCH
+    ) -> torch.Tensor:
+        """Energy score summed over fully known ``patch`` x ``patch`` patches of all bands, per
+        value (comparable to CRPS)."""
+        p = patch if y.shape[-1] % patch == 0 and y.shape[-1] >= patch else 1
+        mv = _patches(mask, p)
+        full = mv.amin(1) > 0
+        if not bool(full.any()):
+            return y.new_zeros(())
+        yv = _patches(y, p)[full]
+        ev = torch.stack([_patches(e, p)[full] for e in ens])
+        d = yv.shape[1]
+        # a D-vector's norm grows as sqrt(D): scale so the sum is per value, as CRPS is
+        return energy_score(ev, yv).sum() * d**0.5

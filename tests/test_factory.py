@@ -1,0 +1,197 @@
+"""Models by backbone: building, saving and loading any model, the protocol they share, and
+the sampler steps each takes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from terrasynth.data.store import ChipStore
+from terrasynth.errors import TerrasynthError
+from terrasynth.models.base import GenerativeModel, sampling_steps
+from terrasynth.models.config import BACKBONES, CONV_PRESETS, ModelConfig, preset_config
+from terrasynth.models.conv_generator import ConvGenerator
+from terrasynth.models.factory import MODEL_CLASSES, build_model, load_model
+from terrasynth.models.scene_model import ModalityInput, SceneModel
+from terrasynth.pipeline import default_model_path
+from tests.conftest import MICRO_CONV, MICRO_MODEL
+
+pytestmark = [pytest.mark.needs_data, pytest.mark.usefixtures("one_torch_thread")]
+
+B = 2
+GSD = torch.tensor([10.0, 30.0])
+
+
+@pytest.fixture(scope="module")
+def store_modalities(small_store) -> tuple[dict, dict]:
+    store = ChipStore.open(small_store)
+    reg = store.registry
+    return {m: reg[m].to_dict() for m in store.modalities}, store.stats
+
+
+def _config(store_modalities, backbone: str, **kw) -> ModelConfig:
+    mods, stats = store_modalities
+    sizes = MICRO_CONV if backbone == "conv_generator" else MICRO_MODEL
+    return ModelConfig(backbone=backbone, modalities=mods, stats=stats, **{**sizes, **kw})
+
+
+def _inputs(config: ModelConfig, seed: int) -> dict[str, ModalityInput]:
+    """s2l2a and dem generated at t = 1 from Sentinel-1 given at t = 0."""
+    gen = torch.Generator().manual_seed(seed)
+    reg, size, out = config.registry, config.image_size, {}
+    for name, t in (("s2l2a", 1.0), ("dem", 1.0), ("s1grd", 0.0)):
+        groups = {}
+        for g in reg[name].groups:
+            h = size // g.factor
+            x = torch.randn(B, len(g.bands), h, h, generator=gen)
+            shown = torch.full_like(x, 1.0 - t)
+            groups[g.name] = torch.cat([x, x * shown, shown], 1)
+        out[name] = ModalityInput(torch.full((B,), t), torch.ones(B, dtype=torch.bool), groups)
+    return out
+
+
+def _saved_conv(store_modalities, folder):
+    return build_model(_config(store_modalities, "conv_generator")).save_pretrained(folder)
+
+
+def _outputs_equal(a: dict, b: dict) -> bool:
+    assert set(a) == set(b)
+    return all(torch.equal(a[n][g], b[n][g]) for n in a for g in a[n])
+
+
+def test_every_backbone_has_a_class():
+    assert set(MODEL_CLASSES) == set(BACKBONES)
+    assert MODEL_CLASSES["conv_generator"] is ConvGenerator
+    assert MODEL_CLASSES["scene_transformer"] is SceneModel
+
+
+@pytest.mark.parametrize(
+    "backbone, cls, steps",
+    [("conv_generator", ConvGenerator, 1), ("scene_transformer", SceneModel, 8)],
+)
+def test_build_model_picks_the_class_of_the_backbone(store_modalities, backbone, cls, steps):
+    model = build_model(_config(store_modalities, backbone))
+    assert type(model) is cls
+    assert isinstance(model, GenerativeModel)  # the protocol samplers and trainer rely on
+    assert model.default_steps == steps
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters()) > 0
+    with torch.no_grad():
+        out = model.eval()(_inputs(model.config, 0), GSD)
+    h = model.config.image_size // 2
+    assert out["s2l2a"]["r20m"].shape == (B, 6, h, h)
+
+
+def test_unknown_backbone_is_refused(store_modalities, tmp_path):
+    cfg = _config(store_modalities, "scene_transformer")
+    cfg.backbone = "diffusion_unet"
+    with pytest.raises(TerrasynthError, match="unknown backbone 'diffusion_unet'"):
+        build_model(cfg)
+    with pytest.raises(TerrasynthError, match="unknown backbone"):
+        preset_config("tiny", *store_modalities, backbone="diffusion_unet")
+    # a saved model whose config names a backbone this version lacks
+    folder = _saved_conv(store_modalities, tmp_path / "m")
+    d = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**d, "backbone": "diffusion_unet"}))
+    with pytest.raises(TerrasynthError, match="unknown backbone 'diffusion_unet'"):
+        load_model(folder)
+
+
+def test_conv_generator_round_trip_gives_identical_outputs(store_modalities, tmp_path):
+    cfg = _config(store_modalities, "conv_generator", spread_scale={"s2l2a": 0.7})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # move every weight off its initial value (zero FiLM layers too)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = model.save_pretrained(tmp_path / "conv")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["backbone"] == "conv_generator"
+    assert saved["widths"] == MICRO_CONV["widths"] and saved["spread_scale"] == {"s2l2a": 0.7}
+    loaded = load_model(folder).eval()
+    assert type(loaded) is ConvGenerator
+    as_json = lambda c: json.loads(json.dumps(c.to_dict()))  # noqa: E731  (legend codes: str)
+    assert as_json(loaded.config) == as_json(model.config)
+    assert dict(loaded.config.registry) == dict(model.config.registry)
+    assert loaded.num_parameters() == model.num_parameters()
+    inputs = _inputs(cfg, 1)
+    with torch.no_grad():
+        assert _outputs_equal(model(inputs, GSD), loaded(inputs, GSD))
+        ma, sa = model(inputs, GSD, members=3, generator=torch.Generator().manual_seed(5))
+        mb, sb = loaded(inputs, GSD, members=3, generator=torch.Generator().manual_seed(5))
+    assert _outputs_equal(ma, mb)
+    assert all(_outputs_equal(a, b) for a, b in zip(sa, sb, strict=True))
+    # the class's own from_pretrained reads the same folder
+    assert type(ConvGenerator.from_pretrained(folder)) is ConvGenerator
+
+
+def test_scene_transformer_round_trip_through_load_model(store_modalities, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(_config(store_modalities, "scene_transformer")).eval()
+    folder = model.save_pretrained(tmp_path / "st")
+    assert json.loads((folder / "config.json").read_text())["backbone"] == "scene_transformer"
+    loaded = load_model(folder).eval()
+    assert type(loaded) is SceneModel
+    inputs = _inputs(model.config, 2)
+    with torch.no_grad():
+        a, b = model(inputs, GSD), loaded(inputs, GSD)
+    assert all(torch.equal(a[n][g], b[n][g]) for n in ("s2l2a", "dem") for g in a[n])
+
+
+def test_the_built_in_model_predates_backbones_and_loads_as_a_transformer():
+    folder = default_model_path()
+    raw = json.loads((folder / "config.json").read_text())
+    assert "backbone" not in raw  # saved before the field existed
+    model = load_model(folder)
+    assert type(model) is SceneModel
+    assert model.config.backbone == "scene_transformer"
+    assert sampling_steps(model, None) == SceneModel.default_steps
+
+
+def test_load_model_needs_config_and_weights(store_modalities, tmp_path):
+    with pytest.raises(TerrasynthError, match="no config.json and model.safetensors"):
+        load_model(tmp_path)
+    folder = _saved_conv(store_modalities, tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(TerrasynthError, match="no config.json and model.safetensors"):
+        load_model(folder)
+
+
+def test_sampling_steps_one_step_models_always_take_one(store_modalities):
+    conv = build_model(_config(store_modalities, "conv_generator"))
+    for asked in (None, 1, 4, 50):
+        assert sampling_steps(conv, asked) == 1
+    transformer = build_model(_config(store_modalities, "scene_transformer"))
+    assert sampling_steps(transformer, None) == 8
+    for asked in (1, 3, 20):
+        assert sampling_steps(transformer, asked) == asked
+
+
+def test_conv_presets_validate_and_name_the_backbone(store_modalities):
+    for name, sizes in CONV_PRESETS.items():
+        cfg = preset_config(name, *store_modalities, backbone="conv_generator")
+        assert cfg.backbone == "conv_generator" and cfg.preset == name
+        assert cfg.widths == sizes["widths"] and cfg.ensemble >= 2
+    # the transformer's presets stay the default
+    assert preset_config("tiny", *store_modalities).backbone == "scene_transformer"
+    with pytest.raises(TerrasynthError, match="unknown preset 'huge'"):
+        preset_config("huge", *store_modalities, backbone="conv_generator")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"ensemble": 1}, "ensemble must be at least 2"),
+        # two levels and S2's 60 m group (4x coarser): windows are multiples of 8 px
+        ({"image_size": 36}, "image_size must be a multiple of 8"),
+        ({"widths": [8, 16, 32], "image_size": 40}, "image_size must be a multiple of 16"),
+    ],
+)
+def test_conv_config_validation(store_modalities, change, message):
+    cfg = _config(store_modalities, "conv_generator", **change)
+    with pytest.raises(TerrasynthError, match=message):
+        cfg.validate()
+    with pytest.raises(TerrasynthError, match=message):
+        build_model(cfg)
