@@ -15,6 +15,8 @@ MICRO_MODEL = dict(image_size=16, patch_size=8, dim=32, depth=1, heads=2, scene_
 # The convolutional generator at about that size (32 px: the widest noise filter needs more
 # than 16 px).
 MICRO_CONV = dict(image_size=32, widths=[8, 16], cond_dim=8, generator_channels=8, ensemble=2)
+# The deterministic U-Net at that size.
+MICRO_UNET = dict(image_size=16, widths=[8, 16], use_location=False, use_time=False)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,6 +4,7 @@ its standard deviations fitted on the validation split of a small real store."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,10 @@ from terrasynth.data.dataset import ChipDataset, collate_chips
 from terrasynth.errors import TerrasynthError
 from terrasynth.evaluation.baselines import UNetBaseline, UNetNoiseBaseline, make_baseline
 from terrasynth.evaluation.translate import tiles
-from terrasynth.evaluation.unet import UNet, UNetConfig, model_config_of
 from terrasynth.models.config import ModelConfig
+from terrasynth.models.factory import build_model, model_folder
 from terrasynth.models.signals import batch_signals
+from terrasynth.models.unet import unet_config
 
 pytestmark = [pytest.mark.needs_data, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -25,14 +27,14 @@ CONDS = ["dem", "location", "time"]
 
 @pytest.fixture(scope="module")
 def config() -> ModelConfig:
-    return model_config_of(None)[0]
+    return ModelConfig.load(model_folder(None) / "config.json")
 
 
 @pytest.fixture(scope="module")
 def unet_folder(config, tmp_path_factory) -> Path:
     """An untrained small U-Net: the noise fit does not care how good it is."""
     torch.manual_seed(0)
-    net = UNet(UNetConfig.from_model_config(config, widths=(8, 16, 32)))
+    net = build_model(replace(unet_config(config), widths=[8, 16, 32]))
     return net.save_pretrained(tmp_path_factory.mktemp("unet") / "u")
 
 
@@ -47,14 +49,15 @@ def zion(small_store, config):
 
 def test_sigma_is_the_rms_residual_on_the_validation_split(config, unet_folder, small_store):
     base = UNetNoiseBaseline(config, unet_folder, small_store, max_chips=12)
-    real = base.net.predict
+    real = base.predict
 
-    def off_by_half(sig, given):  # a U-Net whose Landsat 8 is the truth + 0.5
-        out = real(sig, given)
-        out["landsat8"] = {g: sig["landsat8"].groups[g] + 0.5 for g in out["landsat8"]}
+    def off_by_half(sig, target, conditions, gsd):  # a U-Net whose Landsat 8 is the truth + 0.5
+        out = real(sig, target, conditions, gsd)
+        if target == "landsat8":
+            out = {g: sig["landsat8"].groups[g] + 0.5 for g in out}
         return out
 
-    base.net.predict = off_by_half
+    base.predict = off_by_half
     fit = base.fit("landsat8", CONDS)
     val = ChipDataset(small_store, split="val")
     has = {m: val.store.available(m)[val.indices] for m in ("landsat8", "dem")}

@@ -214,3 +214,155 @@ def test_shuffled_conditions_measure_input_dependence(small_store, config):
     cat = shuffled[("mean", "dem -> landcover_nlcd")].summary()
     assert cat["accuracy_shuffled"] == pytest.approx(cat["accuracy"])
     assert cat["input_dependence"] == pytest.approx(1.0)
+
+
+class Terrain:
+    """Elevation predictors with known answers: the truth itself (``truth``), the truth
+    raised by ``lift`` normalised units (``lifted``), or a flat plane tilted to ``degrees``
+    on the DEM's own pixels (``tilted``, which needs the tile's pixel size)."""
+
+    def __init__(self, name, config, lift=0.0, degrees=None):
+        self.name, self.config, self.lift, self.degrees = name, config, lift, degrees
+
+    def sample(self, signals, tile, target, conditions, num_samples, generator):
+        from terrasynth.data.stats import normalise
+
+        mod = self.config.registry[target]
+        out = {}
+        for g in mod.groups:
+            x = signals[target].groups[g.name].numpy()  # (B, C, h, w)
+            if self.degrees is None:
+                out[g.name] = np.repeat(x[None] + self.lift, num_samples, 0)
+                continue
+            pixel_m = tile["gsd"].numpy()[:, None, None, None] * g.factor
+            cols = np.arange(x.shape[-1])[None, None, None]
+            metres = 1500.0 + np.tan(np.radians(self.degrees)) * pixel_m * cols + 0 * x
+            z = normalise(metres, self.config.stats[target], g.bands, mod.transform)
+            out[g.name] = np.repeat(z[None], num_samples, 0)
+        return out
+
+
+@pytest.fixture(scope="module")
+def dem_results(small_store, config):
+    predictors = [
+        MeanBaseline(config),
+        Terrain("truth", config),
+        Terrain("lifted", config, lift=0.5),
+        Terrain("tilted", config, degrees=30.0),
+    ]
+    out = run_benchmark(
+        predictors, config, str(small_store), [Direction("dem", ("landsat8",))],
+        split="train", num_samples=2, max_chips=4,
+    )  # fmt: skip
+    return {r.predictor: r for r in out}
+
+
+def test_elevation_scores_relief_level_and_slope(dem_results, config, results):
+    s = {p: r.summary() for p, r in dem_results.items()}
+    truth, lifted, mean, tilted = s["truth"], s["lifted"], s["mean"], s["tilted"]
+    assert truth["tiles"] > 0 and dem_results["truth"].direction.name == "landsat8 -> dem"
+    for key in ("relief_mae", "level_mae", "slope_error_median"):
+        assert truth[key] == 0.0, key
+    assert truth["slope_mean_ratio"] == pytest.approx(1.0)
+    # the true slope of the Zion DEM on its 30 m pixels: canyons, neither flat nor vertical
+    sums = dem_results["truth"].slope
+    true_mean = sums[2] / sums[3]
+    assert 5 < true_mean < 45
+    # the right terrain 0.5 training standard deviations too high
+    std = config.stats["dem"]["bands"]["elevation"]["std"]
+    assert lifted["level_mae"] == pytest.approx(0.5 * std, rel=1e-4)
+    assert lifted["mae"] == pytest.approx(0.5 * std, rel=1e-4)
+    assert lifted["relief_mae"] < 0.01 and lifted["slope_error_median"] < 0.01
+    # the mean baseline: a flat DEM, so its relief error is the truth's whole relief
+    assert mean["slope_mean_ratio"] == 0.0
+    assert mean["relief_mae"] > 10 and mean["level_mae"] > 10
+    assert mean["mae"] <= mean["relief_mae"] + mean["level_mae"] + 1e-6
+    assert 0 < mean["slope_error_median"] < true_mean * 2
+    # a plane of 30 degrees on the DEM's pixels (tile gsd x group factor) scores 30 degrees
+    t = dem_results["tilted"].slope
+    assert t[0] / t[1] == pytest.approx(30.0, abs=0.01)
+    assert tilted["slope_mean_ratio"] == pytest.approx(30.0 / true_mean, rel=1e-3)
+    assert tilted["relief_mae"] > mean["relief_mae"] * 0.5
+    # only elevation targets get them
+    for r in results:
+        assert "relief_mae" not in r.summary() and "slope_mean_ratio" not in r.summary()
+
+
+def _table_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "benchmark_table.py"
+    spec = importlib.util.spec_from_file_location("benchmark_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_table_columns_dem_table_and_summaries(tmp_path):
+    bt = _table_module()
+
+    def rows(direction, predictor, **metrics):
+        target = direction.split(" -> ")[1]
+        return [
+            {"direction": direction, "target": target, "predictor": predictor,
+             "metric": k, "value": v}
+            for k, v in {"tiles": 8, **metrics}.items()
+        ]  # fmt: skip
+
+    good = dict(mae=1.0, crps=0.5, coverage_90=0.9, spread_skill=1.0, texture_ratio=0.8)
+    data = {"settings": {}, "rows": [
+        *rows("all -> s2l2a", "model", **good, sample_spectral_angle=9.0),
+        *rows("all -> s2l2a", "mean", mae=2.0, crps=2.0),
+        *rows("s1grd -> s2l2a", "model", **{**good, "coverage_90": 0.5}),
+        *rows("s1grd -> s2l2a", "mean", mae=0.1, crps=0.1),
+        *rows("all -> dem", "model", **{**good, "spread_skill": 1.5}, relief_mae=3.0,
+              level_mae=4.0, slope_error_median=5.0, slope_mean_ratio=0.5),
+        *rows("all -> dem", "mean", mae=9.0, crps=9.0, relief_mae=7.0, level_mae=8.0,
+              slope_error_median=6.0, slope_mean_ratio=0.0),
+        *rows("all -> landcover_nlcd", "model", accuracy=0.6, miou=0.3, ece=0.1),
+    ]}  # fmt: skip
+    (tmp_path / "metrics.json").write_text(json.dumps(data))
+    table, targets = bt.load(tmp_path)
+    text = bt.render(table, targets)  # the all -> directions
+    head = next(ln for ln in text.splitlines() if "crps" in ln)
+    assert "texture_ratio" in head and "sample_spectral_angle" in head
+    assert "input_dependence" not in head  # no --shuffle-conditions in this report
+    assert "| all -> s2l2a | model | 8 |" in text and "s1grd -> s2l2a" not in text
+    dem_head = next(ln for ln in text.splitlines() if "relief_mae" in ln)
+    dem_cols = [c.strip() for c in dem_head.split("|")[4:8]]
+    assert dem_cols == ["relief_mae", "level_mae", "slope_error_median", "slope_mean_ratio"]
+    assert "| all -> dem | mean | 8 | 7 | 8 | 6 | 0 |" in text
+    assert "| all -> landcover_nlcd | model | 8 | 0.6 | 0.3 | 0.1 |" in text
+    lines = [ln for ln in text.splitlines() if ln.startswith("model ")]
+    assert lines == [
+        "model coverage_90 within 0.85-0.95 and spread_skill within 0.8-1.2 in 1 of 2 "
+        "listed directions",
+        "model CRPS lower than mean on 2 of 2 continuous directions",
+    ]
+    picked = bt.render(table, targets, ["s1grd -> s2l2a", "all -> s2l2a"])
+    order = [ln.split("|")[1].strip() for ln in picked.splitlines() if ln.startswith("| ")]
+    assert order[1:] == ["s1grd -> s2l2a"] * 2 + ["all -> s2l2a"] * 2
+    assert "relief_mae" not in picked and "landcover" not in picked
+    assert "in 1 of 2 listed directions" in picked
+    assert "model CRPS lower than mean on 1 of 2 continuous directions" in picked
+    with pytest.raises(ValueError, match="not in the report"):
+        bt.render(table, targets, ["s1grd -> dem"])
+    data["rows"] += rows("all -> s2l2a", "model", input_dependence=1.3)
+    (tmp_path / "metrics.json").write_text(json.dumps(data))
+    assert "input_dependence" in bt.render(*bt.load(tmp_path))
+
+
+def test_benchmark_table_on_a_real_report(dem_results, results, tmp_path, capsys):
+    bt = _table_module()
+    write_report([*results, *dem_results.values()], tmp_path / "rep", {"seed": 0})
+    bt.main([str(tmp_path / "rep"), "--directions", "landsat8 -> dem", "all -> landsat8"])
+    text = capsys.readouterr().out
+    assert "| landsat8 -> dem | truth |" in text and "| all -> landsat8 | knn |" in text
+    dem_lines = [ln for ln in text.splitlines() if ln.startswith("| landsat8 -> dem")]
+    assert len(dem_lines) == 2 * 4  # the continuous table and the elevation table
+    assert "| landsat8 -> dem | truth | " in text and "dem -> landsat8" not in text
+    assert "in 1 of 1 listed directions" not in text  # the model: untrained, one direction
+    assert "in 0 of 1 listed directions" in text
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "relief_mae ↓" in md and "slope_mean_ratio" in md

@@ -285,11 +285,14 @@ def test_evaluate_texture_shuffle_and_noisy_unet(small_store, tmp_path):
 
     import torch
 
-    from terrasynth.evaluation.unet import UNet, UNetConfig, model_config_of
+    from terrasynth.models.config import ModelConfig
+    from terrasynth.models.factory import build_model, model_folder
+    from terrasynth.models.unet import unet_config
 
     torch.manual_seed(0)
-    cfg = UNetConfig.from_model_config(model_config_of(None)[0], widths=(8, 16, 32))
-    folder = UNet(cfg).save_pretrained(tmp_path / "unet")
+    cfg = unet_config(ModelConfig.load(model_folder(None) / "config.json"))
+    cfg.widths = [8, 16, 32]
+    folder = build_model(cfg).save_pretrained(tmp_path / "unet")
     out = tmp_path / "report"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")

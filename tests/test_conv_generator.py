@@ -11,7 +11,13 @@ from terrasynth.data.store import ChipStore
 from terrasynth.errors import TerrasynthError
 from terrasynth.modalities.registry import SPECTRAL_SLOTS
 from terrasynth.models.config import ModelConfig
-from terrasynth.models.conv_generator import BOX_WIDTHS, GLOBAL_WIDTH, ConvGenerator, box_noise
+from terrasynth.models.conv_generator import (
+    LATENT_SIGMA,
+    NOISE_SIGMAS,
+    ConvGenerator,
+    radius_of,
+    smooth_noise,
+)
 from terrasynth.models.scene_model import ModalityInput
 from tests.conftest import MICRO_CONV
 
@@ -348,29 +354,29 @@ def test_masking_a_modality_equals_leaving_it_out(config):
 
 
 # -- noise -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("width", [*BOX_WIDTHS, GLOBAL_WIDTH])
-def test_box_noise_has_unit_variance(width):
+@pytest.mark.parametrize("sigma", [*NOISE_SIGMAS, LATENT_SIGMA])
+def test_smooth_noise_has_unit_variance(sigma):
     noise = torch.randn(1, 4, 512, 512, generator=torch.Generator().manual_seed(0))
-    out = box_noise(noise, width)
+    out = smooth_noise(noise, sigma)
     assert out.shape == noise.shape
     assert abs(float(out.std()) - 1.0) < 0.1
     assert abs(float(out.mean())) < 0.1
 
 
-@pytest.mark.parametrize("width", [5, 17])
-def test_box_noise_of_overlapping_windows_agrees_where_they_overlap(width):
+@pytest.mark.parametrize("sigma", [1.5, 4.0])
+def test_smooth_noise_of_overlapping_windows_agrees_where_they_overlap(sigma):
     """Two windows cut from one noise field see the same smooth noise in their overlap
     (away from their borders): what keeps a whole scene seamless."""
     field = torch.randn(1, 4, 96, 96, generator=torch.Generator().manual_seed(1))
-    a = box_noise(field[..., 0:64, 0:64], width)
-    b = box_noise(field[..., 24:88, 24:88], width)
-    p = width // 2
+    a = smooth_noise(field[..., 0:64, 0:64], sigma)
+    b = smooth_noise(field[..., 24:88, 24:88], sigma)
+    p = radius_of(sigma)
     # field rows/cols [24 + p, 64 - p): local [24 + p, 64 - p) in a, [p, 40 - p) in b
     torch.testing.assert_close(
         a[..., 24 + p : 64 - p, 24 + p : 64 - p], b[..., p : 40 - p, p : 40 - p]
     )
     # and the filter really smooths: neighbours are correlated
-    x = box_noise(field, width)
+    x = smooth_noise(field, sigma)
     r = torch.corrcoef(torch.stack([x[..., :, :-1].flatten(), x[..., :, 1:].flatten()]))[0, 1]
     assert r > 0.5
 

@@ -11,12 +11,19 @@ import torch
 from terrasynth.data.store import ChipStore
 from terrasynth.errors import TerrasynthError
 from terrasynth.models.base import GenerativeModel, sampling_steps
-from terrasynth.models.config import BACKBONES, CONV_PRESETS, ModelConfig, preset_config
+from terrasynth.models.config import (
+    BACKBONES,
+    CONV_PRESETS,
+    UNET_PRESETS,
+    ModelConfig,
+    preset_config,
+)
 from terrasynth.models.conv_generator import ConvGenerator
 from terrasynth.models.factory import MODEL_CLASSES, build_model, load_model
 from terrasynth.models.scene_model import ModalityInput, SceneModel
+from terrasynth.models.unet import UNet
 from terrasynth.pipeline import default_model_path
-from tests.conftest import MICRO_CONV, MICRO_MODEL
+from tests.conftest import MICRO_CONV, MICRO_MODEL, MICRO_UNET
 
 pytestmark = [pytest.mark.needs_data, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -33,7 +40,7 @@ def store_modalities(small_store) -> tuple[dict, dict]:
 
 def _config(store_modalities, backbone: str, **kw) -> ModelConfig:
     mods, stats = store_modalities
-    sizes = MICRO_CONV if backbone == "conv_generator" else MICRO_MODEL
+    sizes = {"conv_generator": MICRO_CONV, "unet": MICRO_UNET}.get(backbone, MICRO_MODEL)
     return ModelConfig(backbone=backbone, modalities=mods, stats=stats, **{**sizes, **kw})
 
 
@@ -65,11 +72,12 @@ def test_every_backbone_has_a_class():
     assert set(MODEL_CLASSES) == set(BACKBONES)
     assert MODEL_CLASSES["conv_generator"] is ConvGenerator
     assert MODEL_CLASSES["scene_transformer"] is SceneModel
+    assert MODEL_CLASSES["unet"] is UNet
 
 
 @pytest.mark.parametrize(
     "backbone, cls, steps",
-    [("conv_generator", ConvGenerator, 1), ("scene_transformer", SceneModel, 8)],
+    [("conv_generator", ConvGenerator, 1), ("scene_transformer", SceneModel, 8), ("unet", UNet, 1)],
 )
 def test_build_model_picks_the_class_of_the_backbone(store_modalities, backbone, cls, steps):
     model = build_model(_config(store_modalities, backbone))
@@ -140,6 +148,39 @@ def test_scene_transformer_round_trip_through_load_model(store_modalities, tmp_p
     assert all(torch.equal(a[n][g], b[n][g]) for n in ("s2l2a", "dem") for g in a[n])
 
 
+def test_unet_round_trip_through_load_model(store_modalities, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(_config(store_modalities, "unet")).eval()
+    folder = model.save_pretrained(tmp_path / "unet")
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["backbone"] == "unet" and saved["widths"] == MICRO_UNET["widths"]
+    loaded = load_model(folder).eval()
+    assert type(loaded) is UNet and loaded.default_steps == 1
+    inputs = _inputs(model.config, 3)
+    with torch.no_grad():
+        a, b = model(inputs, GSD), loaded(inputs, GSD)
+    assert set(a) == {"s2l2a", "dem"}  # generated (t > 0) only; s1grd is given
+    assert _outputs_equal(a, b)
+    for asked in (None, 4):
+        assert sampling_steps(loaded, asked) == 1
+
+
+def test_old_unet_configs_read_as_unet_configs(store_modalities):
+    """A U-Net folder's config.json from before the U-Net was a backbone."""
+    mods, stats = store_modalities
+    old = {"modalities": mods, "stats": stats, "image_size": 32, "widths": [8, 16], "source": ""}
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.backbone == "unet" and cfg.widths == [8, 16] and cfg.image_size == 32
+    assert not cfg.use_location and not cfg.use_time
+    assert not {"location", "time"} & set(cfg.vector_modalities())
+    # configs of other models keep their backbone, or the transformer's when they lack one
+    assert ModelConfig.from_dict({"modalities": mods, "image_size": 32}).backbone == (
+        "scene_transformer"
+    )
+    assert ModelConfig.from_dict({**old, "patch_size": 8}).backbone == "scene_transformer"
+    assert ModelConfig.from_dict({**old, "backbone": "conv_generator"}).use_location
+
+
 def test_the_built_in_model_predates_backbones_and_loads_as_a_transformer():
     folder = default_model_path()
     raw = json.loads((folder / "config.json").read_text())
@@ -178,6 +219,21 @@ def test_conv_presets_validate_and_name_the_backbone(store_modalities):
     assert preset_config("tiny", *store_modalities).backbone == "scene_transformer"
     with pytest.raises(TerrasynthError, match="unknown preset 'huge'"):
         preset_config("huge", *store_modalities, backbone="conv_generator")
+
+
+def test_unet_presets_validate_and_name_the_backbone(store_modalities):
+    for name, sizes in UNET_PRESETS.items():
+        cfg = preset_config(name, *store_modalities, backbone="unet")
+        assert cfg.backbone == "unet" and cfg.preset == name and cfg.widths == sizes["widths"]
+        assert not cfg.use_location and not cfg.use_time  # it conditions on rasters only
+    cfg = _config(store_modalities, "unet", image_size=20)
+    with pytest.raises(TerrasynthError, match="image_size must be a multiple of 2"):
+        _config(store_modalities, "unet", image_size=15).validate()
+    cfg.validate()  # two levels: any even window
+    with pytest.raises(TerrasynthError, match="image_size must be a multiple of 4"):
+        _config(store_modalities, "unet", widths=[8, 16, 32], image_size=18).validate()
+    with pytest.raises(TerrasynthError, match="widths must be multiples of 8"):
+        build_model(_config(store_modalities, "unet", widths=[12, 16]))
 
 
 @pytest.mark.parametrize(

@@ -180,3 +180,143 @@ def test_sample_spectral_angle_is_of_each_sample_not_of_the_mean():
     assert M.sample_spectral_angle(samples, truth) == pytest.approx(45.0)
     t = rng.uniform(0.1, 1, (4, 5, 5))
     assert M.sample_spectral_angle(np.stack([2 * t, 3 * t]), t) == pytest.approx(0.0, abs=1e-3)
+
+
+# -- elevation ----------------------------------------------------------------------------
+def test_relief_and_level_split_the_error_of_a_dem():
+    truth = np.array([[[0.0, 2.0], [4.0, 6.0]]])  # mean 3: relief -3, -1, 1, 3
+    flat = np.full_like(truth, 10.0)
+    assert M.relief_mae(flat, truth) == pytest.approx(2.0)  # mean |true relief|
+    assert M.level_mae(flat, truth) == pytest.approx(7.0)
+    lifted = truth + 30.0  # the right terrain at the wrong height
+    assert M.relief_mae(lifted, truth) == pytest.approx(0.0)
+    assert M.level_mae(lifted, truth) == pytest.approx(30.0)
+    assert M.mae(lifted, truth) == pytest.approx(30.0)
+    flipped = 3.0 - (truth - 3.0)  # the right height, terrain upside down
+    assert M.level_mae(flipped, truth) == pytest.approx(0.0)
+    assert M.relief_mae(flipped, truth) == pytest.approx(4.0)
+    # each band's own mean over its valid pixels; invalid values count nowhere
+    valid = np.ones((2, 2), bool)
+    valid[1, 1] = False
+    spiked = lifted.copy()
+    spiked[0, 1, 1] = truth[0, 1, 1] = 1e6
+    assert M.relief_mae(spiked, truth, valid) == pytest.approx(0.0)
+    assert M.level_mae(spiked, truth, valid) == pytest.approx(30.0)
+    # level is weighted by valid pixels per band; mae never exceeds relief + level
+    two = rng.normal(100, 20, (2, 6, 6))
+    pred = rng.normal(80, 5, (2, 6, 6))
+    v = rng.uniform(size=(2, 6, 6)) > 0.3
+    levels = [abs(pred[b][v[b]].mean() - two[b][v[b]].mean()) for b in range(2)]
+    expect = (levels[0] * v[0].sum() + levels[1] * v[1].sum()) / v.sum()
+    assert M.level_mae(pred, two, v) == pytest.approx(expect)
+    assert M.mae(pred, two, v) <= M.relief_mae(pred, two, v) + M.level_mae(pred, two, v) + 1e-9
+
+
+def plane(rise_per_px: float, shape=(1, 8, 8)) -> np.ndarray:
+    """Elevation rising ``rise_per_px`` metres per pixel to the east."""
+    return np.broadcast_to(np.arange(shape[-1]) * rise_per_px + 500.0, shape).copy()
+
+
+def test_slope_in_degrees_uses_the_pixel_size():
+    truth = plane(10.0)  # 10 m per 10 m pixel: 45 degrees
+    fake, true, ok = M.slopes(truth[None], truth, pixel_m=10.0)
+    assert ok.all() and np.allclose(true, 45.0) and np.allclose(fake, 45.0)
+    _, true20, _ = M.slopes(truth[None], truth, pixel_m=20.0)
+    assert np.allclose(true20, np.degrees(np.arctan(0.5)))
+    flat = np.full((2, *truth.shape), 700.0)
+    assert M.slope_error_median(flat, truth, 10.0) == pytest.approx(45.0)
+    assert M.slope_mean_ratio(flat, truth, 10.0) == 0.0
+    steep = np.stack([plane(20.0), truth])  # 63.4 and 45 degrees
+    assert M.slope_error_median(steep, truth, 10.0) == pytest.approx(
+        (np.degrees(np.arctan(2.0)) - 45.0) / 2  # mean over samples of each sample's median
+    )
+    assert M.slope_mean_ratio(steep, truth, 10.0) == pytest.approx(
+        (np.degrees(np.arctan(2.0)) + 45.0) / 2 / 45.0
+    )
+    assert np.isnan(M.slope_mean_ratio(steep, np.full_like(truth, 3.0), 10.0))  # flat truth
+
+
+def test_slope_error_is_a_median_over_pixels_whose_neighbours_are_valid():
+    truth = plane(10.0)
+    bump = truth.copy()
+    bump[0, 4, 4] += 100.0  # one wrong pixel: steep slopes around it, the median ignores it
+    assert M.slope_error_median(bump[None], truth, 10.0) == pytest.approx(0.0)
+    fake, true, ok = M.slopes(bump[None], truth, 10.0)
+    assert np.abs(fake - true)[:, ok].mean() > 1  # a mean would not
+    valid = np.ones((8, 8), bool)
+    valid[2, 2] = False
+    hole = truth.copy()
+    hole[0, 2, 2] = 1e6  # unknown: neither it nor its neighbours get a slope
+    fake, true, ok = M.slopes(hole[None], hole, 10.0, valid)
+    assert ok.sum() == 64 - 5 and not ok[0, 1, 2] and not ok[0, 2, 3] and ok[0, 1, 1]
+    assert np.allclose(true[ok], 45.0) and np.allclose(fake[:, ok], 45.0)
+    assert M.slope_error_median(truth[None], hole, 10.0, valid) == pytest.approx(0.0)
+    assert np.isnan(M.slope_error_median(truth[None], truth, 10.0, np.zeros((8, 8), bool)))
+
+
+def two_group_dem():
+    """A made-up elevation modality named ``dem`` with a 10 m and a 20 m band group."""
+    from terrasynth.modalities.registry import modality_from_dict
+
+    return modality_from_dict(
+        "dem",
+        {
+            "kind": "continuous", "units": "m", "value_range": [-500, 9000],
+            "groups": [
+                {"name": "fine", "gsd": 10, "bands": ["a"]},
+                {"name": "coarse", "gsd": 20, "bands": ["b"]},
+            ],
+        },
+    )  # fmt: skip
+
+
+def test_score_tile_gives_elevation_scores_on_each_groups_own_grid():
+    import dataclasses
+
+    import torch
+
+    from terrasynth.evaluation.benchmark import Direction, DirectionScores, score_tile
+    from terrasynth.models.signals import Signal
+
+    mod = two_group_dem()
+    assert [g.factor for g in mod.groups] == [1, 2]
+    stats = {"bands": {}}  # identity normalisation: values are metres
+    # base grid 10 m: fine 8 x 8 px of 10 m, coarse 4 x 4 px of 20 m, both at 45 degrees
+    truth = {"fine": plane(10.0), "coarse": plane(20.0, (1, 4, 4))}
+    sig = Signal(
+        torch.ones(1, dtype=torch.bool),
+        groups={g: torch.from_numpy(v[None]).float() for g, v in truth.items()},
+        known={g: torch.ones(1, *v.shape) for g, v in truth.items()},
+    )
+
+    def score(samples, gsd=10.0):
+        s = DirectionScores(Direction("dem", None), "p", "continuous")
+        score_tile(s, mod, {g: v[:, None] for g, v in samples.items()}, sig, stats, 0, gsd)
+        return s
+
+    same = score({g: np.stack([v, v]) for g, v in truth.items()})
+    out = same.summary()
+    assert out["relief_mae"] == 0 and out["level_mae"] == 0
+    assert out["slope_error_median"] == 0 and out["slope_mean_ratio"] == pytest.approx(1.0)
+    assert same.slope[2] / same.slope[3] == pytest.approx(45.0)  # both groups at 45 degrees
+    assert same.slope[1] == 2 * same.slope[3] == 2 * (64 + 16)  # two samples
+    lifted = score({g: np.stack([v + 5.0]) for g, v in truth.items()}).summary()
+    assert lifted["level_mae"] == pytest.approx(5.0) and lifted["mae"] == pytest.approx(5.0)
+    assert lifted["relief_mae"] == pytest.approx(0.0, abs=1e-4)
+    assert lifted["slope_error_median"] == pytest.approx(0.0, abs=1e-3)
+    # flat samples (the mean baseline): no relief, no slope
+    flat = score({g: np.full((1, *v.shape), 600.0) for g, v in truth.items()}).summary()
+    assert flat["slope_mean_ratio"] == 0.0
+    assert flat["slope_error_median"] == pytest.approx(45.0)
+    assert flat["relief_mae"] == pytest.approx(np.abs(plane(10.0) - plane(10.0).mean()).mean())
+    # a 30 m base grid: 30 m fine and 60 m coarse pixels, so atan(1/3) degrees
+    coarse = score({g: np.stack([v]) for g, v in truth.items()}, gsd=30.0)
+    assert coarse.slope[2] / coarse.slope[3] == pytest.approx(np.degrees(np.arctan(1 / 3)))
+    # without the pixel size no slope scores; other targets get no elevation scores at all
+    none = score({g: np.stack([v]) for g, v in truth.items()}, gsd=None).summary()
+    assert "relief_mae" in none and "slope_error_median" not in none
+    assert "slope_mean_ratio" not in none
+    other = dataclasses.replace(mod, name="ndsm")
+    s = DirectionScores(Direction("ndsm", None), "p", "continuous")
+    score_tile(s, other, {g: np.stack([v])[:, None] for g, v in truth.items()}, sig, stats, 0, 10.0)
+    assert not {"relief_mae", "level_mae", "slope_error_median"} & set(s.summary())

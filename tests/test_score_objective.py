@@ -110,16 +110,21 @@ def test_energy_score_ties_bands_together_where_crps_does_not():
     assert es[0] < es[1] - 0.05, es
 
 
-def test_patch_energy_counts_fully_known_patches_per_value():
-    """A degenerate ensemble off by 0.5 scores 0.5 per value of every fully known 4 x 4 patch
-    (the patch vector's norm is rescaled by sqrt of its size); other patches count nothing."""
+def test_patch_energy_counts_known_values_of_each_patch():
+    """A degenerate ensemble off by 0.5 scores 0.5 per known value of every 4 x 4 patch (the
+    patch vector's norm is rescaled by the square root of its known size); unknown values
+    count nothing, whatever the samples hold there."""
     gen = torch.Generator().manual_seed(6)
     y = torch.randn(2, 3, 8, 8, generator=gen)
     ens = (y + 0.5).expand(3, -1, -1, -1, -1)
     mask = torch.ones_like(y)
     total = ScoreObjective._energy(ens, y, mask)
     torch.testing.assert_close(total, torch.tensor(0.5 * y.numel()))
-    mask[1, 2, 5, 6] = 0  # one value unknown: its patch (all 3 bands) leaves the score
+    mask[1, 2, 5, 6] = 0  # one value unknown: its patch is scored on the other 47
+    torch.testing.assert_close(
+        ScoreObjective._energy(ens, y, mask), torch.tensor(0.5 * (y.numel() - 1))
+    )
+    mask[1, :, 4:8, 4:8] = 0  # a whole patch unknown: nothing of it counts
     torch.testing.assert_close(
         ScoreObjective._energy(ens, y, mask), torch.tensor(0.5 * (y.numel() - 3 * 16))
     )
@@ -174,7 +179,7 @@ def test_score_parts_are_weighted_per_generated_value(real):
     cfg, batch, sig = real
     oracle = Oracle(cfg, sig, offset=1.0)
     gen = torch.Generator().manual_seed(0)
-    obj = ScoreObjective(ScoreConfig(energy_weight=0.0, mse_weight=0.25))
+    obj = ScoreObjective(ScoreConfig(energy_weight=0.0, spectral_weight=0.0, mse_weight=0.25))
     loss, parts = obj(oracle, sig, batch["gsd"], gen)
     (call,) = oracle.calls
     assert call["members"] == cfg.ensemble and call["generator"] is gen
@@ -200,16 +205,35 @@ def test_score_parts_are_weighted_per_generated_value(real):
 
 
 @needs_data
-def test_patch_energy_adds_at_most_one_per_value(real):
+def test_patch_energy_adds_one_per_known_value(real):
     cfg, batch, sig = real
-    obj = ScoreObjective(ScoreConfig(energy_weight=1.0, mse_weight=0.0))
+    obj = ScoreObjective(ScoreConfig(energy_weight=1.0, spectral_weight=0.0, mse_weight=0.0))
     oracle = Oracle(cfg, sig, offset=1.0)
     _, parts = obj(oracle, sig, batch["gsd"], torch.Generator().manual_seed(0))
     continuous = {n: v for n, v in parts.items() if sig[n].groups and sig[n].target is None}
     assert continuous
     for name, v in continuous.items():
-        assert 1.0 - 1e-5 <= v <= 2.0 + 1e-5, (name, v)  # CRPS 1 + energy in fully known patches
-    assert max(continuous.values()) > 1.5  # most real patches are fully known
+        assert v == pytest.approx(2.0), (name, v)  # CRPS 1 + patch energy 1, per known value
+
+
+@needs_data
+def test_spectral_energy_scores_each_pixel_spectrum_of_multiband_targets(real):
+    """An ensemble off by 1 in every band: each pixel spectrum of C bands is sqrt(C) away,
+    scaled to 1 per value; a one-band target has no spectrum to score."""
+    cfg, batch, sig = real
+    obj = ScoreObjective(
+        ScoreConfig(energy_weight=0.0, spectral_weight=1.0, mse_weight=0.0, anomaly_weight=0.0)
+    )
+    oracle = Oracle(cfg, sig, offset=1.0)
+    _, parts = obj(oracle, sig, batch["gsd"], torch.Generator().manual_seed(0))
+    continuous = {n: v for n, v in parts.items() if sig[n].groups and sig[n].target is None}
+    assert continuous
+    for name, v in continuous.items():
+        bands = max(x.shape[1] for x in sig[name].groups.values())
+        if bands == 1:
+            assert v == pytest.approx(1.0), name  # the CRPS alone
+        else:
+            assert v == pytest.approx(2.0), (name, v)  # CRPS 1 + spectral energy 1
 
 
 @needs_data
@@ -230,7 +254,7 @@ def test_training_step_on_real_chips_lowers_the_score(real):
         loss.backward()
         if step == 0:
             # the ensemble trains the residual generator, the MSE the mean head
-            for p in (model.slot_residual.weight, model.gen_in.weight, model.slot_head.weight):
+            for p in (model.coef.weight, model.gen_in.weight, model.slot_head.weight):
                 assert p.grad is not None and p.grad.abs().sum() > 0
             kinds = {("categorical" if sig[n].target is not None else "raster")
                      if sig[n].groups is not None else "vector" for n in parts}  # fmt: skip

@@ -21,12 +21,19 @@ from terrasynth.data import dataset as dataset_module
 from terrasynth.errors import TerrasynthError
 from terrasynth.models.config import CONV_PRESETS, ModelConfig
 from terrasynth.models.conv_generator import ConvGenerator
-from terrasynth.models.factory import build_model, load_model
+from terrasynth.models.factory import build_model, load_model, model_folder
 from terrasynth.models.scene_model import SceneModel
-from terrasynth.training.objective import FlowObjective
+from terrasynth.models.unet import UNet, unet_config
+from terrasynth.training.objective import FlowObjective, RegressionObjective
 from terrasynth.training.score_objective import ScoreObjective
-from terrasynth.training.trainer import TrainConfig, Trainer, objective_for, read_metrics
-from tests.conftest import MICRO_CONV, MICRO_MODEL, run_cli
+from terrasynth.training.trainer import (
+    TrainConfig,
+    Trainer,
+    _lr_lambda,
+    objective_for,
+    read_metrics,
+)
+from tests.conftest import MICRO_CONV, MICRO_MODEL, MICRO_UNET, run_cli
 
 pytestmark = [pytest.mark.needs_data, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -311,6 +318,99 @@ def test_cli_trains_the_conv_generator(small_store, tmp_path):
 def test_unknown_backbone_is_refused_before_the_run_folder_exists(small_store, tmp_path):
     with pytest.raises(TerrasynthError, match="unknown backbone 'unet9'"):
         Trainer(small_store, tmp_path / "bad", _cfg(backbone="unet9"))
+    assert not (tmp_path / "bad").exists()
+
+
+# -- the deterministic U-Net ---------------------------------------------------------------
+def test_unet_is_trained_with_the_regression_objective(small_store, tmp_path):
+    assert isinstance(objective_for(ModelConfig(backbone="unet")), RegressionObjective)
+    run = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(model_config.UNET_PRESETS, "tiny", MICRO_UNET)
+        trainer = Trainer(small_store, run, _cfg(backbone="unet", steps=4, checkpoint_every=2))
+    assert isinstance(trainer.model, UNet) and isinstance(trainer.objective, RegressionObjective)
+    assert trainer.train() == "done" and trainer.step == 4
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for m in metrics:
+        assert np.isfinite(m["loss"]) and m["loss"] > 0 and m["modalities"]
+        assert set(m["modalities"]) <= set(trainer.model.modality_names)  # rasters only
+    model = load_model(run / "model")
+    assert isinstance(model, UNet) and model.config.widths == MICRO_UNET["widths"]
+    ema = trainer.ema.module.state_dict()
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    # resume: the saved backbone and config win
+    resumed = Trainer(small_store, run, _cfg(steps=6), resume=True)
+    assert resumed.cfg.backbone == "unet" and isinstance(resumed.model, UNet)
+    assert resumed.train() == "done" and [m["step"] for m in read_metrics(run)] == list(range(1, 7))
+
+
+def test_unet_of_a_model_config_with_a_time_budget(small_store, tmp_path):
+    """`baseline train-unet`'s setting: a given model config (the built-in model's rasters,
+    statistics and window) and a learning rate decaying over the time limit."""
+    built_in = ModelConfig.load(model_folder(None) / "config.json")
+    cfg = unet_config(built_in)
+    cfg.widths = [8, 16]
+    run = tmp_path / "run"
+    train = _cfg(steps=10**6, time_limit_min=0.05, schedule="time", warmup=2, log_every=5)
+    trainer = Trainer(small_store, run, train, model_config=cfg)
+    assert trainer.cfg.backbone == "unet" and trainer.cfg.preset == "tiny"
+    assert trainer.train() == "time limit"
+    metrics = read_metrics(run)
+    assert metrics[-1]["step"] == trainer.step and metrics[-1]["elapsed_s"] >= 3.0
+    assert metrics[-1]["lr"] < 0.3 * train.lr  # decayed to 5 % at the time limit
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["backbone"] == "unet" and saved["schedule"] == "time"
+    model = load_model(run / "model")
+    assert isinstance(model, UNet) and model.config.image_size == built_in.image_size
+    assert model.modality_names == [m.name for m in built_in.raster_modalities()]
+    # a model config none of whose rasters the store holds
+    absent = [m.name for m in cfg.raster_modalities() if m.name not in trainer.dataset.modalities]
+    other = ModelConfig.from_dict(cfg.to_dict())
+    other.modalities = {m: cfg.modalities[m] for m in absent}
+    with pytest.raises(TerrasynthError, match="no raster modality of the model config"):
+        Trainer(small_store, tmp_path / "none", train, model_config=other)
+    assert absent and not (tmp_path / "none").exists()
+
+
+def test_cli_trains_the_unet_over_a_stores_modalities(small_store, tmp_path):
+    run = tmp_path / "run"
+    res = run_cli(
+        "train", "-d", str(small_store), "-o", str(run), "--backbone", "unet",
+        "--steps", "2", "--batch-size", "2", "--checkpoint-every", "1",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "done at step 2" in res.stdout
+    model = load_model(run / "model")
+    assert isinstance(model, UNet) and model.config.preset == "tiny"
+    assert model.config.widths == model_config.UNET_PRESETS["tiny"]["widths"]
+    store_rasters = [m.name for m in model.config.raster_modalities()]
+    assert model.modality_names == store_rasters and "s2l2a" in store_rasters
+
+
+def test_unet_time_schedule_decays_over_the_time_limit():
+    cfg = TrainConfig(warmup=2, time_limit_min=1.0, schedule="time")
+    clock = [0.0]
+    f = _lr_lambda(cfg, lambda: clock[0])
+    assert f(0) == 0.5 and f(1) == 1.0 and f(1000) == 1.0  # steps do not count
+    clock[0] = 30.0
+    assert f(5) == pytest.approx(0.525)
+    clock[0] = 60.0
+    assert f(5) == pytest.approx(0.05)
+    clock[0] = 600.0
+    assert f(5) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"schedule": "time"}, "needs a time limit"),
+        ({"schedule": "epochs", "time_limit_min": 1.0}, "unknown schedule 'epochs'"),
+    ],
+)
+def test_unet_schedule_settings_are_checked(small_store, tmp_path, change, message):
+    with pytest.raises(TerrasynthError, match=message):
+        Trainer(small_store, tmp_path / "bad", _cfg(backbone="unet", **change))
     assert not (tmp_path / "bad").exists()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -36,7 +37,7 @@ def train(
     preset: Annotated[str, typer.Option(help="Model size: tiny, small or base.")] = "tiny",
     backbone: Annotated[
         str,
-        typer.Option(help="Model class: 'conv_generator' or 'scene_transformer'."),
+        typer.Option(help="Model class: 'scene_transformer', 'conv_generator' or 'unet'."),
     ] = "scene_transformer",
     steps: Annotated[int, typer.Option(help="Optimiser steps in all.")] = 1400,
     batch_size: Annotated[int, typer.Option(help="Chips per process and micro-step.")] = 24,
@@ -44,6 +45,10 @@ def train(
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1.5e-3,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 200,
     time_limit: Annotated[float, typer.Option(help="Stop after this many minutes (0: no).")] = 0.0,
+    schedule: Annotated[
+        str,
+        typer.Option(help="Learning-rate decay over 'steps' or over the 'time' limit."),
+    ] = "steps",
     bf16: Annotated[bool, typer.Option(help="bfloat16 autocast.")] = True,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
@@ -77,6 +82,7 @@ def train(
         lr=lr,
         checkpoint_every=checkpoint_every,
         time_limit_min=time_limit,
+        schedule=schedule,
         bf16=bf16,
         num_workers=workers,
         seed=seed,
@@ -321,7 +327,7 @@ def evaluate(
     unet: Annotated[
         Path | None,
         typer.Option(
-            help="Trained U-Net folder for --baseline unet / unet_noise (baseline train-unet)."
+            help="U-Net run or model folder for --baseline unet / unet_noise (baseline train-unet)."
         ),
     ] = None,
     target: Annotated[
@@ -493,7 +499,9 @@ app.add_typer(baseline_app, name="baseline")
 @baseline_app.command("train-unet")
 def train_unet(
     store: Annotated[Path, typer.Option("-d", "--data", help="Chip store to train on.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="U-Net folder (new or empty).")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Run folder of the U-Net (new or empty).")
+    ],
     minutes: Annotated[
         float, typer.Option(help="Wall-clock budget: the model's training time on this machine.")
     ],
@@ -507,13 +515,47 @@ def train_unet(
     ] = None,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
 ) -> None:
-    """Train the deterministic U-Net baseline of `evaluate --baseline unet --unet OUTPUT`."""
+    """Train the deterministic U-Net baseline of `evaluate --baseline unet --unet OUTPUT`.
+
+    The model trainer with backbone 'unet' over the raster modalities, statistics and window
+    of the model config (-m, default the built-in model), for --minutes of wall time."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from terrasynth.data.store import ChipStore
-    from terrasynth.evaluation.unet import train_unet as fit
+    from terrasynth.evaluation.baselines import stats_mismatch
+    from terrasynth.models.config import ModelConfig
+    from terrasynth.models.factory import model_folder
+    from terrasynth.models.unet import unet_config
+    from terrasynth.training.trainer import TrainConfig, Trainer
 
-    ChipStore.open(store)  # a clear error for a missing or broken store
+    if minutes <= 0:
+        raise TerrasynthError("give a training budget: --minutes > 0")
+    if output.exists() and any(output.iterdir()):
+        raise TerrasynthError(f"{output} exists and is not empty")
+    stats = ChipStore.open(store).stats  # a clear error for a missing or broken store
+    config = unet_config(ModelConfig.load(model_folder(model) / "config.json"))
+    differ = stats_mismatch(config, stats)
+    if differ:
+        typer.echo(
+            f"warning: the store's normalisation differs from the model's for "
+            f"{', '.join(differ)}: the U-Net learns the store's units",
+            err=True,
+        )
+    cfg = TrainConfig(
+        backbone="unet",
+        steps=10**9,  # the time limit stops it
+        batch_size=batch_size,
+        lr=2e-3,
+        warmup=50,
+        ema_decay=0.0,  # the exported model is the last weights
+        bf16=False,
+        checkpoint_every=1000,
+        time_limit_min=minutes,
+        schedule="time",
+        seed=seed,
+        num_workers=workers,
+    )
+    trainer = Trainer(store, output, cfg, model_config=config)
     with Progress(
         TextColumn("training U-Net"),
         BarColumn(),
@@ -528,20 +570,16 @@ def train_unet(
                 task,
                 completed=rec["elapsed_s"],
                 info=f"step {rec['step']} · loss {rec['loss']:.3f} · "
-                f"{rec['chips_per_s']:.0f} chips/s",
+                f"{rec['samples_per_s']:.0f} chips/s",
             )
 
-        run = fit(
-            store, output, minutes=minutes, batch_size=batch_size, seed=seed,
-            model_config=model, num_workers=workers, on_log=on_log,
-        )  # fmt: skip
-    for w in run.warnings:
-        typer.echo(f"warning: {w}", err=True)
+        t0 = time.perf_counter()
+        reason = trainer.train(on_log)
     typer.echo(
-        f"{run.reason} after {run.steps} steps ({run.chips} chips, {run.seconds / 60:.1f} min); "
-        f"U-Net in {output}"
+        f"{reason} after {trainer.step} steps ({(time.perf_counter() - t0) / 60:.1f} min); "
+        f"U-Net in {output / 'model'}"
     )
-    if run.reason == "interrupted":
+    if reason == "interrupted":
         raise typer.Exit(130)
 
 

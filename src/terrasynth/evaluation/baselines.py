@@ -6,9 +6,11 @@
   described by the per-band mean and standard deviation of their conditioning modalities
   (centre tile, normalised units); the N nearest (Euclidean) give their target as the N
   samples. A real image, so sharp, but from elsewhere.
-* ``unet``: a deterministic any-to-any U-Net (``terrasynth.evaluation.unet``) trained on the
-  model's training data with the model's wall-clock budget; every sample is its one
-  prediction (continuous: normalised values; categorical: softmax probabilities).
+* ``unet``: a deterministic any-to-any U-Net (``terrasynth.models.unet``, backbone
+  ``"unet"``) trained by the model's trainer on the model's training data with the model's
+  wall-clock budget, loaded with ``terrasynth.models.factory.load_model`` and called through
+  the model protocol; every sample is its one prediction (continuous: normalised values;
+  categorical: softmax probabilities).
 * ``unet_noise``: the U-Net's prediction plus independent Gaussian noise per pixel, with a
   per-band standard deviation fitted on the store's validation split: the root mean square
   residual of the U-Net, per direction (target and conditions), over the known pixels of
@@ -26,8 +28,10 @@ import torch
 from terrasynth.data.dataset import ChipDataset
 from terrasynth.data.stats import band_moments
 from terrasynth.errors import TerrasynthError
+from terrasynth.models.base import GenerativeModel
 from terrasynth.models.config import ModelConfig
 from terrasynth.models.signals import Signal
+from terrasynth.sampling.conditional import predict, x0_from_prediction
 
 
 class MeanBaseline:
@@ -122,15 +126,39 @@ class KNNBaseline:
         return out
 
 
+def stats_mismatch(config: ModelConfig, stats: dict) -> list[str]:
+    """Continuous modalities whose normalisation differs between ``config`` and ``stats``
+    (values are normalised with one and read back with the other)."""
+    reg = config.registry
+    out = []
+    for name in config.modalities:
+        mod = reg[name]
+        if mod.kind != "continuous" or name not in stats:
+            continue
+        a = band_moments(config.stats.get(name, {}), mod.bands)
+        b = band_moments(stats[name], mod.bands)
+        if not all(np.allclose(x, y, rtol=1e-3, atol=1e-6) for x, y in zip(a, b, strict=True)):
+            out.append(name)
+    return out
+
+
 class UNetBaseline:
+    """A deterministic model (the U-Net) as a predictor: its one prediction, N times."""
+
     name = "unet"
 
     def __init__(self, config: ModelConfig, path: str | Path) -> None:
-        from terrasynth.evaluation.unet import UNet, stats_mismatch
+        from terrasynth.models.factory import load_model, model_folder
 
         self.config = config
-        self.net = UNet.from_pretrained(path)
-        differ = stats_mismatch(self.net.config, config.stats)
+        try:
+            folder = model_folder(path)
+        except TerrasynthError:
+            raise TerrasynthError(
+                f"{path}: not a U-Net folder (train one with `terrasynth baseline train-unet`)"
+            ) from None
+        self.model: GenerativeModel = load_model(folder).eval()
+        differ = stats_mismatch(self.model.config, config.stats)
         self.warnings = (
             [
                 f"the U-Net in {path} was trained with other normalisation statistics than "
@@ -140,22 +168,29 @@ class UNetBaseline:
             else []
         )
 
+    @property
+    def modality_names(self) -> list[str]:
+        return list(self.model.modality_names)
+
     @torch.inference_mode()
-    def sample(self, signals, tile, target, conditions, num_samples, generator):
-        if target not in self.net.modality_names:
+    def predict(
+        self, signals: dict[str, Signal], target: str, conditions, gsd: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The model's x0 of ``target`` given ``conditions`` (clean, where known), per group:
+        normalised values (continuous) or class probabilities (categorical)."""
+        if target not in self.modality_names:
             raise TerrasynthError(f"the U-Net was not trained to predict '{target}'")
-        given = {
-            m: signals[m].present.bool()
-            for m in conditions
-            if m != target and m in signals and m in self.net.modality_names
-        }
-        pred = self.net.predict(signals, given)[target]
-        categorical = signals[target].target is not None
-        out = {}
-        for g, v in pred.items():
-            v = v.softmax(1) if categorical else v
-            out[g] = np.repeat(v.float().numpy()[None], num_samples, 0)
-        return out
+        conds = [c for c in conditions if c != target and c in signals]
+        sigs = {n: signals[n] for n in [target, *conds]}
+        sig = sigs[target]
+        x = {target: {g: torch.zeros_like(v) for g, v in sig.groups.items()}}
+        pred = predict(self.model, sigs, [target], x, 1.0, gsd, None, True)[target]
+        x0, probs = x0_from_prediction(sig, pred)
+        return probs if probs is not None else x0
+
+    def sample(self, signals, tile, target, conditions, num_samples, generator):
+        pred = self.predict(signals, target, conditions, tile["gsd"])
+        return {g: np.repeat(v.float().numpy()[None], num_samples, 0) for g, v in pred.items()}
 
 
 class UNetNoiseBaseline(UNetBaseline):
@@ -181,7 +216,7 @@ class UNetNoiseBaseline(UNetBaseline):
         self.fits: dict[tuple[str, tuple[str, ...]], dict] = {}
 
     def _key(self, target: str, conditions) -> tuple[str, tuple[str, ...]]:
-        names = self.net.modality_names
+        names = self.modality_names
         return target, tuple(sorted({c for c in conditions if c != target and c in names}))
 
     @torch.inference_mode()
@@ -198,7 +233,7 @@ class UNetNoiseBaseline(UNetBaseline):
         key = self._key(target, conditions)
         if key in self.fits:
             return self.fits[key]
-        if target not in self.net.modality_names:
+        if target not in self.modality_names:
             raise TerrasynthError(f"the U-Net was not trained to predict '{target}'")
         mod = self.config.registry[target]
         conds = key[1]
@@ -222,10 +257,10 @@ class UNetNoiseBaseline(UNetBaseline):
             batch = collate_chips([ds[int(i)] for i in pick[start : start + self.batch_size]])
             for tile in tiles(batch, self.config.window_size, ds.chip_size):
                 sig = batch_signals(tile, self.config, ds.modalities)
-                given = {c: sig[c].present.bool() for c in conds if c in sig}
+                given = [c for c in conds if c in sig]
                 if target not in sig or not given:
                     continue
-                pred = self.net.predict(sig, given)[target]
+                pred = self.predict(sig, target, given, tile["gsd"])
                 t = sig[target]
                 for g in mod.groups:
                     k = t.known[g.name] * t.present[:, None, None, None]

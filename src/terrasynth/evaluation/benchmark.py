@@ -6,7 +6,8 @@ are cut into tiles of the model's window; every tile that holds the target and t
 direction's conditions is generated ``num_samples`` times by a *predictor*: the model, or
 a baseline behind the same interface (``terrasynth.evaluation.baselines``). Scores are in
 physical units (``terrasynth.evaluation.metrics``) and are averaged over tiles weighted by
-their valid pixels; distribution scores pool every tile of a direction.
+their valid pixels; distribution scores pool every tile of a direction. Elevation targets
+(``ELEVATION``) get relief, level and slope scores on top (:func:`score_elevation`).
 """
 
 from __future__ import annotations
@@ -126,6 +127,8 @@ class DirectionScores:
     # of the truth, over the tiles on which the band is fully known
     spectra: dict[str, np.ndarray] = field(default_factory=dict)
     donors: dict[str, str] = field(default_factory=dict)  # shuffle test: chip -> donor chip
+    # elevation targets: [sum of the samples' slopes, their pixels, same of the truth]
+    slope: np.ndarray | None = None
 
     def add(self, key: str, value: float, weight: float) -> None:
         if np.isfinite(value):
@@ -148,6 +151,9 @@ class DirectionScores:
             fake = np.stack([v[0] for v in self.spectra.values()])
             true = np.stack([v[1] for v in self.spectra.values()])
             out["spectrum_ratio"] = M.spectrum_log_ratio(fake, true)
+        if self.slope is not None and self.slope[1] > 0 and self.slope[2] > 0:
+            s = self.slope
+            out["slope_mean_ratio"] = float((s[0] / s[1]) / (s[2] / s[3]))
         # shuffle test: error with another chip's conditions over error with the own ones
         if out.get("crps_shuffled") is not None and out.get("crps", 0) > 0:
             out["input_dependence"] = out["crps_shuffled"] / out["crps"]
@@ -164,6 +170,7 @@ class DirectionScores:
 
 LEVELS = np.array([0.1, 0.3, 0.5, 0.7, 0.9])
 EXAMPLES = 3  # tiles per direction kept for pictures
+ELEVATION = ("dem",)  # modalities scored as terrain (metres): relief, level and slope
 
 
 def physical_tile(
@@ -197,6 +204,34 @@ def physical_tile(
     return true[keep], fake[:, keep], known[keep], kept
 
 
+def score_elevation(
+    scores: DirectionScores,
+    mod: Modality,
+    group_samples: dict[str, np.ndarray],
+    sig: Signal,
+    stats: dict,
+    k: int,
+    gsd: float,
+) -> None:
+    """Slope scores of the k-th tile of an elevation target, per band group on its own
+    grid (pixels of ``gsd`` x the group's factor metres; ``gsd``: the tile's metres per
+    pixel of the base grid): ``slope_error_median`` weighted by the pixels with a defined
+    slope, and the slope sums behind the pooled ``slope_mean_ratio``."""
+    for g in mod.groups:
+        known = sig.known[g.name][k].numpy() > 0  # (C, h, w)
+        if not known.any():
+            continue
+        true = denormalise(sig.groups[g.name][k].numpy(), stats, g.bands, mod.transform)
+        fake = denormalise(group_samples[g.name][:, k], stats, g.bands, mod.transform)
+        f, t, ok = M.slopes(fake, true, gsd * g.factor, known)
+        n_ok = int(ok.sum())
+        if n_ok == 0:
+            continue
+        scores.add("slope_error_median", M.median_slope_error(f, t, ok), float(n_ok))
+        sums = np.array([f[:, ok].sum(), f[:, ok].size, t[ok].sum(), n_ok], np.float64)
+        scores.slope = sums if scores.slope is None else scores.slope + sums
+
+
 def score_tile(
     scores: DirectionScores,
     mod: Modality,
@@ -204,8 +239,12 @@ def score_tile(
     sig: Signal,
     stats: dict,
     k: int,
+    gsd: float | None = None,
 ) -> None:
-    """Score the k-th tile of a batch: ``group_samples`` (N, B, C, h, w) per group."""
+    """Score the k-th tile of a batch: ``group_samples`` (N, B, C, h, w) per group.
+
+    ``gsd``: the tile's metres per pixel of the base grid (``tile["gsd"][k]``), needed for
+    the slope scores of elevation targets (left out without it)."""
     if mod.kind == "categorical":
         g = mod.groups[0].name
         probs = group_samples[g][:, k]  # (N, K, h, w)
@@ -256,6 +295,11 @@ def score_tile(
             np.array([M.interval_coverage(fake, true, lv, known) for lv in LEVELS])
         )
     scores.add("diversity", M.diversity(fake, known), n_known)
+    if mod.name in ELEVATION:  # terrain: relief apart from level, and slope
+        scores.add("relief_mae", M.relief_mae(mean, true, known), n_known)
+        scores.add("level_mae", M.level_mae(mean, true, known), n_known)
+        if gsd is not None:
+            score_elevation(scores, mod, group_samples, sig, stats, k, gsd)
     # texture: every sample's own gradients and spectrum, pooled over the direction's tiles
     fake_sum, fake_n = np.sum([M.gradient_energy(s, known) for s in fake], 0)
     energy = np.stack([fake_sum, fake_n, *M.gradient_energy(true, known)], 1)  # (bands, 4)
@@ -434,7 +478,10 @@ def run_benchmark(
                     sig, conditions = direction_signals(tile, config, order, d.target, conds)
                     samples = pred.sample(sig, tile, d.target, conditions, num_samples, gen)
                     for k in range(tile["gsd"].shape[0]):
-                        score_tile(scores, mod, samples, sig[d.target], config.stats[d.target], k)
+                        score_tile(
+                            scores, mod, samples, sig[d.target], config.stats[d.target], k,
+                            gsd=float(tile["gsd"][k]),
+                        )  # fmt: skip
             if donors is not None and len(pick) > 1:
                 pairs = zip(pick, donors, strict=True)
                 scores.donors = {str(ids[i]): str(ids[j]) for i, j in pairs}

@@ -19,6 +19,7 @@ from rich.progress import track
 from torch.utils.data import DataLoader, Subset
 
 from terrasynth.data.dataset import ChipDataset, collate_chips
+from terrasynth.evaluation.translate import tiles
 from terrasynth.models.signals import batch_signals
 from terrasynth.sampling.conditional import sampling_inputs
 from terrasynth.training.score_objective import fair_crps
@@ -100,27 +101,30 @@ def fit_spread_scale(
             loader = DataLoader(
                 Subset(ds, pick.tolist()), batch_size=batch_size, collate_fn=collate_chips
             )
-            for batch in loader:
-                sig = batch_signals(batch, cfg, order)
-                if mod.name not in sig:
-                    continue
-                target = sig[mod.name]
-                x = {
-                    mod.name: {
-                        g: torch.randn(v.shape, generator=gen) for g, v in target.groups.items()
-                    }
-                }
-                conds = {n: s for n, s in sig.items() if n == mod.name or bool(s.present.any())}
-                inputs = sampling_inputs(conds, [mod.name], x, 1.0, batch["gsd"], None, True)
-                mean, samples = model(inputs, batch["gsd"], members=members, generator=gen)
-                for g, y in target.groups.items():
-                    known = (target.known[g] > 0).numpy()
-                    mu = mean[mod.name][g].float()
-                    res = torch.stack([s[mod.name][g].float() - mu for s in samples])
-                    _accumulate(fit, mu, res, y, known)
+            for chips in loader:
+                for batch in tiles(chips, cfg.window_size, ds.chip_size):
+                    _fit_batch(model, fit, mod.name, batch, cfg, order, members, gen)
         return fits
     finally:
         cfg.spread_scale = saved
+
+
+def _fit_batch(model, fit: ScaleFit, name: str, batch: dict, cfg, order, members, gen) -> None:
+    """Generate ``name`` on one batch of tiles from all else and accumulate the scores
+    (tiles of the model's sampling window, as the benchmark and generation cut them)."""
+    sig = batch_signals(batch, cfg, order)
+    if name not in sig:
+        return
+    target = sig[name]
+    x = {name: {g: torch.randn(v.shape, generator=gen) for g, v in target.groups.items()}}
+    conds = {n: s for n, s in sig.items() if n == name or bool(s.present.any())}
+    inputs = sampling_inputs(conds, [name], x, 1.0, batch["gsd"], None, True)
+    mean, samples = model(inputs, batch["gsd"], members=members, generator=gen)
+    for g, y in target.groups.items():
+        known = (target.known[g] > 0).numpy()
+        mu = mean[name][g].float()
+        res = torch.stack([s[name][g].float() - mu for s in samples])
+        _accumulate(fit, mu, res, y, known)
 
 
 def _accumulate(

@@ -16,6 +16,8 @@ import numpy as np
 from scipy.ndimage import uniform_filter
 from scipy.stats import wasserstein_distance
 
+from terrasynth.data.derived import slope_degrees
+
 
 def _mask(valid: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
     if valid is None:
@@ -81,6 +83,77 @@ def sample_spectral_angle(samples: np.ndarray, truth: np.ndarray, valid=None) ->
     Unlike :func:`spectral_angle` of the sample mean, averaging the samples first cannot
     hide spectra that no single sample gets right (or wrong)."""
     return float(np.mean([spectral_angle(s, truth, valid) for s in samples]))
+
+
+# -- elevation ----------------------------------------------------------------------------
+def relief_mae(pred: np.ndarray, truth: np.ndarray, valid=None) -> float:
+    """MAE of the relief: per band, prediction and truth each minus their own mean over the
+    valid pixels, then the mean absolute difference over all valid values. The error in the
+    shape of the terrain, not in its absolute level (a flat prediction scores the mean
+    absolute deviation of the truth from its mean)."""
+    m = _mask(valid, truth.shape)
+    total, count = 0.0, 0
+    for b in range(truth.shape[0]):
+        if m[b].any():
+            p, t = pred[b][m[b]].astype(np.float64), truth[b][m[b]].astype(np.float64)
+            total += float(np.abs((p - p.mean()) - (t - t.mean())).sum())
+            count += p.size
+    return total / count if count else float("nan")
+
+
+def level_mae(pred: np.ndarray, truth: np.ndarray, valid=None) -> float:
+    """Absolute difference between the mean of the prediction and the mean of the truth
+    over the valid pixels, per band, averaged over bands weighted by their valid pixels:
+    the error in absolute level that :func:`relief_mae` leaves out."""
+    m = _mask(valid, truth.shape)
+    total, count = 0.0, 0
+    for b in range(truth.shape[0]):
+        n = int(m[b].sum())
+        if n:
+            p, t = pred[b][m[b]].astype(np.float64), truth[b][m[b]].astype(np.float64)
+            total += n * abs(p.mean() - t.mean())
+            count += n
+    return total / count if count else float("nan")
+
+
+def slopes(
+    samples: np.ndarray, truth: np.ndarray, pixel_m: float, valid=None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Terrain slope in degrees of every sample (N, C, H, W) and of the truth (C, H, W),
+    elevations in metres on ``pixel_m`` metre pixels (finite differences,
+    :func:`terrasynth.data.derived.slope_degrees`), and where the slope is defined (C, H, W):
+    pixels that are valid with their four neighbours. The samples' slopes use the truth's
+    validity, so both are compared on the same pixels."""
+    m = _mask(valid, truth.shape)
+    true, ok = np.zeros(truth.shape, np.float32), np.zeros(truth.shape, bool)
+    fake = np.zeros(samples.shape, np.float32)
+    for b in range(truth.shape[0]):
+        true[b], ok[b] = slope_degrees(truth[b], m[b], pixel_m)
+        for i, s in enumerate(samples):
+            fake[i, b] = slope_degrees(s[b], m[b], pixel_m)[0]
+    return fake, true, ok
+
+
+def median_slope_error(fake: np.ndarray, true: np.ndarray, ok: np.ndarray) -> float:
+    """Per sample, the median over the pixels ``ok`` of |slope of the sample - true slope|,
+    averaged over samples (degrees); arrays as returned by :func:`slopes`."""
+    if not ok.any():
+        return float("nan")
+    return float(np.mean([np.median(np.abs(f[ok] - true[ok])) for f in fake]))
+
+
+def slope_error_median(samples: np.ndarray, truth: np.ndarray, pixel_m: float, valid=None):
+    """Median absolute slope error (degrees) of each sample, averaged over the samples."""
+    return median_slope_error(*slopes(samples, truth, pixel_m, valid))
+
+
+def slope_mean_ratio(samples: np.ndarray, truth: np.ndarray, pixel_m: float, valid=None):
+    """Mean slope of the samples (all of them, where the slope is defined) over the mean
+    true slope: 1 as steep as the real terrain, 0 flat, > 1 too steep (NaN for a flat
+    truth)."""
+    fake, true, ok = slopes(samples, truth, pixel_m, valid)
+    t = float(true[ok].mean()) if ok.any() else 0.0
+    return float(fake[:, ok].mean()) / t if t > 0 else float("nan")
 
 
 # -- texture ------------------------------------------------------------------------------

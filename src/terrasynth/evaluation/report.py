@@ -32,6 +32,8 @@ HIGHER_IS_BETTER = {
     "accuracy": True, "miou": True, "ece": False, "accuracy_best_of_n": True,
     "sample_spectral_angle": False, "texture_ratio": None, "spectrum_ratio": None,
     "crps_shuffled": None, "accuracy_shuffled": None, "input_dependence": True,
+    "relief_mae": False, "level_mae": False, "slope_error_median": False,
+    "slope_mean_ratio": None,
 }  # fmt: skip
 
 
@@ -116,7 +118,11 @@ def _markdown(results: list[DirectionScores], settings: dict) -> str:
         "samples over the truth's; 1 as rough as real, < 1 too smooth, >> 1 noise) and "
         "`spectrum_ratio` (mean log2 ratio of their radial power spectra over the upper "
         "half of the frequencies; 0 as real). `input_dependence`: the error with another "
-        "chip's conditions over the error with the chip's own (about 1: inputs ignored)."
+        "chip's conditions over the error with the chip's own (about 1: inputs ignored). "
+        "Elevation: `relief_mae` (MAE with each tile's own mean removed from prediction and "
+        "truth), `level_mae` (error of the tile mean), `slope_error_median` (median "
+        "absolute slope error of each sample, degrees) and `slope_mean_ratio` (mean slope "
+        "of the samples over the true one)."
     )
     for kind, title in (("continuous", "Continuous targets"), ("categorical", "Land cover")):
         t = _table(results, kind)

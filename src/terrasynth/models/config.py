@@ -21,7 +21,9 @@ LOCATION_DIM = 3  # unit vector on the sphere
 TIME_DIM = 3  # sin / cos of day of year, scaled year
 
 
-BACKBONES = ("scene_transformer", "conv_generator")
+BACKBONES = ("scene_transformer", "conv_generator", "unet")
+# keys of a U-Net folder's config.json saved before the U-Net was a backbone
+_LEGACY_UNET_KEYS = {"modalities", "stats", "image_size", "widths", "source"}
 
 
 @dataclass
@@ -30,7 +32,8 @@ class ModelConfig:
 
     ``backbone`` names the model class (``terrasynth.models.factory`` builds it); the
     transformer's fields (patch, dim, depth, ...) and the convolutional generator's
-    (``widths``, ``ensemble``, ...) sit side by side, each backbone reading its own.
+    (``widths``, ``ensemble``, ...) sit side by side, each backbone reading its own. The
+    deterministic U-Net (``"unet"``) reads ``widths`` and ``image_size``.
     """
 
     modalities: dict[str, dict[str, Any]] = field(default_factory=dict)  # registry entries
@@ -50,7 +53,7 @@ class ModelConfig:
     use_time: bool = True
     preset: str = "custom"
     backbone: str = "scene_transformer"  # the model class (see BACKBONES)
-    # convolutional generator (backbone "conv_generator")
+    # convolutional generator (backbone "conv_generator"); the U-Net ("unet") reads widths
     widths: list[int] = field(default_factory=lambda: [32, 64, 128])  # channels per level
     cond_dim: int = 32  # sensor / place / time conditioning vector
     generator_channels: int = 32  # width of the residual generator
@@ -106,6 +109,14 @@ class ModelConfig:
             if self.ensemble < 2:
                 raise TerrasynthError("ensemble must be at least 2 (fair CRPS needs pairs)")
             return
+        if self.backbone == "unet":
+            multiple = 2 ** (len(self.widths) - 1)
+            if self.image_size % multiple:
+                raise TerrasynthError(f"image_size must be a multiple of {multiple}")
+            for w in self.widths:
+                if w % min(8, w):
+                    raise TerrasynthError(f"widths must be multiples of 8 (GroupNorm), got {w}")
+            return
         if self.image_size % self.patch_size:
             raise TerrasynthError("image_size must be a multiple of patch_size")
         for mod in self.raster_modalities():
@@ -125,6 +136,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        if "backbone" not in d and set(d) <= _LEGACY_UNET_KEYS and "widths" in d:
+            # a U-Net folder saved before the U-Net was a backbone: raster modalities,
+            # statistics, window and widths; it used neither location nor time
+            d = {**d, "backbone": "unet", "use_location": False, "use_time": False}
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -168,12 +183,21 @@ CONV_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(image_size=64, widths=[48, 96, 192], generator_channels=48, ensemble=4),
     "base": dict(image_size=128, widths=[64, 128, 256, 512], generator_channels=64, ensemble=6),
 }
+# The deterministic U-Net: window and widths per level; it conditions on rasters only.
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    name: dict(image_size=size, widths=widths, use_location=False, use_time=False)
+    for name, size, widths in (
+        ("tiny", 32, [32, 64, 128]),
+        ("small", 64, [48, 96, 192]),
+        ("base", 128, [64, 128, 256, 512]),
+    )
+}
 
 
 def preset_config(
     name: str, modalities: dict[str, dict], stats: dict, backbone: str = "scene_transformer"
 ) -> ModelConfig:
-    table = CONV_PRESETS if backbone == "conv_generator" else PRESETS
+    table = {"conv_generator": CONV_PRESETS, "unet": UNET_PRESETS}.get(backbone, PRESETS)
     if name not in table:
         raise TerrasynthError(f"unknown preset '{name}' (presets: {', '.join(table)})")
     cfg = ModelConfig(

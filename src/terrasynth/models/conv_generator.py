@@ -17,9 +17,9 @@ values and a given-mask (coarser band groups repeated onto the finest grid):
 * **Residual generator.** For continuous targets, a small convolutional net maps the
   trunk features and spatially coherent noise to a residual added to the mean. The noise
   is the target's own pixel noise (the sampler's start noise: one field shared by
-  overlapping windows, so whole scenes stay seamless) box-filtered at several widths and
-  rescaled to unit variance: a fine map, two low-resolution maps, and a near-constant
-  "global" latent (33 px box) that FiLMs every generator layer. Trained with proper scores
+  overlapping windows, so whole scenes stay seamless) blurred by Gaussians of several widths
+  and rescaled to unit variance: a fine map, two low-resolution maps, and a near-constant
+  latent (8 px Gaussian) that FiLMs every generator layer. Trained with proper scores
   over an ensemble (``training/score_objective.py``), the residuals carry the conditional
   spread; ``spread_scale`` (per modality, fitted on the validation split) calibrates it.
 
@@ -28,6 +28,8 @@ noise, and its output there is a sample. ``default_steps`` is 1.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +41,10 @@ from terrasynth.models.base import PretrainedMixin
 from terrasynth.models.config import ModelConfig
 from terrasynth.models.scene_model import ModalityInput
 
-NOISE_CHANNELS = 4  # noise maps per box width
+NOISE_CHANNELS = 4  # noise maps per blur width
 RANK = 3  # spectral rank of the residual: each pixel's residual spectrum mixes RANK loadings
-BOX_WIDTHS = (1, 5, 17)  # fine and low-resolution noise maps (pixels of the base grid)
-GLOBAL_WIDTH = 33  # the near-constant latent
+NOISE_SIGMAS = (0.0, 1.5, 4.0)  # fine and low-resolution noise maps (Gaussian, base-grid px)
+LATENT_SIGMA = 8.0  # the near-constant latent
 
 
 def _k(name: str) -> str:
@@ -75,20 +77,32 @@ def _modulate(x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
 
 
-def box_noise(noise: torch.Tensor, width: int) -> torch.Tensor:
-    """Noise box-filtered over ``width`` x ``width`` pixels, rescaled to unit variance.
+def smooth_noise(noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Noise blurred by a Gaussian of ``sigma`` pixels, rescaled to unit variance.
 
     A stride-1 filter keeps it translation-equivariant: two overlapping windows cut from one
-    noise field see the same smooth noise where they overlap (up to their borders).
+    noise field see the same smooth noise where they overlap (up to their borders). A
+    Gaussian rather than a box: a box's side lobes turn noise into stripes.
     """
-    if width == 1:
+    if sigma <= 0:
         return noise
-    pad = width // 2
-    small = pad >= min(noise.shape[-2:])  # reflection needs more pixels than the pad
-    x = F.pad(noise, (pad, pad, pad, pad), mode="replicate" if small else "reflect")
-    # separable: a row pass then a column pass (2 w instead of w^2 operations per pixel)
-    x = F.avg_pool2d(x, (1, width), stride=1)
-    return F.avg_pool2d(x, (width, 1), stride=1) * width
+    radius = radius_of(sigma)
+    t = torch.arange(-radius, radius + 1, dtype=noise.dtype, device=noise.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    gain = float((k**2).sum())  # variance of white noise after one 1-D pass
+    c = noise.shape[1]
+    small = radius >= min(noise.shape[-2:])  # reflection needs more pixels than the pad
+    x = F.pad(noise, (radius, radius, radius, radius), mode="replicate" if small else "reflect")
+    # separable: a row pass then a column pass
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return x / gain
+
+
+def radius_of(sigma: float) -> int:
+    """Half-width of the Gaussian kernel of ``sigma`` pixels."""
+    return max(1, math.ceil(3 * sigma))
 
 
 class ConvGenerator(PretrainedMixin, nn.Module):
@@ -173,7 +187,7 @@ class ConvGenerator(PretrainedMixin, nn.Module):
                     # per-sensor calibration of the shared slots (identity at start)
                     self.band_scale[_k(key)] = nn.Parameter(torch.ones(len(g.bands)))
                     self.band_shift[_k(key)] = nn.Parameter(torch.zeros(len(g.bands)))
-        n_noise = NOISE_CHANNELS * len(BOX_WIDTHS)
+        n_noise = NOISE_CHANNELS * len(NOISE_SIGMAS)
         self.gen_in = nn.Conv2d(f0 + n_noise, gch, 3, padding=1)
         self.gen_mid = nn.Conv2d(gch, gch, 3, padding=1)
         # the near-constant latent and the conditioning modulate both generator layers
@@ -401,10 +415,10 @@ class ConvGenerator(PretrainedMixin, nn.Module):
     def _residual(self, f: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Generator features from trunk features and noise (fine, coarse and latent maps).
 
-        The latent is a map too (a 33 px box filter of the noise), not one vector per
-        window, so that overlapping windows of a whole scene agree on it."""
-        maps = torch.cat([box_noise(noise, w) for w in BOX_WIDTHS], 1).to(f.dtype)
-        z = box_noise(noise, GLOBAL_WIDTH).to(f.dtype)
+        The latent is a map too (the noise blurred by 8 px), not one vector per window, so
+        that overlapping windows of a whole scene agree on it."""
+        maps = torch.cat([smooth_noise(noise, s) for s in NOISE_SIGMAS], 1).to(f.dtype)
+        z = smooth_noise(noise, LATENT_SIGMA).to(f.dtype)
         mod = self.gen_latent(z) + self.gen_cond(cond)[:, :, None, None]
         s1, b1, s2, b2 = mod.chunk(4, 1)
         h = F.silu(self.gen_in(torch.cat([f, maps], 1)) * (1 + s1) + b1)

@@ -7,6 +7,11 @@ direction, and, through dropout of all conditions, the unconditional model that
 classifier-free guidance needs. Sometimes a generated raster keeps some of its bands clean:
 band infilling. The model predicts x0; the loss is the masked MSE of x0 for continuous and
 vector modalities and cross-entropy for categorical ones, on generated values only.
+
+:class:`RegressionObjective` trains deterministic models (the U-Net) with the same roles
+and losses: each chip splits its present modalities into inputs and targets, targets are
+generated at ``t = 1`` (their noisy input is pure noise, which such a model ignores), and
+the loss is the same masked MSE / cross-entropy of its one prediction.
 """
 
 from __future__ import annotations
@@ -193,3 +198,60 @@ class FlowObjective:
         self, model, signals: dict[str, Signal], gsd: torch.Tensor, gen: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
         return training_step(model, signals, gsd, self.cfg, gen)
+
+
+def regression_roles(
+    signals: dict[str, Signal], names: list[str], gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Per chip, a random split of its present modalities among ``names`` into CONDITIONED
+    (inputs) and GENERATED (targets), a uniform number of inputs in 1 .. n - 1; chips with
+    fewer than two such modalities take no part (all DROPPED). The chip's other present
+    modalities (not in ``names``) are CONDITIONED where the chip takes part."""
+    b = next(iter(signals.values())).present.shape[0]
+    roles = {n: torch.full((b,), DROPPED, dtype=torch.long) for n in signals}
+    names = [n for n in names if n in signals]
+    if not names:
+        return roles
+    present = torch.stack([signals[n].present.bool().cpu() for n in names], 1)  # (B, M)
+    m = present.shape[1]
+    n = present.sum(1)
+    order = torch.rand(b, m, generator=gen).masked_fill(~present, 2.0)
+    rank = order.argsort(1).argsort(1)  # 0 .. n-1 over present modalities
+    k = (torch.rand(b, generator=gen) * (n - 1).clamp_min(0)).floor() + 1
+    usable = n >= 2
+    given = present & (rank < k[:, None]) & usable[:, None]
+    target = present & ~given & usable[:, None]
+    for i, name in enumerate(names):
+        shown = torch.where(given[:, i], CONDITIONED, DROPPED)
+        roles[name] = torch.where(target[:, i], GENERATED, shown)
+    for name, sig in signals.items():
+        if name not in names:
+            shown = sig.present.bool().cpu() & usable
+            roles[name] = torch.where(shown, CONDITIONED, DROPPED)
+    return roles
+
+
+class RegressionObjective:
+    """Training step of a deterministic model (the U-Net): per chip a random input/target
+    split (:func:`regression_roles`) over the modalities the model predicts, targets at
+    ``t = 1`` with nothing of them shown, and the mean over target modalities of the MSE
+    over known pixels (continuous) or the cross-entropy (categorical) of the prediction."""
+
+    def __init__(self) -> None:
+        # targets at pure noise, never band-infilled
+        self.cfg = ObjectiveConfig(p_infill=0.0, p_pure_noise=1.0, p_pure_noise_categorical=1.0)
+
+    def __call__(
+        self, model, signals: dict[str, Signal], gsd: torch.Tensor, gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        names = list(getattr(model, "module", model).modality_names)
+        roles = regression_roles(signals, names, gen)
+        inputs, loss_mask, _ = training_inputs(signals, roles, self.cfg, gen)
+        inputs = {n: inp for n, inp in inputs.items() if bool(inp.present.any())}
+        pred = model(inputs, gsd) if inputs else {}
+        losses = modality_losses(pred, signals, loss_mask)
+        if not losses:
+            zero = sum(p.sum() * 0 for p in model.parameters())
+            return zero, {}
+        loss = torch.stack(list(losses.values())).mean()
+        return loss, {k: float(v.detach()) for k, v in losses.items()}

@@ -139,15 +139,16 @@ class ScoreObjective:
     def _energy(
         ens: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, patch: int = PATCH
     ) -> torch.Tensor:
-        """Energy score summed over fully known ``patch`` x ``patch`` patches of all bands, per
-        value (comparable to CRPS)."""
+        """Energy score of ``patch`` x ``patch`` patches of all bands, summed per value
+        (comparable to CRPS). Unknown values (bands a chip lacks, nodata) are zero in the
+        samples and the truth alike, so each vector is scored on its known part."""
         p = patch if y.shape[-1] % patch == 0 and y.shape[-1] >= patch else 1
-        mv = _patches(mask, p)
-        full = mv.amin(1) > 0
-        if not bool(full.any()):
+        n = _patches(mask, p).sum(1)
+        keep = n > 0
+        if not bool(keep.any()):
             return y.new_zeros(())
-        yv = _patches(y, p)[full]
-        ev = torch.stack([_patches(e, p)[full] for e in ens])
-        d = yv.shape[1]
-        # a D-vector's norm grows as sqrt(D): scale so the sum is per value, as CRPS is
-        return energy_score(ev, yv).sum() * d**0.5
+        yv = _patches(y * mask, p)[keep]
+        ev = torch.stack([_patches(e * mask, p)[keep] for e in ens])
+        # a vector's norm grows as the square root of its known values: scale so the sum
+        # counts per value, as the CRPS does
+        return (energy_score(ev, yv) * n[keep].sqrt()).sum()

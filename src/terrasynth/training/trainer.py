@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from terrasynth.errors import TerrasynthError
 from terrasynth.models.config import ModelConfig, preset_config
 from terrasynth.models.factory import build_model
 from terrasynth.models.signals import batch_signals
-from terrasynth.training.objective import FlowObjective
+from terrasynth.training.objective import FlowObjective, RegressionObjective
 from terrasynth.training.score_objective import ScoreObjective
 
 KEEP_CHECKPOINTS = 2
@@ -50,7 +50,7 @@ class TrainConfig:
     """Training settings, saved as ``train_config.json`` in the run folder."""
 
     preset: str = "tiny"
-    backbone: str = "scene_transformer"  # or "conv_generator"
+    backbone: str = "scene_transformer"  # or "conv_generator", "unet"
     steps: int = 1400
     batch_size: int = 24  # per process and micro-step
     accumulate: int = 1
@@ -69,6 +69,9 @@ class TrainConfig:
     derive: bool = True  # fill derived modalities (slope from DEM) into training chips
     relief_scale: float = 0.6  # chance to flatten a chip's DEM and recompute its slope
     time_limit_min: float = 0.0  # stop (and checkpoint) after this many minutes; 0: none
+    # learning-rate decay: "steps" (cosine over ``steps``) or "time" (cosine over the time
+    # limit, wall clock since this (re)start: a compute budget in minutes, not steps)
+    schedule: str = "steps"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -139,11 +142,19 @@ class ResumableBatches(Sampler[list[int]]):
             self.epoch, self.offset = self.epoch + 1, 0
 
 
-def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+def _lr_lambda(
+    cfg: TrainConfig, elapsed: Callable[[], float] | None = None
+) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to 5 % over the steps, or (``elapsed``: seconds
+    trained so far) over the time limit."""
+
     def f(step: int) -> float:
         if step < cfg.warmup:
             return (step + 1) / cfg.warmup
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        if elapsed is not None:
+            progress = elapsed() / (60.0 * cfg.time_limit_min)
+        else:
+            progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return f
@@ -163,17 +174,29 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def objective_for(config: ModelConfig):
     """The training objective of a model's backbone: flow matching for the transformer,
-    proper scores over an ensemble for the one-step convolutional generator."""
+    proper scores over an ensemble for the one-step convolutional generator, MSE /
+    cross-entropy of one prediction for the deterministic U-Net."""
     if config.backbone == "conv_generator":
         return ScoreObjective()
+    if config.backbone == "unet":
+        return RegressionObjective()
     return FlowObjective()
 
 
 class Trainer:
-    """Trains any model of ``terrasynth.models.factory`` on a chip store into a run folder."""
+    """Trains any model of ``terrasynth.models.factory`` on a chip store into a run folder.
+
+    The model config is the preset of ``cfg.backbone`` over the store's modalities and
+    statistics, or ``model_config`` when given (its backbone and preset then win over
+    ``cfg``'s), or on resume the checkpoint's."""
 
     def __init__(
-        self, store: str | Path, run: str | Path, cfg: TrainConfig, resume: bool = False
+        self,
+        store: str | Path,
+        run: str | Path,
+        cfg: TrainConfig,
+        resume: bool = False,
+        model_config: ModelConfig | None = None,
     ) -> None:
         self.run = Path(run)
         self.rank, self.world = _dist()
@@ -189,6 +212,12 @@ class Trainer:
             saved = json.loads((self.run / "train_config.json").read_text())
             saved.update({k: getattr(cfg, k) for k in ("steps", "time_limit_min", "num_workers")})
             cfg = TrainConfig.from_dict(saved)
+        elif model_config is not None:
+            cfg = replace(cfg, backbone=model_config.backbone, preset=model_config.preset)
+        if cfg.schedule not in ("steps", "time"):
+            raise TerrasynthError(f"unknown schedule '{cfg.schedule}' (schedules: steps, time)")
+        if cfg.schedule == "time" and cfg.time_limit_min <= 0:
+            raise TerrasynthError("a learning rate decaying over time needs a time limit")
         self.cfg = cfg
         torch.manual_seed(cfg.seed + self.rank)
         self.dataset = ChipDataset(
@@ -203,6 +232,10 @@ class Trainer:
         ckpt = self.run / "checkpoints" / latest.read_text().strip() if resume else None
         if ckpt is not None:
             model_cfg = ModelConfig.load(ckpt / "config.json")
+        elif model_config is not None:
+            model_cfg = model_config
+            if not any(m.name in self.dataset.modalities for m in model_cfg.raster_modalities()):
+                raise TerrasynthError(f"{store}: no raster modality of the model config here")
         else:
             reg = self.dataset.registry
             mods = {m: reg[m].to_dict() for m in self.dataset.modalities}
@@ -215,7 +248,10 @@ class Trainer:
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)
         )
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
+        self._t_start: float | None = None  # when train() started (the time schedule)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, _lr_lambda(cfg, self._elapsed if cfg.schedule == "time" else None)
+        )
         self.batches = ResumableBatches(
             self.dataset,
             cfg.batch_size,
@@ -239,6 +275,9 @@ class Trainer:
         if self.rank == 0:
             (self.run / "checkpoints").mkdir(parents=True, exist_ok=True)
             _write_json(self.run / "train_config.json", asdict(cfg))
+
+    def _elapsed(self) -> float:
+        return 0.0 if self._t_start is None else time.perf_counter() - self._t_start
 
     # -- checkpoints -----------------------------------------------------------------------
     def _load(self, ckpt: Path) -> None:
@@ -313,7 +352,7 @@ class Trainer:
             num_workers=cfg.num_workers,
         )
         it = iter(loader)
-        t_start = time.perf_counter()
+        t_start = self._t_start = time.perf_counter()
         t_log, n_log, tokens_log = t_start, 0, 0
         window: list[float] = []  # losses of the steps since the last log line
         reason = "done"
@@ -345,7 +384,10 @@ class Trainer:
                 self.ema.update_parameters(self.model)
                 self.step += 1
                 window.append(loss_sum)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                out_of_time = bool(cfg.time_limit_min) and self._all_agree(
+                    time.perf_counter() - t_start > 60 * cfg.time_limit_min
+                )
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or out_of_time:
                     now = time.perf_counter()
                     rec = {
                         "step": self.step,
@@ -367,9 +409,7 @@ class Trainer:
                             on_log(rec)
                 if self.step % cfg.checkpoint_every == 0:
                     self.save()
-                if cfg.time_limit_min and self._all_agree(
-                    time.perf_counter() - t_start > 60 * cfg.time_limit_min
-                ):
+                if out_of_time:
                     reason = "time limit"
                     break
         except KeyboardInterrupt:
@@ -403,7 +443,7 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 def _tokens(signals: dict, config: ModelConfig) -> int:
     """Tokens in a batch's sequences (for throughput figures)."""
-    if config.backbone == "conv_generator":  # pixels of the base grid, not tokens
+    if config.backbone in ("conv_generator", "unet"):  # pixels of the base grid, not tokens
         per_raster = config.image_size**2
     else:
         per_raster = (config.image_size // config.patch_size) ** 2
