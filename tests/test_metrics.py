@@ -52,6 +52,20 @@ def test_crps_matches_pairwise_definition_and_gaussian_closed_form():
     assert M.crps_ensemble(big, np.zeros((1, 1, 1))) == pytest.approx(closed, abs=0.01)
 
 
+def test_coverage_of_a_small_calibrated_ensemble_is_nominal():
+    """Eight members drawn from the truth's own distribution: the rank-based interval holds
+    the truth at the nominal rate (sample quantiles of 8 members would give about 0.7)."""
+    centre = rng.normal(0, 3, (1, 200, 200))
+    truth = centre + rng.normal(0, 1, centre.shape)
+    samples = centre[None] + rng.normal(0, 1, (8, 1, 200, 200))
+    assert M.interval_coverage(samples, truth, 0.9) == pytest.approx(0.9, abs=0.01)
+    assert M.interval_coverage(samples, truth, 0.5) == pytest.approx(0.5, abs=0.01)
+    q = np.quantile(samples, [0.05, 0.95], axis=0)
+    assert float(((truth >= q[0]) & (truth <= q[1])).mean()) < 0.8  # why not quantiles
+    wide = centre[None] + rng.normal(0, 3, (8, 1, 200, 200))
+    assert M.interval_coverage(wide, truth, 0.9) > 0.97
+
+
 def test_calibrated_ensemble_has_spread_skill_one_and_nominal_coverage():
     centre = rng.normal(0, 3, (1, 40, 40))
     truth = centre + rng.normal(0, 1, centre.shape)
@@ -61,6 +75,7 @@ def test_calibrated_ensemble_has_spread_skill_one_and_nominal_coverage():
     assert M.interval_coverage(samples, truth, 0.9) == pytest.approx(0.9, abs=0.05)
     overconfident = centre[None] + rng.normal(0, 0.2, (30, 1, 40, 40))
     assert M.spread_skill(overconfident, truth) < 0.3
+    assert M.interval_coverage(overconfident, truth, 0.9) < 0.3
     assert M.diversity(samples) == pytest.approx(2 / np.sqrt(np.pi), rel=0.05)  # E|X - X'|
     assert M.diversity(samples[:1]) == 0.0
 

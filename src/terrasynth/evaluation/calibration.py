@@ -19,6 +19,7 @@ from rich.progress import track
 from torch.utils.data import DataLoader, Subset
 
 from terrasynth.data.dataset import ChipDataset, collate_chips
+from terrasynth.evaluation.metrics import interval_coverage
 from terrasynth.evaluation.translate import tiles
 from terrasynth.models.signals import batch_signals
 from terrasynth.sampling.conditional import sampling_inputs
@@ -139,5 +140,5 @@ def _accumulate(
         ens = mu[None] + float(s) * res
         fit.crps[i] += float(fair_crps(ens, y).numpy()[known].sum())
         fit.spread[i] += float(ens.std(0, unbiased=True).numpy()[known].sum())
-        lo, hi = torch.quantile(ens, 0.05, dim=0), torch.quantile(ens, 0.95, dim=0)
-        fit.inside90[i] += float(((y >= lo) & (y <= hi)).numpy()[known].sum())
+        share = interval_coverage(ens.numpy(), y.numpy(), 0.9, known)
+        fit.inside90[i] += share * n
