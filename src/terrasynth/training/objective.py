@@ -16,6 +16,7 @@ the loss is the same masked MSE / cross-entropy of its one prediction.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -132,9 +133,16 @@ def _infill_bands(
 
 
 def modality_losses(
-    pred: dict, signals: dict[str, Signal], loss_mask: dict
+    pred: dict,
+    signals: dict[str, Signal],
+    loss_mask: dict,
+    continuous: Callable[[str, str, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Mean loss per modality over its generated values (modalities with none are left out)."""
+    """Mean loss per modality over its generated values (modalities with none are left out).
+
+    Vectors: squared error; class maps: cross-entropy; continuous band groups: the summed
+    squared error, or ``continuous(name, group, x0, mask)``, a summed score of the group's
+    generated values (another objective's)."""
     losses: dict[str, torch.Tensor] = {}
     for name, sig in signals.items():
         if name not in pred:
@@ -158,7 +166,10 @@ def modality_losses(
                 total = total + ce
                 count = count + (target >= 0).sum()
             else:
-                total = total + (((pred[name][g].float() - x0) ** 2) * m).sum()
+                if continuous is None:
+                    total = total + (((pred[name][g].float() - x0) ** 2) * m).sum()
+                else:
+                    total = total + continuous(name, g, x0, m)
                 count = count + n
         if float(count) > 0:
             losses[name] = total / count

@@ -31,7 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from terrasynth.models.signals import Signal
-from terrasynth.training.objective import ObjectiveConfig, sample_roles, training_inputs
+from terrasynth.training.objective import (
+    ObjectiveConfig,
+    modality_losses,
+    sample_roles,
+    training_inputs,
+)
 
 PATCH = 4
 
@@ -89,46 +94,26 @@ class ScoreObjective:
         inputs = {n: inp for n, inp in inputs.items() if bool(inp.present.any())}
         members = getattr(model, "module", model).config.ensemble
         mean, samples = model(inputs, gsd, members=members, generator=gen)
-        losses: dict[str, torch.Tensor] = {}
-        for name, mu in mean.items():
-            sig = signals[name]
-            if sig.groups is None:
-                m = loss_mask[name]
-                if m.sum() > 0:
-                    losses[name] = (((mu.float() - sig.vector) ** 2) * m).sum() / m.sum()
-                continue
-            total, count = 0.0, 0.0
-            for g, x0 in sig.groups.items():
-                mask = loss_mask[name][g]
-                n = mask.sum()
-                if n == 0:
-                    continue
-                if sig.target is not None:
-                    target = torch.where(mask[:, 0] > 0, sig.target[g], -1)
-                    total = total + F.cross_entropy(
-                        mu[g].float(), target, ignore_index=-1, reduction="sum"
-                    )
-                    count = count + (target >= 0).sum()
-                    continue
-                ens = torch.stack([s[name][g].float() for s in samples])  # (M, B, C, h, w)
-                y = x0 * mask
-                ens = ens * mask[None]
-                crps = (fair_crps(ens, y) * mask).sum()
-                mse = (((mu[g].float() - x0) ** 2) * mask).sum()
-                es = self._energy(ens, y, mask)
-                spectral = self._energy(ens, y, mask, patch=1) if y.shape[1] > 1 else 0.0
-                anomaly = (fair_crps(_anomaly(ens, mask[None]), _anomaly(y, mask)) * mask).sum()
-                total = (
-                    total
-                    + crps
-                    + self.cfg.mse_weight * mse
-                    + self.cfg.energy_weight * es
-                    + self.cfg.spectral_weight * spectral
-                    + self.cfg.anomaly_weight * anomaly
-                )
-                count = count + n
-            if float(count) > 0:
-                losses[name] = total / count
+
+        def score(name: str, g: str, x0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            """Summed scores of one continuous band group's generated values."""
+            ens = torch.stack([s[name][g].float() for s in samples]) * mask[None]
+            y = x0 * mask
+            crps = (fair_crps(ens, y) * mask).sum()
+            mse = (((mean[name][g].float() - x0) ** 2) * mask).sum()
+            es = self._energy(ens, y, mask)
+            spectral = self._energy(ens, y, mask, patch=1) if y.shape[1] > 1 else 0.0
+            anomaly = (fair_crps(_anomaly(ens, mask[None]), _anomaly(y, mask)) * mask).sum()
+            return (
+                crps
+                + self.cfg.mse_weight * mse
+                + self.cfg.energy_weight * es
+                + self.cfg.spectral_weight * spectral
+                + self.cfg.anomaly_weight * anomaly
+            )
+
+        # the mean's cross-entropy for class maps and squared error for vectors
+        losses = modality_losses(mean, signals, loss_mask, continuous=score)
         if not losses:
             zero = sum(p.sum() * 0 for p in model.parameters())
             return zero, {}
