@@ -68,6 +68,6 @@ class PretrainedMixin:
 
 def sampling_steps(model: GenerativeModel, steps: int | None) -> int:
     """The sampler steps to use: the model's own for one-step models or when unset."""
-    if steps is None or getattr(model, "default_steps", 8) == 1:
-        return int(getattr(model, "default_steps", 8))
+    if steps is None or model.default_steps == 1:
+        return model.default_steps
     return int(steps)

@@ -197,10 +197,6 @@ class ConvGenerator(PretrainedMixin, nn.Module):
             {_k(n): nn.Linear(w[-1] + cd, size) for n, size in self.vectors.items()}
         )
 
-    @property
-    def multiple(self) -> int:
-        return 2 ** (len(self.config.widths) - 1)
-
     # -- forward ---------------------------------------------------------------------------
     def forward(
         self,
@@ -216,7 +212,7 @@ class ConvGenerator(PretrainedMixin, nn.Module):
         others from fresh noise drawn from ``generator``.
         """
         targets = [n for n, inp in inputs.items() if bool((inp.t > 0).any())]
-        feats, deep, cond = self._trunk(inputs, gsd, targets)
+        feats, deep, cond = self._trunk(inputs, gsd)
         continuous = [
             n
             for n in targets
@@ -248,14 +244,15 @@ class ConvGenerator(PretrainedMixin, nn.Module):
                     s[name] = mu
                 continue
             scale = float(self.config.spread_scale.get(name, 1.0))
+            loadings = self._band_loadings(mod, f)
             for s, h in zip(samples, gen_feats, strict=True):
-                res = self._residual_head(mod, f, self.coef(_modulate(h, film[1])))
+                res = self._residual_head(mod, loadings, self.coef(_modulate(h, film[1])))
                 s[name] = {g: mu[g] + scale * res[g] for g in mu}
         if members == 1:
             return samples[0]
         return mean, samples
 
-    def _trunk(self, inputs: dict[str, ModalityInput], gsd: torch.Tensor, targets: list[str]):
+    def _trunk(self, inputs: dict[str, ModalityInput], gsd: torch.Tensor):
         x, given_ids = self._stack(inputs, gsd)
         b = x.shape[0]
         emb_in = (given_ids.float() @ self.sensor_in.weight) / given_ids.sum(1, keepdim=True).clamp(
@@ -337,24 +334,30 @@ class ConvGenerator(PretrainedMixin, nn.Module):
         film = self.target_film(e)[:, :, None, None]
         return (film[:, : 2 * f0], film[:, 2 * f0 :])
 
-    def _residual_head(
-        self, mod: Modality, f: torch.Tensor, coef: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """Per band group on its own grid: the residual, coefficients times loadings."""
+    def _band_loadings(self, mod: Modality, f: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per band group (B, RANK, C, H, W) on the base grid: the spectral loadings the
+        residual mixes. They depend on the trunk features only, so they are made once per
+        generated modality and shared by every ensemble member."""
         b, _, h, w = f.shape
-
-        def mix(loadings: torch.Tensor) -> torch.Tensor:  # (B, RANK * C, H, W) -> (B, C, H, W)
-            return (loadings.view(b, RANK, -1, h, w) * coef[:, :, None]).sum(1)
-
-        slots = mix(self.slot_loadings(f))
+        slots = self.slot_loadings(f).view(b, RANK, -1, h, w)
         out = {}
         for g in mod.groups:
             key = f"{mod.name}/{g.name}"
-            y = torch.einsum("bshw,cs->bchw", slots, self._slot_maps[key].to(f.device))
+            y = torch.einsum("brshw,cs->brchw", slots, self._slot_maps[key].to(f.device))
             own = self._own[key]
             if own:
                 y = y.clone()
-                y[:, own] = mix(self.own_residual[_k(key)](f))
+                y[:, :, own] = self.own_residual[_k(key)](f).view(b, RANK, -1, h, w)
+            out[g.name] = y
+        return out
+
+    def _residual_head(
+        self, mod: Modality, loadings: dict[str, torch.Tensor], coef: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Per band group on its own grid: the residual, coefficients times loadings."""
+        out = {}
+        for g in mod.groups:
+            y = (loadings[g.name] * coef[:, :, None]).sum(1)
             out[g.name] = F.avg_pool2d(y, g.factor) if g.factor > 1 else y
         return out
 
