@@ -14,7 +14,9 @@ ZION = DATA / "zion_landsat8_srtm_nlcd"
 MICRO_MODEL = dict(image_size=16, patch_size=8, dim=32, depth=1, heads=2, scene_tokens=2)
 # The convolutional generator at about that size (32 px: the widest noise filter needs more
 # than 16 px).
-MICRO_CONV = dict(image_size=32, widths=[8, 16], cond_dim=8, generator_channels=8, ensemble=2)
+MICRO_CONV = dict(
+    image_size=32, widths=[8, 16], cond_dim=8, generator_channels=8, ensemble=2, retrieval_k=2
+)
 # The deterministic U-Net at that size.
 MICRO_UNET = dict(image_size=16, widths=[8, 16], use_location=False, use_time=False)
 

@@ -262,6 +262,8 @@ def test_conv_generator_run_folder(trained_conv):
     model = load_model(run / "model")
     assert isinstance(model, ConvGenerator)
     assert model.config.widths == MICRO_CONV["widths"] and model.config.preset == "tiny"
+    # the training split's retrieval index was built and travels with the model
+    assert model.retrieval is not None and len(model.retrieval) == len(trainer.dataset)
     ema = trainer.ema.module.state_dict()
     assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
     raw = load_file(str(_latest(run) / "model.safetensors"))

@@ -59,6 +59,7 @@ class ModelConfig:
     generator_channels: int = 32  # width of the residual generator
     ensemble: int = 4  # members per chip in training (fair CRPS, energy score)
     spread_scale: dict[str, float] = field(default_factory=dict)  # calibration per modality
+    retrieval_k: int = 0  # training chips looked up per window as conditioning (0: none)
     # sampling windows (0: the training crop, half-window stride); a fully convolutional
     # model can also slide with a smaller overlap
     window: int = 0
@@ -106,6 +107,8 @@ class ModelConfig:
             for w in self.widths:
                 if w % min(8, w):
                     raise TerrasynthError(f"widths must be multiples of 8 (GroupNorm), got {w}")
+            if self.retrieval_k < 0:
+                raise TerrasynthError("retrieval_k must be 0 (no retrieval) or more")
             if self.ensemble < 2:
                 raise TerrasynthError("ensemble must be at least 2 (fair CRPS needs pairs)")
             return
@@ -178,10 +181,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The convolutional generator: window, widths per level, generator width, ensemble.
 CONV_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
-        image_size=32, widths=[32, 64, 128], generator_channels=32, ensemble=4, window_stride=24
+        image_size=32,
+        widths=[32, 64, 128],
+        generator_channels=32,
+        ensemble=4,
+        window_stride=24,
+        retrieval_k=8,
     ),
-    "small": dict(image_size=64, widths=[48, 96, 192], generator_channels=48, ensemble=4),
-    "base": dict(image_size=128, widths=[64, 128, 256, 512], generator_channels=64, ensemble=6),
+    "small": dict(
+        image_size=64, widths=[48, 96, 192], generator_channels=48, ensemble=4, retrieval_k=8
+    ),
+    "base": dict(
+        image_size=128,
+        widths=[64, 128, 256, 512],
+        generator_channels=64,
+        ensemble=6,
+        retrieval_k=8,
+    ),
 }
 # The deterministic U-Net: window and widths per level; it conditions on rasters only.
 UNET_PRESETS: dict[str, dict[str, Any]] = {

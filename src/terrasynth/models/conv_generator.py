@@ -39,6 +39,7 @@ from terrasynth.modalities import Modality
 from terrasynth.modalities.registry import SPECTRAL_SLOTS
 from terrasynth.models.base import PretrainedMixin
 from terrasynth.models.config import ModelConfig
+from terrasynth.models.retrieval import RetrievalIndex, summarise, summary_size
 from terrasynth.models.scene_model import ModalityInput
 
 NOISE_CHANNELS = 4  # noise maps per blur width
@@ -56,9 +57,10 @@ class FiLMBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, cond_dim: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        # reflect padding: zero padding draws a frame into every window's border
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, padding_mode="reflect")
         self.norm1 = nn.GroupNorm(min(8, cout), cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, padding_mode="reflect")
         self.norm2 = nn.GroupNorm(min(8, cout), cout)
         self.film = nn.Linear(cond_dim, 2 * cout)
         nn.init.zeros_(self.film.weight)
@@ -188,14 +190,39 @@ class ConvGenerator(PretrainedMixin, nn.Module):
                     self.band_scale[_k(key)] = nn.Parameter(torch.ones(len(g.bands)))
                     self.band_shift[_k(key)] = nn.Parameter(torch.zeros(len(g.bands)))
         n_noise = NOISE_CHANNELS * len(NOISE_SIGMAS)
-        self.gen_in = nn.Conv2d(f0 + n_noise, gch, 3, padding=1)
-        self.gen_mid = nn.Conv2d(gch, gch, 3, padding=1)
+        self.gen_in = nn.Conv2d(f0 + n_noise, gch, 3, padding=1, padding_mode="reflect")
+        self.gen_mid = nn.Conv2d(gch, gch, 3, padding=1, padding_mode="reflect")
         # the near-constant latent and the conditioning modulate both generator layers
         self.gen_latent = nn.Conv2d(NOISE_CHANNELS, 4 * gch, 1)
         self.gen_cond = nn.Linear(cd, 4 * gch)
         self.vector_head = nn.ModuleDict(
             {_k(n): nn.Linear(w[-1] + cd, size) for n, size in self.vectors.items()}
         )
+        # retrieval (models/retrieval.py): what the k most alike training chips' generated
+        # modality looked like, embedded into the target's conditioning; the index itself
+        # is set by the trainer (set_retrieval) and saved with the weights
+        self.retrieval: RetrievalIndex | None = None
+        self.retrieval_embed = nn.ModuleDict()
+        if config.retrieval_k > 0:
+            for mod in self.rasters:
+                n = summary_size(mod)
+                n = n if mod.kind == "categorical" else 3 * n // 2
+                self.retrieval_embed[_k(mod.name)] = nn.Linear(n + 1, cd)
+
+    def set_retrieval(self, index: RetrievalIndex | None) -> None:
+        """Use ``index`` (training chips' summaries) as conditioning from now on."""
+        self.retrieval = index
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also restores a saved retrieval index (``retrieval.*`` tensors): the saved one
+        replaces any index the model holds."""
+        state = dict(state_dict)
+        index = RetrievalIndex.from_state(state, "retrieval.")
+        if index is not None:
+            self.set_retrieval(index.to(next(self.parameters()).device))
+            state = {k: v for k, v in state.items() if not k.startswith("retrieval.")}
+            state.update({f"retrieval.{k}": v for k, v in index.state_dict().items()})
+        return super().load_state_dict(state, strict=strict, assign=assign)
 
     # -- forward ---------------------------------------------------------------------------
     def forward(
@@ -204,15 +231,18 @@ class ConvGenerator(PretrainedMixin, nn.Module):
         gsd: torch.Tensor,
         members: int = 1,
         generator: torch.Generator | None = None,
+        places: torch.Tensor | None = None,
     ):
         """x0 of every generated modality (``t > 0`` for some sample).
 
         With ``members`` > 1 (training), returns ``(mean, samples)``: the deterministic mean
         and a list of ``members`` samples, the first from the inputs' own noise and the
-        others from fresh noise drawn from ``generator``.
+        others from fresh noise drawn from ``generator``. ``places`` (B, 3), training only:
+        the chips' locations, so that retrieval ignores their own surroundings.
         """
         targets = [n for n, inp in inputs.items() if bool((inp.t > 0).any())]
         feats, deep, cond = self._trunk(inputs, gsd)
+        retrieved = self._retrieve(inputs, targets, places)
         continuous = [
             n
             for n in targets
@@ -235,9 +265,12 @@ class ConvGenerator(PretrainedMixin, nn.Module):
                     s[name] = v
                 continue
             mod = self.config.registry[name]
-            film = self._target_film(name, cond)
+            ret = retrieved.get(name)
+            film = self._target_film(name, cond, ret)
             f = _modulate(feats, film[0])
             mu = self._head(mod, f)
+            if ret is not None:
+                mu = self._add_retrieved(mod, mu, ret)
             mean[name] = mu
             if mod.kind == "categorical":
                 for s in samples:
@@ -326,10 +359,73 @@ class ConvGenerator(PretrainedMixin, nn.Module):
         x = torch.cat([slots, (slot_cnt > 0).float(), *own_parts], 1)
         return x, given_ids
 
-    def _target_film(self, name: str, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _retrieve(
+        self,
+        inputs: dict[str, ModalityInput],
+        targets: list[str],
+        places: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """Per generated raster modality (B, R + 1): what its retrieved neighbours looked
+        like (:meth:`RetrievalIndex.retrieved`) and whether any were found."""
+        if self.retrieval is None or self.config.retrieval_k <= 0:
+            return {}
+        queries = {}
+        for mod in self.rasters:
+            inp = inputs.get(mod.name)
+            if inp is None or inp.groups is None or mod.name not in self.retrieval.names:
+                continue
+            values, known = {}, {}
+            for g in mod.groups:
+                xg = inp.groups.get(g.name)
+                if xg is None:
+                    break
+                c = xg.shape[1] // 3
+                values[g.name] = xg[:, c : 2 * c]
+                known[g.name] = xg[:, 2 * c :] * inp.present.float()[:, None, None, None]
+            if len(values) < len(mod.groups):
+                continue
+            q = summarise(mod, values, known)
+            given = inp.present.bool() & (inp.t == 0)
+            q[~given] = math.nan
+            if bool(torch.isfinite(q).any()):
+                queries[mod.name] = q
+        out = {}
+        rasters = {m.name: m for m in self.rasters}
+        for name in targets:
+            mod = rasters.get(name)
+            if mod is None or name not in self.retrieval.names:
+                continue
+            b = inputs[name].t.shape[0]
+            k = self.config.retrieval_k
+            idx, found = self.retrieval.neighbours(name, queries, k, places, batch=b)
+            r = self.retrieval.retrieved(mod, idx.to(self.retrieval.places.device), found)
+            out[name] = torch.cat([r, found[:, None].float()], 1).to(next(self.parameters()))
+        return out
+
+    def _add_retrieved(
+        self, mod: Modality, mu: dict[str, torch.Tensor], ret: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The mean head predicts the difference from the neighbours' level: their mean
+        per band (continuous) or the log of their class frequencies (class maps)."""
+        found = ret[:, -1:]
+        out, offset = {}, 0
+        for g in mod.groups:
+            if mod.kind == "categorical":
+                level = torch.log(ret[:, : mod.num_classes] + 0.02) * found
+            else:
+                level = ret[:, offset : offset + len(g.bands)]
+                offset += len(g.bands)
+            out[g.name] = mu[g.name] + level[:, :, None, None].to(mu[g.name].dtype)
+        return out
+
+    def _target_film(
+        self, name: str, cond: torch.Tensor, retrieved: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """FiLM (scale, shift) of the generated sensor for the trunk and generator features."""
         idx = [m.name for m in self.rasters].index(name)
         e = self.sensor_out.weight[idx][None] + cond
+        if retrieved is not None:
+            e = e + self.retrieval_embed[_k(name)](retrieved)
         f0 = self.config.widths[0]
         film = self.target_film(e)[:, :, None, None]
         return (film[:, : 2 * f0], film[:, 2 * f0 :])

@@ -92,8 +92,13 @@ class ScoreObjective:
         roles = sample_roles(signals, self.roles, gen)
         inputs, loss_mask, _ = training_inputs(signals, roles, self.roles, gen)
         inputs = {n: inp for n, inp in inputs.items() if bool(inp.present.any())}
-        members = getattr(model, "module", model).config.ensemble
-        mean, samples = model(inputs, gsd, members=members, generator=gen)
+        base = getattr(model, "module", model)
+        config = base.config
+        extra = {}
+        loc = signals.get("location")
+        if getattr(base, "retrieval", None) is not None and loc is not None:
+            extra["places"] = loc.vector  # retrieval ignores each chip's own surroundings
+        mean, samples = model(inputs, gsd, members=config.ensemble, generator=gen, **extra)
 
         def score(name: str, g: str, x0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             """Summed scores of one continuous band group's generated values."""

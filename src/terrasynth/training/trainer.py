@@ -38,6 +38,7 @@ from terrasynth.data.dataset import ChipDataset, ChunkShuffleSampler, RandomCrop
 from terrasynth.errors import TerrasynthError
 from terrasynth.models.config import ModelConfig, preset_config
 from terrasynth.models.factory import build_model
+from terrasynth.models.retrieval import build_index
 from terrasynth.models.signals import batch_signals
 from terrasynth.training.objective import FlowObjective, RegressionObjective
 from terrasynth.training.score_objective import ScoreObjective
@@ -243,7 +244,12 @@ class Trainer:
         self.dataset.transform = RandomCropFlip(
             model_cfg.image_size, self.dataset.chip_size, seed=cfg.seed + 1000 * self.rank
         )
-        self.model = build_model(model_cfg).to(self.device)
+        self.model = build_model(model_cfg)
+        if getattr(model_cfg, "retrieval_k", 0) > 0 and hasattr(self.model, "set_retrieval"):
+            # the training split's summaries, looked up as conditioning (models/retrieval.py)
+            plain = ChipDataset(store, split="train")
+            self.model.set_retrieval(build_index(plain, model_cfg))
+        self.model = self.model.to(self.device)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)
