@@ -56,6 +56,18 @@ def small_store(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def slope_store(tmp_path_factory) -> Path:
+    """A store with a stored slope modality (Myanmar: S1, DEM and slope) and chips whose
+    slope is derived from their DEM (Zion): training scales their relief at random."""
+    from terrasynth.data.build import build_store
+    from terrasynth.modalities import default_registry
+
+    out = tmp_path_factory.mktemp("stores") / "slope"
+    build_store([DATA / "s1_timeseries_myanmar_srtm", ZION], out, default_registry())
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""

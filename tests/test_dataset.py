@@ -103,6 +103,47 @@ def test_dataloader_with_workers_keeps_availability(small_store):
     assert batch["s2l2a/bands"].shape == (16, 12)
 
 
+def _worker_transforms(small_store) -> tuple[list, list]:
+    """One chip 8 times through two loader workers: (worker 0's, worker 1's) crop affines."""
+    ds = ChipDataset(small_store, transform=RandomCropFlip(16, 64, seed=0))
+    loader = DataLoader(
+        ds,
+        batch_size=1,
+        sampler=[0] * 8,
+        num_workers=2,
+        collate_fn=collate_chips,
+        generator=torch.Generator().manual_seed(0),
+    )
+    seen = [b["transform"][0].tolist() for b in loader]
+    return seen[0::2], seen[1::2]  # batches go to the workers in turn
+
+
+def test_loader_workers_draw_their_own_crops(small_store):
+    first, second = _worker_transforms(small_store)
+    assert first != second  # the two workers do not repeat each other's crops
+    assert _worker_transforms(small_store) == (first, second)  # and are seeded
+
+
+def test_reseed_makes_a_chips_augmentation_depend_on_the_key_only(slope_store):
+    """Relief scaling and crops after ``reseed(key)`` do not depend on earlier draws."""
+    ds = ChipDataset(
+        slope_store, transform=RandomCropFlip(16, 64, seed=0), derive=True, relief_scale=1.0
+    )
+    assert ds.relief_scale == 1.0
+
+    def sample(key: tuple[int, ...], before: int) -> dict:
+        for i in range(before):  # draws in between
+            ds[i]
+        ds.reseed(key)
+        return ds[5]
+
+    a, b = sample((0, 0, 3, 7), 0), sample((0, 0, 3, 7), 3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = sample((0, 0, 3, 8), 0)
+    assert not torch.equal(a["transform"], c["transform"])
+    assert not torch.equal(a["slope/r30m"], c["slope/r30m"])
+
+
 def test_chunk_sampler_is_a_permutation(ds):
     order = list(ChunkShuffleSampler(ds, seed=3))
     assert sorted(order) == list(range(len(ds)))

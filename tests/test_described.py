@@ -14,12 +14,13 @@ from terrasynth.data.sources import detect_source
 from terrasynth.data.sources.described import (
     DescribedSource,
     find_description,
+    safe_regex,
     shipped_descriptions,
 )
 from terrasynth.data.store import ChipStore
 from terrasynth.errors import InputError, TerrasynthError
 from terrasynth.modalities import default_registry
-from tests.conftest import DATA
+from tests.conftest import DATA, run_cli
 
 pytestmark = pytest.mark.needs_data
 MYANMAR = DATA / "s1_timeseries_myanmar_srtm"
@@ -107,6 +108,101 @@ def test_bad_descriptions_fail_clearly(my_folder):
         list(DescribedSource().scenes(str(my_folder)))
     yaml_path.write_text("layers: [")
     with pytest.raises(InputError, match="unreadable source description"):
+        list(DescribedSource().scenes(str(my_folder)))
+
+
+def _outside(tmp_path):
+    """A folder beside the described one, holding a raster a description must not reach."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(tmp_path / "my_radar_site" / "terrain.tif", outside / "terrain.tif")
+    return outside
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_root_outside_the_yamls_folder_is_refused(my_folder, tmp_path, how):
+    descs = tmp_path / "descriptions"
+    descs.mkdir()
+    root = {"dotdot": "../my_radar_site", "absolute": str(my_folder), "symlink": "data"}[how]
+    (descs / "data").symlink_to(my_folder, target_is_directory=True)
+    desc = descs / "mine.yaml"
+    desc.write_text((my_folder / "terrasynth-source.yaml").read_text() + f"root: {root}\n")
+    with pytest.raises(InputError, match="outside the description's folder"):
+        list(DescribedSource().scenes(str(desc)))
+
+
+@pytest.mark.parametrize(
+    "file, message",
+    [
+        ("../outside/terrain.tif", "must be relative"),
+        ("OUTSIDE/terrain.tif", "must be relative"),  # absolute
+        ("linked.tif", "outside the description's folder"),  # a link to a file outside
+        ("linked_dir/terrain.tif", "outside the description's folder"),  # via a linked folder
+    ],
+)
+def test_layer_globs_outside_the_folder_are_refused(my_folder, tmp_path, file, message):
+    outside = _outside(tmp_path)
+    (my_folder / "linked.tif").symlink_to(outside / "terrain.tif")
+    (my_folder / "linked_dir").symlink_to(outside, target_is_directory=True)
+    yaml_path = my_folder / "terrasynth-source.yaml"
+    file = file.replace("OUTSIDE", str(outside))
+    yaml_path.write_text(yaml_path.read_text().replace("file: terrain.tif", f"file: {file}"))
+    with pytest.raises(InputError, match=message):
+        list(DescribedSource().scenes(str(my_folder)))
+
+
+def test_scene_folders_outside_the_folder_are_refused(my_folder, tmp_path):
+    outside = _outside(tmp_path)
+    (my_folder / "site").symlink_to(outside, target_is_directory=True)
+    yaml_path = my_folder / "terrasynth-source.yaml"
+    yaml_path.write_text(yaml_path.read_text() + 'scenes: "*/"\n')
+    with pytest.raises(InputError, match="outside the description's folder"):
+        list(DescribedSource().scenes(str(my_folder)))
+    yaml_path.write_text(yaml_path.read_text().replace('"*/"', '"../*/"'))
+    with pytest.raises(InputError, match="must be relative"):
+        list(DescribedSource().scenes(str(my_folder)))
+
+
+def test_description_reaching_outside_ends_in_one_error_line(my_folder, tmp_path):
+    _outside(tmp_path)
+    yaml_path = my_folder / "terrasynth-source.yaml"
+    text = yaml_path.read_text().replace("file: terrain.tif", "file: ../outside/terrain.tif")
+    yaml_path.write_text(text)
+    res = run_cli("data", "build", str(my_folder), "-o", str(tmp_path / "store"))
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "must be relative" in lines[0]
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize(
+    "pattern, message",
+    [
+        (r"^(?P<date>(\d+_?)+)(?P<band>VV|VH)_dBx100$", "nested quantifiers"),
+        (r"(?P<date>\d*)\d*\d*(?P<band>VV|VH)", "may take too long"),
+        (r"^(?P<date>\d{8})_(?P<band>VV|VH)_(?P=band)", "no back-references"),
+        ("(?P<date>" + "x" * 300 + ")", "<= 256 chars"),
+        (r"(?P<date>\d{8}", "invalid regular expression"),
+    ],
+)
+def test_costly_regular_expressions_are_refused(my_folder, pattern, message):
+    with pytest.raises(InputError, match=message):
+        safe_regex(pattern, "test")
+    yaml_path = my_folder / "terrasynth-source.yaml"
+    old = "'^(?P<date>\\d{8})_(?P<band>VV|VH)_dBx100$'"
+    text = yaml_path.read_text()
+    assert old in text
+    text = text.replace(old, "'" + pattern.replace("'", "''") + "'")  # YAML single quotes
+    assert pattern in text
+    yaml_path.write_text(text)
+    with pytest.raises(InputError, match=message):
+        list(DescribedSource().scenes(str(my_folder)))
+
+
+def test_scene_key_is_bounded_too(my_folder):
+    yaml_path = my_folder / "terrasynth-source.yaml"
+    yaml_path.write_text(yaml_path.read_text() + "scene_key: '(a|ab)*c'\n")
+    with pytest.raises(InputError, match="scene_key.*nested quantifiers"):
         list(DescribedSource().scenes(str(my_folder)))
 
 

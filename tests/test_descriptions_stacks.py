@@ -6,6 +6,7 @@ plus a second L8 scene elsewhere) and MultiEarth (S1, S2, L8 SR/ST, deforestatio
 
 from __future__ import annotations
 
+import shutil
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -61,11 +62,13 @@ def honduras(tmp_path_factory) -> ChipStore:
 @pytest.fixture(scope="module")
 def togo(tmp_path_factory) -> ChipStore:
     # The folder's files have the same names as Honduras'; the shipped descriptions cannot
-    # tell the two folders apart yet, so the Togo description is given as a file here.
-    desc = tmp_path_factory.mktemp("desc") / f"{TOGO}.yaml"
+    # tell the two folders apart yet, so the Togo description is given as a file here,
+    # beside a copy of the data (its root must lie inside the description's folder).
+    folder = tmp_path_factory.mktemp("desc")
+    shutil.copytree(DATA / TOGO, folder / TOGO)
     text = (DESCRIPTIONS / f"{TOGO}.yaml").read_text()
-    desc.write_text(f"{text}\nroot: {DATA / TOGO}\n")
-    return _build(tmp_path_factory, desc)
+    (folder / f"{TOGO}.yaml").write_text(f"{text}\nroot: {TOGO}\n")
+    return _build(tmp_path_factory, folder / f"{TOGO}.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -77,10 +78,10 @@ def _complete(ckpt: Path) -> dict:
     model = SceneModel(cfg)
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     model.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
-    state = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert {"optimizer", "scheduler", "step", "ranks"} <= set(state)
     for rank in state["ranks"]:
-        assert {"data", "generator", "crop", "torch_rng"} <= set(rank)
+        assert {"data", "generator", "torch_rng"} <= set(rank)
     assert ckpt.name == f"step_{int(state['step']):07d}"
     return state
 
@@ -130,8 +131,10 @@ def test_resume_continues(trained, small_store, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(src, run)
     weights = load_file(str(_latest(run) / "model.safetensors"))
-    # a different batch size is ignored: the saved settings win, except steps
-    trainer = Trainer(small_store, run, _cfg(steps=9, batch_size=2), resume=True)
+    # a different batch size is refused (the saved settings win, except steps)
+    with pytest.raises(TerrasynthError, match=r"differ: --batch-size 2 \(saved: --batch-size 4\)"):
+        Trainer(small_store, run, _cfg(steps=9, batch_size=2), resume=True)
+    trainer = Trainer(small_store, run, _cfg(steps=9, batch_size=4, bf16=True), resume=True)
     assert trainer.step == 6 and trainer.cfg.steps == 9 and trainer.cfg.batch_size == 4
     assert trainer.batches.state() == {"epoch": 0, "offset": 6}
     for k, v in trainer.model.state_dict().items():
@@ -204,6 +207,143 @@ def test_data_position_with_loader_workers(micro, small_store, tmp_path):
     ]
 
 
+# -- resume: exact, and nothing run from the run folder -----------------------------------
+TIMING = ("samples_per_s", "tokens_per_s", "elapsed_s")  # wall-clock figures of a log line
+
+
+def _final(run: Path) -> tuple[dict, dict, list[dict]]:
+    """A run's last weights, EMA weights and metrics without their wall-clock figures."""
+    ckpt = _latest(run)
+    metrics = [{k: v for k, v in m.items() if k not in TIMING} for m in read_metrics(run)]
+    weights, ema = (load_file(str(ckpt / f"{n}.safetensors")) for n in ("model", "ema"))
+    return weights, ema, metrics
+
+
+def test_resume_is_exact_on_a_store_with_slope(micro, slope_store, tmp_path):
+    """6 steps in one go, 3 + 3, and 4 steps killed after logging step 4 but before its
+    checkpoint, then resumed from step 2 with a loader worker: the same weights, EMA and
+    metrics lines. Relief scaling, crops, flips, noise and data order all continue."""
+    kw = dict(warmup=100, checkpoint_every=2)
+    trainer = Trainer(slope_store, tmp_path / "a", _cfg(steps=6, **kw))
+    assert trainer.dataset.relief_scale > 0 and "slope" in trainer.dataset.modalities
+    trainer.train()
+    Trainer(slope_store, tmp_path / "b", _cfg(steps=3, **kw)).train()
+    Trainer(slope_store, tmp_path / "b", _cfg(steps=6, **kw), resume=True).train()
+    c = tmp_path / "c"
+    Trainer(slope_store, c, _cfg(steps=4, **kw)).train()
+    shutil.rmtree(c / "checkpoints" / "step_0000004")  # killed before this checkpoint
+    (c / "latest").write_text("step_0000002")
+    with open(c / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # and while writing a line
+    Trainer(slope_store, c, _cfg(steps=6, num_workers=1, **kw), resume=True).train()
+    a_weights, a_ema, a_metrics = _final(tmp_path / "a")
+    assert [m["step"] for m in a_metrics] == list(range(1, 7))
+    for run in (tmp_path / "b", c):
+        weights, ema, metrics = _final(run)
+        assert all(torch.equal(a_weights[k], weights[k]) for k in a_weights), run.name
+        assert all(torch.equal(a_ema[k], ema[k]) for k in a_ema), run.name
+        assert metrics == a_metrics, run.name
+
+
+def test_resume_refuses_settings_that_differ_from_the_saved_ones(trained, small_store, tmp_path):
+    src, _, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    res = run_cli(
+        "train", "-d", str(small_store), "-o", str(run), "--resume", "--steps", "9",
+        "--batch-size", "2", "--lr", "0.01", "--bf16", "--workers", "1",
+    )  # fmt: skip
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    assert "--batch-size 2 (saved: --batch-size 4)" in lines[0]
+    assert "--lr 0.01 (saved: --lr 0.0015)" in lines[0]
+    assert "bf16" not in lines[0] and "workers" not in lines[0]  # as saved / may change
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # settings equal to the saved ones, or not given, are fine
+    trainer = Trainer(small_store, run, _cfg(steps=9), resume=True, given=["batch_size", "seed"])
+    assert trainer.cfg.batch_size == 4 and trainer.cfg.steps == 9
+
+
+class _WritesAFile:
+    """Unpickled, this object writes a file: what a crafted checkpoint could do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "code from the run folder ran"))
+
+
+@pytest.mark.parametrize("form", ["torch.save", "pickle"])
+def test_crafted_optimizer_state_is_refused_and_runs_nothing(trained, small_store, tmp_path, form):
+    src, _, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    # the payload works: unpickled as torch.load(weights_only=False) would, it writes
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_WritesAFile(probe)))
+    assert probe.exists()
+    marker = tmp_path / "written"
+    state = {"optimizer": _WritesAFile(marker), "step": 6}
+    optimizer_pt = _latest(run) / "optimizer.pt"
+    if form == "torch.save":
+        torch.save(state, optimizer_pt)
+    else:
+        optimizer_pt.write_bytes(pickle.dumps(state))
+    res = run_cli("train", "-d", str(small_store), "-o", str(run), "--resume", "--steps", "9")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    assert "not a training state this trainer wrote" in lines[0]
+    assert not marker.exists()
+    assert (run / "latest").read_text() == "step_0000006"
+
+
+@pytest.mark.parametrize(
+    "latest, message",
+    [
+        ("../../elsewhere", "does not name a checkpoint"),
+        ("step_0000006/../step_0000003", "does not name a checkpoint"),
+        ("/tmp/step_0000006", "does not name a checkpoint"),
+        ("step_6", "does not name a checkpoint"),
+        ("step_0000009", "not a checkpoint folder"),
+        ("step_0000099", "not a checkpoint folder"),  # a link to a folder outside
+    ],
+)
+def test_resume_accepts_only_checkpoints_the_trainer_names(
+    trained, small_store, tmp_path, latest, message
+):
+    src, _, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    outside = tmp_path / "outside"
+    shutil.copytree(_latest(run), outside)
+    (run / "checkpoints" / "step_0000099").symlink_to(outside, target_is_directory=True)
+    (run / "latest").write_text(latest)
+    with pytest.raises(TerrasynthError, match=message):
+        Trainer(small_store, run, _cfg(steps=9), resume=True)
+
+
+def test_training_state_is_read_safely_onto_the_cpu(trained, small_store, tmp_path, monkeypatch):
+    """weights_only, and onto the CPU whatever device saved it (a GPU run resumes on a CPU;
+    the optimiser moves its state to the parameters' device itself)."""
+    src, _, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    seen = {}
+    load = torch.load
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    Trainer(small_store, run, _cfg(steps=9, bf16=True), resume=True)
+    assert seen["weights_only"] is True and str(seen["map_location"]) == "cpu"
+
+
 # -- the convolutional generator ---------------------------------------------------------
 def test_runs_saved_before_backbones_train_the_transformer():
     assert TrainConfig.from_dict({"preset": "tiny"}).backbone == "scene_transformer"
@@ -238,7 +378,7 @@ def _complete_conv(ckpt: Path) -> dict:
     assert isinstance(model, ConvGenerator)
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     model.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
-    state = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert ckpt.name == f"step_{int(state['step']):07d}"
     return state
 
@@ -277,7 +417,8 @@ def test_conv_generator_resume_continues(trained_conv, small_store, tmp_path):
     weights = load_file(str(_latest(run) / "model.safetensors"))
     # the saved backbone wins over the (default) one asked for now, and no preset is read:
     # the model config comes from the checkpoint
-    trainer = Trainer(small_store, run, _cfg(steps=6), resume=True)
+    # (settings given must equal the saved ones)
+    trainer = Trainer(small_store, run, _cfg(steps=6, checkpoint_every=2, bf16=True), resume=True)
     assert trainer.cfg.backbone == "conv_generator" and trainer.step == 4
     assert isinstance(trainer.model, ConvGenerator)
     assert isinstance(trainer.objective, ScoreObjective)
@@ -342,7 +483,7 @@ def test_unet_is_trained_with_the_regression_objective(small_store, tmp_path):
     ema = trainer.ema.module.state_dict()
     assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
     # resume: the saved backbone and config win
-    resumed = Trainer(small_store, run, _cfg(steps=6), resume=True)
+    resumed = Trainer(small_store, run, _cfg(steps=6, checkpoint_every=2), resume=True)
     assert resumed.cfg.backbone == "unet" and isinstance(resumed.model, UNet)
     assert resumed.train() == "done" and [m["step"] for m in read_metrics(run)] == list(range(1, 7))
 

@@ -30,8 +30,19 @@ def _not_yet(what: str, issue: str) -> None:
     raise TerrasynthError(f"'{what}' is not available yet in this version ({issue})")
 
 
+# ``train``'s options that are training settings, and the TrainConfig field each sets
+TRAIN_SETTINGS = {
+    "time_limit": "time_limit_min",
+    "workers": "num_workers",
+    **{k: k for k in ("preset", "backbone", "steps", "batch_size", "accumulate", "lr")},
+    **{k: k for k in ("checkpoint_every", "schedule", "bf16", "seed", "source_balance")},
+    **{k: k for k in ("balance_by", "derive", "relief_scale")},
+}
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     store: Annotated[Path, typer.Option("-d", "--data", help="Chip store to train on.")],
     run: Annotated[Path, typer.Option("-o", "--output", help="Run folder.")],
     preset: Annotated[str, typer.Option(help="Model size: tiny, small or base.")] = "tiny",
@@ -91,7 +102,14 @@ def train(
         derive=derive,
         relief_scale=relief_scale,
     )
-    trainer = Trainer(store, run, cfg, resume=resume)
+    # the settings given on the command line: on --resume, those must match the saved ones
+    given = [
+        field
+        for option, field in TRAIN_SETTINGS.items()
+        # by name: typer's click (vendored or not) has its own ParameterSource enum
+        if getattr(ctx.get_parameter_source(option), "name", "DEFAULT") != "DEFAULT"
+    ]
+    trainer = Trainer(store, run, cfg, resume=resume, given=given)
     show = trainer.rank == 0
     with Progress(
         TextColumn("{task.description}"),

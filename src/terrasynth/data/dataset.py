@@ -19,7 +19,7 @@ absent modality is zeros with its availability flag False), so batches stack dir
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +103,23 @@ class ChipDataset(Dataset):
         return state
 
     def _random(self) -> np.random.Generator:
-        """This process's generator: DataLoader workers each draw their own stream."""
+        """This process's generator: DataLoader workers each draw their own stream, seeded
+        from the dataset's seed and the worker's seed (which the loader derives from its
+        own generator, per epoch and worker id)."""
         if self._rng is None:
-            info = torch.utils.data.get_worker_info()
-            worker = 0 if info is None else info.id + 1
-            self._rng = np.random.default_rng(None if self._seed is None else (self._seed, worker))
+            worker = _worker_seed()
+            key = None if self._seed is None else (self._seed, 0 if worker is None else worker)
+            self._rng = np.random.default_rng(key)
         return self._rng
+
+    def reseed(self, key: Sequence[int]) -> None:
+        """Restart the random streams of this process (relief scaling, and the transform's
+        if it has ``reseed``) from ``key``: a batch made after ``reseed(key)`` depends on
+        ``key`` and its chips only, not on what was drawn before or in which process."""
+        self._rng = np.random.default_rng([*key, 0])
+        reseed = getattr(self.transform, "reseed", None)
+        if reseed is not None:
+            reseed([*key, 1])
 
     def _array(self, key: str, index: int) -> np.ndarray:
         """Row ``index`` of array ``key``, read a whole chunk at a time."""
@@ -318,11 +329,24 @@ class RandomCropFlip:
         if size % max_factor or size > chip_size:
             raise ValueError(f"crop size must be a multiple of {max_factor} and <= {chip_size}")
         self.size, self.chip_size, self.max_factor, self.flips = size, chip_size, max_factor, flips
+        self.seed = seed
         self.generator = torch.Generator()
         if seed is not None:
             self.generator.manual_seed(seed)
+        self._worker: int | None = None  # the worker seed the generator was derived for
+
+    def reseed(self, key: Sequence[int]) -> None:
+        """Restart the crop and flip stream from ``key`` (see ``ChipDataset.reseed``)."""
+        self.generator.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
+        self._worker = _worker_seed()
 
     def _randint(self, n: int) -> int:
+        # Each DataLoader worker gets its own copy of this transform: without a stream of
+        # its own per worker (and epoch), all workers would draw the same crops.
+        worker = _worker_seed()
+        if worker is not None and worker != self._worker:
+            key = [worker] if self.seed is None else [self.seed, worker]
+            self.reseed(key)
         return int(torch.randint(n, (1,), generator=self.generator))
 
     def __call__(self, sample: Sample) -> Sample:
@@ -344,6 +368,13 @@ class RandomCropFlip:
             out[key] = torch.rot90(y, k, dims=(-2, -1)).contiguous()
         out["transform"] = _augmented_affine(sample["transform"], r0, c0, self.size, flip, k)
         return out
+
+
+def _worker_seed() -> int | None:
+    """The seed of this DataLoader worker (distinct per worker and per loader iteration,
+    derived from the loader's generator), or None in the main process."""
+    info = torch.utils.data.get_worker_info()
+    return None if info is None else int(info.seed)
 
 
 def is_raster_key(key: str, x: Any) -> bool:

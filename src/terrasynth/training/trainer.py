@@ -13,6 +13,17 @@ A run folder holds::
 A checkpoint is written to a temporary folder and renamed into place; ``latest`` is
 replaced atomically after it, so a run killed at any moment resumes from a whole
 checkpoint.
+
+A run folder may come from someone else, so a resume runs no code from it: ``latest``
+must name a checkpoint as this trainer names them, inside ``RUN/checkpoints``, and
+``optimizer.pt`` holds only tensors and plain values, read with ``weights_only=True``.
+
+A resume is exact: the model, optimiser, scheduler, EMA, the trainer's generator, torch's
+global generator and the data position are restored, and every batch's augmentation
+(relief scaling, crops, flips) is seeded from its position in the data order
+(``SeededBatches``), so it neither depends on what came before nor on which loader worker
+makes it. ``metrics.jsonl`` is cut back to the checkpoint's step, so every step is logged
+once; settings that would change the run refuse to resume instead of being ignored.
 """
 
 from __future__ import annotations
@@ -20,9 +31,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +45,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from terrasynth.atomic import write_text
 from terrasynth.data.dataset import ChipDataset, ChunkShuffleSampler, RandomCropFlip, collate_chips
@@ -44,6 +58,10 @@ from terrasynth.training.objective import FlowObjective, RegressionObjective
 from terrasynth.training.score_objective import ScoreObjective
 
 KEEP_CHECKPOINTS = 2
+CHECKPOINT_NAME = re.compile(r"step_(\d{7,})")  # as ``Trainer.save`` names them
+# Settings a resume may change; any other differing from the saved ones refuses to resume.
+RESUMABLE = ("steps", "time_limit_min", "num_workers")
+FLAG_NAMES = {"time_limit_min": "time-limit", "num_workers": "workers"}
 
 
 @dataclass
@@ -125,6 +143,11 @@ class ResumableBatches(Sampler[list[int]]):
         self._start, self._after = self.state(), []
 
     def __iter__(self) -> Iterator[list[int]]:
+        for _, _, batch in self.positions():
+            yield batch
+
+    def positions(self) -> Iterator[tuple[int, int, list[int]]]:
+        """Endless (epoch, batch number in the epoch, chip indices)."""
         while True:
             self.sampler.set_epoch(self.epoch)
             order = list(self.sampler)
@@ -136,11 +159,46 @@ class ResumableBatches(Sampler[list[int]]):
                 raise TerrasynthError("fewer training chips than one batch")
             mine = batches[self.rank :: self.world]
             while self.offset < len(mine):
-                b = mine[self.offset]
+                position = (self.epoch, self.offset)
                 self.offset += 1
                 self._after.append(self.state())
-                yield b
+                yield (*position, mine[position[1]])
             self.epoch, self.offset = self.epoch + 1, 0
+
+
+class _Positions:
+    """``ResumableBatches.positions`` as a DataLoader sampler."""
+
+    def __init__(self, batches: ResumableBatches) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[tuple[int, int, list[int]]]:
+        return self.batches.positions()
+
+
+class SeededBatches(Dataset):
+    """Whole batches of a dataset, each with random streams seeded from its position.
+
+    ``batch[(epoch, number, indices)]`` restarts the dataset's streams (relief scaling,
+    crops and flips) from (seed, rank, epoch, number) and collates the chips: a batch is
+    the same in whichever loader worker it is made and whether or not the run was resumed
+    before it, so the data position in a checkpoint stands for those generators' states.
+    """
+
+    def __init__(self, dataset: ChipDataset, seed: int, rank: int) -> None:
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int, list[int]]) -> dict:
+        epoch, number, indices = item
+        self.dataset.reseed((self.seed, self.rank, epoch, number))
+        return collate_chips([self.dataset[i] for i in indices])
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
 
 
 def _lr_lambda(
@@ -173,6 +231,108 @@ def _write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2))
 
 
+def _flag(name: str, value: Any) -> str:
+    """A setting as the command-line flag that gives it."""
+    flag = FLAG_NAMES.get(name, name.replace("_", "-"))
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
+
+
+def resumed_config(
+    saved: dict[str, Any], cfg: TrainConfig, given: Collection[str] | None
+) -> TrainConfig:
+    """The settings of a resumed run: the saved ones, with ``RESUMABLE`` ones from ``cfg``.
+
+    ``given`` names the settings the caller chose (None: those of ``cfg`` that differ from
+    the defaults); one that differs from the saved value is refused, not ignored.
+    """
+    known = {f.name: f for f in fields(TrainConfig)}
+    for k, v in saved.items():
+        want = type(getattr(TrainConfig(), k)) if k in known else None
+        if want is not None and not isinstance(v, want) and not (want is float and type(v) is int):
+            raise TerrasynthError(f"train_config.json: '{k}' should be a {want.__name__}")
+    old = TrainConfig.from_dict(saved)
+    if given is None:
+        given = [k for k in known if getattr(cfg, k) != getattr(TrainConfig(), k)]
+    clash = [k for k in given if k not in RESUMABLE and getattr(cfg, k) != getattr(old, k)]
+    if clash:
+        asked = ", ".join(
+            f"{_flag(k, getattr(cfg, k))} (saved: {_flag(k, getattr(old, k))})" for k in clash
+        )
+        raise TerrasynthError(
+            f"a resumed run keeps its saved settings; these differ: {asked}. "
+            "Leave them out, or train a new run"
+        )
+    return replace(old, **{k: getattr(cfg, k) for k in RESUMABLE})
+
+
+def checkpoint_to_resume(run: Path) -> Path:
+    """The checkpoint folder ``RUN/latest`` names, if it is one this trainer wrote."""
+    if not (run / "latest").is_file():
+        raise TerrasynthError(f"{run / 'latest'}: not a file")
+    with open(run / "latest", "rb") as f:
+        text = f.read(64)
+    name = text.decode("ascii", "replace").strip()
+    m = CHECKPOINT_NAME.fullmatch(name)
+    if m is None or name != f"step_{int(m[1]):07d}":
+        raise TerrasynthError(f"{run / 'latest'}: does not name a checkpoint (step_NNNNNNN)")
+    base = (run / "checkpoints").resolve()
+    ckpt = run / "checkpoints" / name
+    if ckpt.resolve().parent != base or not ckpt.is_dir():
+        raise TerrasynthError(f"{run / 'latest'}: {name} is not a checkpoint folder in {base}")
+    for f in ("config.json", "model.safetensors", "ema.safetensors", "optimizer.pt"):
+        if not (ckpt / f).resolve().is_relative_to(base) or not (ckpt / f).is_file():
+            raise TerrasynthError(f"{ckpt}: no {f} of its own")
+    return ckpt
+
+
+def read_state(path: Path, step: int) -> dict[str, Any]:
+    """The training state in a checkpoint's ``optimizer.pt``, read with ``weights_only``:
+    tensors and plain values only, on the CPU (a GPU run resumes anywhere)."""
+    try:
+        with warnings.catch_warnings():  # a crafted file's pickle protocol: one error line
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            state = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise TerrasynthError(
+            f"{path}: not a training state this trainer wrote ({type(exc).__name__}); "
+            "nothing in it was run"
+        ) from exc
+    if (
+        not isinstance(state, dict)
+        or not {"optimizer", "scheduler", "step", "ranks"} <= state.keys()
+        or state["step"] != step
+        or not isinstance(state["ranks"], list)
+        or not all(
+            isinstance(r, dict) and {"data", "generator", "torch_rng"} <= r.keys()
+            for r in state["ranks"]
+        )
+    ):
+        raise TerrasynthError(f"{path}: not the training state of step {step}")
+    return state
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines of ``metrics.jsonl`` logged after ``step`` (by a run killed after its
+    last checkpoint) and a last line cut short, so a resume logs every step once."""
+    if not path.exists():
+        return
+    keep = []
+    for i, line in enumerate(path.read_text().splitlines(keepends=True)):
+        if not line.endswith("\n"):  # the last line, cut short while being written
+            break
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TerrasynthError(f"{path}: line {i + 1} is not JSON ({exc})") from exc
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            raise TerrasynthError(f"{path}: line {i + 1} has no step")
+        if rec["step"] <= step:
+            keep.append(line)
+    write_text(path, "".join(keep))
+
+
 def objective_for(config: ModelConfig):
     """The training objective of a model's backbone: flow matching for the transformer,
     proper scores over an ensemble for the one-step convolutional generator, MSE /
@@ -189,7 +349,8 @@ class Trainer:
 
     The model config is the preset of ``cfg.backbone`` over the store's modalities and
     statistics, or ``model_config`` when given (its backbone and preset then win over
-    ``cfg``'s), or on resume the checkpoint's."""
+    ``cfg``'s), or on resume the checkpoint's. On resume, ``given`` names the settings of
+    ``cfg`` the caller chose (see ``resumed_config``)."""
 
     def __init__(
         self,
@@ -198,6 +359,7 @@ class Trainer:
         cfg: TrainConfig,
         resume: bool = False,
         model_config: ModelConfig | None = None,
+        given: Collection[str] | None = None,
     ) -> None:
         self.run = Path(run)
         self.rank, self.world = _dist()
@@ -209,16 +371,23 @@ class Trainer:
             raise TerrasynthError(f"{self.run}: nothing to resume (no checkpoint yet)")
         if not resume and latest.exists():
             raise TerrasynthError(f"{self.run} already holds a run; use --resume or a new folder")
+        ckpt = checkpoint_to_resume(self.run) if resume else None
         if resume:
-            saved = json.loads((self.run / "train_config.json").read_text())
-            saved.update({k: getattr(cfg, k) for k in ("steps", "time_limit_min", "num_workers")})
-            cfg = TrainConfig.from_dict(saved)
+            try:
+                saved = json.loads((self.run / "train_config.json").read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise TerrasynthError(f"{self.run}: no readable train_config.json ({exc})") from exc
+            if not isinstance(saved, dict):
+                raise TerrasynthError(f"{self.run}/train_config.json: not a settings object")
+            cfg = resumed_config(saved, cfg, given)
         elif model_config is not None:
             cfg = replace(cfg, backbone=model_config.backbone, preset=model_config.preset)
         if cfg.schedule not in ("steps", "time"):
             raise TerrasynthError(f"unknown schedule '{cfg.schedule}' (schedules: steps, time)")
         if cfg.schedule == "time" and cfg.time_limit_min <= 0:
             raise TerrasynthError("a learning rate decaying over time needs a time limit")
+        if cfg.seed < 0:
+            raise TerrasynthError("the seed must be >= 0")
         self.cfg = cfg
         torch.manual_seed(cfg.seed + self.rank)
         self.dataset = ChipDataset(
@@ -230,7 +399,6 @@ class Trainer:
         )
         if len(self.dataset) == 0:
             raise TerrasynthError(f"{store}: no training chips")
-        ckpt = self.run / "checkpoints" / latest.read_text().strip() if resume else None
         if ckpt is not None:
             model_cfg = ModelConfig.load(ckpt / "config.json")
         elif model_config is not None:
@@ -271,6 +439,7 @@ class Trainer:
         self.objective = objective_for(model_cfg)
         self.step = 0
         self.trained_batches = 0  # micro-batches trained since the start or the resume
+        self._window: list[float] = []  # losses of the steps since the last log line
         if ckpt is not None:
             self._load(ckpt)
         self.net = self.model
@@ -281,33 +450,40 @@ class Trainer:
         if self.rank == 0:
             (self.run / "checkpoints").mkdir(parents=True, exist_ok=True)
             _write_json(self.run / "train_config.json", asdict(cfg))
+            if ckpt is not None:
+                truncate_metrics(self.run / "metrics.jsonl", self.step)
 
     def _elapsed(self) -> float:
         return 0.0 if self._t_start is None else time.perf_counter() - self._t_start
 
     # -- checkpoints -----------------------------------------------------------------------
     def _load(self, ckpt: Path) -> None:
-        self.model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        self.ema.module.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
-        state = torch.load(ckpt / "optimizer.pt", weights_only=False)
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        mine = state["ranks"][self.rank] if self.rank < len(state["ranks"]) else None
-        if mine is None:
+        state = read_state(ckpt / "optimizer.pt", int(ckpt.name.split("_")[1]))
+        if len(state["ranks"]) != self.world:
             raise TerrasynthError("resume with as many processes as the run was saved with")
-        self.batches.load_state(mine["data"])
-        self.gen.set_state(mine["generator"])
-        self.dataset.transform.generator.set_state(mine["crop"])
-        torch.set_rng_state(mine["torch_rng"])
-        self.ema.n_averaged.fill_(int(state.get("ema_n", 1)))
+        mine = state["ranks"][self.rank]
+        try:
+            self.model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+            self.ema.module.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            self.batches.load_state(mine["data"])
+            self.gen.set_state(mine["generator"])
+            torch.set_rng_state(mine["torch_rng"])
+            self.ema.n_averaged.fill_(int(state.get("ema_n", 1)))
+            self._window = [float(x) for x in state.get("log_window", [])]
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            why = " ".join(str(exc).split())[:300]  # one line
+            raise TerrasynthError(f"{ckpt}: does not fit this run ({why})") from exc
+        self.step = int(state["step"])
 
     def save(self) -> Path:
         """Write a checkpoint atomically (rank 0) and export the EMA model."""
+        # The dataset's relief and crop generators need no state of their own: each batch
+        # reseeds them from its data position (SeededBatches).
         mine = {
             "data": self.batches.state_after(self.trained_batches),
             "generator": self.gen.get_state(),
-            "crop": self.dataset.transform.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
         }
         ranks = [mine]
@@ -333,6 +509,7 @@ class Trainer:
                 "step": self.step,
                 "ranks": ranks,
                 "ema_n": int(self.ema.n_averaged),
+                "log_window": list(self._window),  # losses since the last metrics line
             },
             tmp / "optimizer.pt",
         )
@@ -352,15 +529,18 @@ class Trainer:
         """Train to ``cfg.steps`` (or the time limit); returns why it stopped."""
         cfg = self.cfg
         loader = DataLoader(
-            self.dataset,
-            batch_sampler=self.batches,
-            collate_fn=collate_chips,
+            SeededBatches(self.dataset, cfg.seed, self.rank),
+            sampler=_Positions(self.batches),
+            batch_size=None,
+            collate_fn=_as_is,
             num_workers=cfg.num_workers,
+            # its own generator: making the loader's iterator draws no global random number
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
         it = iter(loader)
         t_start = self._t_start = time.perf_counter()
         t_log, n_log, tokens_log = t_start, 0, 0
-        window: list[float] = []  # losses of the steps since the last log line
+        window = self._window  # losses of the steps since the last log line
         reason = "done"
         self.model.train()
         try:
@@ -407,7 +587,7 @@ class Trainer:
                         "modalities": {k: round(v, 5) for k, v in parts_sum.items()},
                     }
                     t_log, n_log, tokens_log = now, 0, 0
-                    window = []
+                    window.clear()
                     if self.rank == 0:
                         with open(self.run / "metrics.jsonl", "a") as f:
                             f.write(json.dumps(rec) + "\n")

@@ -10,16 +10,23 @@ nearest date within ``pair_tolerance_days``; timeless layers (elevation, maps) j
 Descriptions are found three ways: ``terrasynth-source.yaml`` inside a folder, a YAML file
 given as the source path (its ``root`` points at the data), or one of the descriptions
 shipped in ``terrasynth/data/descriptions`` whose ``match`` globs all hit the folder.
+
+A description is data from the user's disk, so what it can reach is bounded: ``root`` and
+every file or folder its globs find must lie, after resolving links, inside the
+description's folder (the folder holding the YAML, or the described folder itself); globs
+must be relative and free of ``..``; and its regular expressions must pass ``safe_regex``.
 """
 
 from __future__ import annotations
 
 import re
+import re._constants as sre  # the parser's opcodes (private, stable across 3.11 to 3.13)
+import re._parser as sre_parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -34,6 +41,14 @@ from terrasynth.modalities import Registry, default_registry
 
 DESCRIPTION_FILE = "terrasynth-source.yaml"
 DATE_RE = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})")
+# Longest text a description's regular expression is matched against (a file name is at
+# most 255 bytes on the usual file systems; longer band descriptions are refused).
+MAX_SUBJECT = 255
+MAX_REGEX = 256  # characters of one regular expression
+# Bound on the ways a backtracking matcher may try a pattern on MAX_SUBJECT characters
+# (``_regex_paths``). 1e8 is a fraction of a second for chains of quantifiers and a few
+# seconds for chains of optional items, whose paths cost more each.
+MAX_REGEX_PATHS = 10**8
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,90 @@ def shipped_descriptions() -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def _regex_paths(items: Any, n: int, where: str, pattern: str) -> int:
+    """An upper bound on the paths a backtracking matcher tries for ``items`` at one start
+    position of an ``n``-character text: a product over the sequence, a sum over
+    alternatives, and up to n + 1 counts per quantifier. A quantified part that itself
+    has several ways to match (``(a+)+``, ``(a|ab)*``) is refused outright: its paths grow
+    exponentially with the text."""
+    total = 1
+    for op, av in items:
+        if op is sre.BRANCH:
+            k = sum(_regex_paths(alt, n, where, pattern) for alt in av[1])
+        elif op is sre.SUBPATTERN:
+            k = _regex_paths(av[3], n, where, pattern)
+        elif op in (sre.ASSERT, sre.ASSERT_NOT):
+            k = _regex_paths(av[1], n, where, pattern)
+        elif op is sre.ATOMIC_GROUP:
+            k = _regex_paths(av, n, where, pattern)
+        elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+            lo, hi, body = av
+            inner = _regex_paths(body, n, where, pattern)
+            if inner > 1 and hi > 1:
+                raise InputError(
+                    f"{where}: regular expression '{pattern}' repeats a part that can match "
+                    "in several ways (nested quantifiers); simplify it"
+                )
+            k = (min(hi, n) - min(lo, n) + 1) * inner
+        elif op in (sre.GROUPREF, sre.GROUPREF_EXISTS):
+            raise InputError(f"{where}: regular expression '{pattern}': no back-references")
+        else:
+            k = 1
+        total *= k
+    return total
+
+
+def safe_regex(pattern: str, where: str) -> re.Pattern[str]:
+    """``pattern`` compiled, if its matching cost is bounded; InputError otherwise.
+
+    Python's ``re`` backtracks and cannot be interrupted, and a time-out would need a
+    thread or process per match, so the cost is bounded before matching instead: a length
+    limit, no back-references, no quantified part that can match in several ways, and an
+    upper bound on backtracking paths over the longest text matched (``MAX_SUBJECT``).
+    """
+    if not isinstance(pattern, str) or len(pattern) > MAX_REGEX:
+        raise InputError(f"{where}: a regular expression must be text of <= {MAX_REGEX} chars")
+    try:
+        compiled = re.compile(pattern)
+        parsed = sre_parse.parse(pattern)
+    except re.error as exc:
+        raise InputError(f"{where}: invalid regular expression '{pattern}' ({exc})") from exc
+    paths = _regex_paths(parsed, MAX_SUBJECT, where, pattern)
+    anchored = bool(parsed.data) and parsed.data[0] == (sre.AT, sre.AT_BEGINNING)
+    if paths * (1 if anchored else MAX_SUBJECT + 1) > MAX_REGEX_PATHS:
+        hint = "" if anchored else " or anchor it with '^'"
+        raise InputError(
+            f"{where}: regular expression '{pattern}' may take too long to match (too many "
+            f"quantifiers or optional parts); simplify it{hint}"
+        )
+    return compiled
+
+
+def _search(regex: re.Pattern[str], text: str, where: str) -> re.Match[str] | None:
+    if len(text) > MAX_SUBJECT:
+        raise InputError(f"{where}: '{text[:40]}...' is longer than {MAX_SUBJECT} characters")
+    return regex.search(text)
+
+
+def _inside(path: Path, base: Path, where: str) -> Path:
+    """``path`` if it lies inside ``base`` (a resolved folder) once links are resolved."""
+    if not path.resolve().is_relative_to(base):
+        raise InputError(f"{where}: {path} lies outside the description's folder {base}")
+    return path
+
+
+def _glob(folder: Path, pattern: Any, base: Path, where: str) -> list[Path]:
+    """Sorted matches of a description's glob under ``folder``, all inside ``base``."""
+    text = str(pattern)
+    pure = PurePosixPath(text)
+    if not text or pure.is_absolute() or ".." in pure.parts or "\\" in text:
+        raise InputError(
+            f"{where}: pattern '{text}' must be relative to the description's folder "
+            "(no leading '/', no '..')"
+        )
+    return [_inside(p, base, where) for p in sorted(folder.glob(text))]
+
+
 def _matches(folder: Path, desc: dict[str, Any]) -> bool:
     patterns = desc.get("match") or []
     return bool(patterns) and all(any(folder.glob(p)) for p in patterns)
@@ -92,16 +191,17 @@ def find_description(path: Path) -> tuple[dict[str, Any], Path] | None:
     """(description, data root) for ``path``, or None if no description applies."""
     if path.is_file() and path.suffix in (".yaml", ".yml"):
         desc = _load_yaml(path)
-        return desc, (path.parent / desc.get("root", ".")).resolve()
+        root = path.parent / str(desc.get("root", "."))
+        return desc, _inside(root, path.parent.resolve(), f"{path}: root").resolve()
     if not path.is_dir():
         return None
     own = path / DESCRIPTION_FILE
     if own.exists():
-        return _load_yaml(own), path
+        return _load_yaml(own), path.resolve()
     matching = [desc for _, desc in shipped_descriptions() if _matches(path, desc)]
     # Folders laid out alike (two exports of one tool) are told apart by the folder name.
     matching.sort(key=lambda d: d["name"] != path.resolve().name)
-    return (matching[0], path) if matching else None
+    return (matching[0], path.resolve()) if matching else None
 
 
 def _file_bands(path: Path, spec: dict[str, Any], count: int, descriptions: tuple) -> list:
@@ -109,7 +209,7 @@ def _file_bands(path: Path, spec: dict[str, Any], count: int, descriptions: tupl
     where = f"{path}"
     first = int(spec.get("first_band", 1))
     if "band_pattern" in spec:
-        pattern = re.compile(spec["band_pattern"])
+        pattern = safe_regex(spec["band_pattern"], f"{where}: band_pattern")
         rename = spec.get("band_names", {})
         # Without a date group, a `dates` spec (e.g. from the file name) dates every band.
         fixed = _dates(spec, path, 1, 1)
@@ -119,7 +219,7 @@ def _file_bands(path: Path, spec: dict[str, Any], count: int, descriptions: tupl
         for i, d in enumerate(descriptions, start=1):
             if i < first:
                 continue
-            m = pattern.search(d or "")
+            m = _search(pattern, d or "", f"{where}: band {i} description")
             if m is None:
                 raise InputError(f"{where}: band {i} description '{d}' does not match band_pattern")
             groups = m.groupdict()
@@ -195,8 +295,10 @@ def _mask_for(
     spec: dict[str, Any],
     folder: Path,
     files: _Files,
+    root: Path,
 ) -> np.ndarray:
-    """Invalid pixels of ``layer`` by its mask spec: a QA band of this file or another."""
+    """Invalid pixels of ``layer`` by its mask spec: a QA band of this file or another
+    (a glob relative to ``folder``, inside ``root``)."""
     band = spec.get("band")
     if "file" not in spec:
         m = [fb for fb in fbs if fb.band == band]
@@ -205,7 +307,7 @@ def _mask_for(
         return _mask_bad(raster.raw[m[0].index - 1], spec)
     # A mask band in another file (e.g. SCL only in the 20 m file): same date, reprojected
     # with nearest neighbour onto this layer's grid.
-    paths = sorted(folder.glob(spec["file"]))
+    paths = _glob(folder, spec["file"], root, f"{folder}: mask file")
     if not paths:
         raise InputError(f"{folder}: no mask file matches '{spec['file']}'")
     other = files.get(paths[0])
@@ -233,9 +335,9 @@ def _mask_for(
 
 
 def _read_file_layers(
-    path: Path, spec: dict[str, Any], registry: Registry, files: _Files
+    path: Path, spec: dict[str, Any], registry: Registry, files: _Files, root: Path
 ) -> list[tuple[datetime | None, Layer]]:
-    """All (date, layer) pairs a layer spec yields from one file."""
+    """All (date, layer) pairs a layer spec yields from one file (of the folder ``root``)."""
     modality = registry[spec["modality"]]
     raster = files.get(path)
     table = _file_bands(path, spec, raster.count, raster.descriptions)
@@ -276,7 +378,7 @@ def _read_file_layers(
             lo, hi = spec["valid_range"]
             layer.valid = layer.valid_mask() & (layer.data >= lo) & (layer.data <= hi)
         if mask_spec:
-            bad = _mask_for(layer, date, fbs, raster, mask_spec, path.parent, files)
+            bad = _mask_for(layer, date, fbs, raster, mask_spec, path.parent, files, root)
             layer.valid = layer.valid_mask() & ~bad[None]
         out.append((date, layer))
     return out
@@ -286,7 +388,7 @@ def _scene_folders(root: Path, desc: dict[str, Any]) -> list[Path]:
     pattern = desc.get("scenes")
     if not pattern:
         return [root]
-    folders = sorted(p for p in root.glob(pattern) if p.is_dir())
+    folders = [p for p in _glob(root, pattern, root, f"{root}: scenes") if p.is_dir()]
     if not folders:
         raise InputError(f"{root}: no scene folder matches '{pattern}'")
     return folders
@@ -330,25 +432,27 @@ def _assemble(
 
 
 def _scene_units(
-    folder: Path, desc: dict[str, Any]
+    folder: Path, desc: dict[str, Any], root: Path
 ) -> list[tuple[str | None, list[tuple[dict[str, Any], Path]]]]:
-    """Files of a scene folder split into places by the ``scene_key`` regex.
+    """Files of a scene folder (inside ``root``) split into places by the ``scene_key`` regex.
 
     Files whose name gives the same key (its first group) are one place; files it does not
     match (a shared DEM, say) belong to every place. Without ``scene_key``: one place.
     """
     pairs: list[tuple[dict[str, Any], Path]] = []
     for spec in desc["layers"]:
-        files = sorted(folder.glob(spec["file"]))
+        if not isinstance(spec, dict) or "file" not in spec:
+            raise InputError(f"{folder}: every layer of a source description needs 'file'")
+        files = _glob(folder, spec["file"], root, f"{folder}: layer file")
         if not files and not spec.get("optional"):
             raise InputError(f"{folder}: no file matches '{spec['file']}'")
         pairs += [(spec, f) for f in files]
     if "scene_key" not in desc:
         return [(None, pairs)]
-    key_re = re.compile(desc["scene_key"])
+    key_re = safe_regex(desc["scene_key"], f"{folder}: scene_key")
     keys: dict[Path, str | None] = {}
     for _, f in pairs:
-        m = key_re.search(f.name)
+        m = _search(key_re, f.name, f"{folder}: scene_key")
         keys[f] = (m.group(1) if m.groups() else m.group(0)) if m else None
     units = sorted({k for k in keys.values() if k is not None})
     if not units:
@@ -374,7 +478,7 @@ class DescribedSource:
         desc, root = found
         registry = registry or default_registry()
         for folder in _scene_folders(root, desc):
-            for unit, pairs in _scene_units(folder, desc):
+            for unit, pairs in _scene_units(folder, desc, root):
                 yield from self._unit_scenes(desc, root, folder, unit, pairs, registry)
 
     def _unit_scenes(
@@ -395,7 +499,7 @@ class DescribedSource:
         for spec, f in pairs:
             if "min_valid" in spec:
                 min_valid[spec["modality"]] = float(spec["min_valid"])
-            for date, layer in _read_file_layers(f, spec, registry, files):
+            for date, layer in _read_file_layers(f, spec, registry, files, root):
                 if date is None:
                     timeless.append(layer)
                 else:
