@@ -128,7 +128,11 @@ class RetrievalIndex(nn.Module):
         rows_t = self.rows(target)
         b = next(iter(queries.values())).shape[0] if queries else int(batch or 0)
         if rows_t is None or not queries or b == 0:
-            return torch.zeros(b, k, dtype=torch.long), torch.zeros(b, dtype=torch.bool)
+            dev = self.places.device
+            return (
+                torch.zeros(b, k, dtype=torch.long, device=dev),
+                torch.zeros(b, dtype=torch.bool, device=dev),
+            )
         has_t = torch.isfinite(rows_t).any(1)
         total = torch.zeros(b, len(self), device=rows_t.device)
         count = torch.zeros(b, 1, device=rows_t.device)

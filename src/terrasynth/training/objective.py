@@ -48,7 +48,7 @@ def sample_roles(
     """Role per modality and sample: DROPPED, CONDITIONED or GENERATED (at least one)."""
     names = list(signals)
     b = next(iter(signals.values())).present.shape[0]
-    present = torch.stack([signals[n].present for n in names], 1)  # (B, M)
+    present = torch.stack([signals[n].present for n in names], 1).cpu()  # (B, M)
     roles = torch.zeros(b, len(names), dtype=torch.long)
     for i in range(b):
         idx = torch.nonzero(present[i]).flatten()
@@ -82,15 +82,18 @@ def training_inputs(
     """Model inputs plus, per modality, the element mask of generated values (the loss)."""
     t, given, take_part, noise, loss_mask = {}, {}, {}, {}, {}
     for name, sig in signals.items():
-        role = roles[name]
+        # random draws come from the CPU generator (the same stream on any device), the
+        # tensors they mask live on the signals' device
+        dev = sig.present.device
+        role = roles[name].to(dev)
         b = role.shape[0]
         categorical = sig.target is not None
         mean = cfg.logit_normal_mean_categorical if categorical else 0.0
         tt = torch.sigmoid(torch.randn(b, generator=gen) * cfg.logit_normal_std + mean)
         # Every sampler starts at t = 1, which a logit-normal almost never draws.
         p_pure = cfg.p_pure_noise_categorical if categorical else cfg.p_pure_noise
-        tt = torch.where(torch.rand(b, generator=gen) < p_pure, torch.ones_like(tt), tt)
-        t[name] = torch.where(role == GENERATED, tt, torch.zeros_like(tt)).to(sig.present.device)
+        tt = torch.where(torch.rand(b, generator=gen) < p_pure, torch.ones_like(tt), tt).to(dev)
+        t[name] = torch.where(role == GENERATED, tt, torch.zeros_like(tt))
         take_part[name] = role != DROPPED
         noise[name] = _noise_like(sig, gen)
         cond = (role == CONDITIONED).float()
@@ -117,11 +120,12 @@ def _infill_bands(
         return None
     out = {}
     b = role.shape[0]
-    pick = (torch.rand(b, generator=gen) < cfg.p_infill) & (role == GENERATED)
+    dev = role.device
+    pick = (torch.rand(b, generator=gen) < cfg.p_infill).to(dev) & (role == GENERATED)
     for g, known in sig.known.items():
         c = known.shape[1]
         band_known = known.flatten(2).amax(-1) > 0  # (B, C)
-        draw = torch.rand(b, c, generator=gen) < 0.5
+        draw = (torch.rand(b, c, generator=gen) < 0.5).to(dev)
         out[g] = (draw & band_known & pick[:, None]).float()[:, :, None, None]
     # keep at least one band to generate: if every known band was drawn, generate them all
     total_known = sum(((k.flatten(2).amax(-1) > 0).float()).sum(1) for k in sig.known.values())
