@@ -40,7 +40,13 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.config.save(tmp / CONFIG)
-    state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    # weights as bfloat16; a retrieval index keeps its own dtypes (half summaries, boolean
+    # masks, float32 places)
+    state = {
+        k: (v.to(torch.bfloat16) if v.is_floating_point() and "retrieval." not in k else v)
+        for k, v in model.state_dict().items()
+    }
+    state = {k: v.contiguous() for k, v in state.items()}
     save_file(state, str(tmp / WEIGHTS))
     # measure the shipped (bfloat16) weights, not the float32 ones
     shipped = load_model(tmp)
@@ -75,6 +81,12 @@ def main() -> None:
             "  with proper scores (fair CRPS, patch and spectral energy scores); spectral slots",
             "  shared across optical sensors (`docs/design.md`).",
         ]
+        index = getattr(model, "retrieval", None)
+        if index is not None:
+            lines += [
+                f"- Retrieval: the {c.retrieval_k} most alike of the {len(index)} training",
+                "  chips (their summaries are saved with the weights) condition every window.",
+            ]
     else:
         lines = [
             f"- Backbone `scene_transformer`, preset `{c.preset}`: {params:.2f} M parameters,",
@@ -111,7 +123,7 @@ Their licences are listed per chip in the store and in `../shared/data/*/SOURCE.
 {train_cfg["batch_size"]} --source-balance {train_cfg.get("source_balance", 1.0)}
 --time-limit {train_cfg["time_limit_min"]:g}` (seed {train_cfg["seed"]}, lr {train_cfg["lr"]},
 warm-up {train_cfg["warmup"]}, EMA {train_cfg["ema_decay"]}, bf16 autocast): stopped at step
-{final_step} after {minutes:.1f} minutes on 2 CPU cores; last logged loss
+{final_step} after {minutes:.1f} minutes on the 2-core CPU machine; last logged loss
 {last.get("loss", float("nan")):.4f}. Full settings: `train_config.json` of the run (copied
 into `docs/runs/`).
 

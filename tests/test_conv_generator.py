@@ -15,6 +15,7 @@ from terrasynth.models.conv_generator import (
     LATENT_SIGMA,
     NOISE_SIGMAS,
     ConvGenerator,
+    gaussian_blur,
     radius_of,
     smooth_noise,
 )
@@ -197,6 +198,28 @@ def test_spread_scale_scales_the_residual_per_modality(config):
             s1[i]["dem"]["r30m"] - m1["dem"]["r30m"], 2 * (s0[i]["dem"]["r30m"] - m0["dem"]["r30m"])
         )
     assert _same(m0, m1, "s2l2a") and _same(m0, m1, "dem")
+
+
+@needs_data
+def test_relief_smoothing_blurs_the_elevation_residual_only(config):
+    base = _model(config)
+    cfg = ModelConfig.from_dict({**config.to_dict(), "relief_smoothing": 2.0})
+    smooth = ConvGenerator(cfg).eval()
+    smooth.load_state_dict(base.state_dict())
+    inputs = _inputs(config, torch.Generator().manual_seed(3), ["s2l2a", "dem"], ["s1grd"])
+    with torch.no_grad():
+        m0, s0 = base(inputs, GSD, members=2, generator=torch.Generator().manual_seed(0))
+        m1, s1 = smooth(inputs, GSD, members=2, generator=torch.Generator().manual_seed(0))
+    assert _same(m0, m1, "dem") and _same(s0[0], s1[0], "s2l2a")  # not optical bands
+    for i in range(2):
+        r0 = s0[i]["dem"]["r30m"] - m0["dem"]["r30m"]
+        r1 = s1[i]["dem"]["r30m"] - m1["dem"]["r30m"]
+        torch.testing.assert_close(r1, gaussian_blur(r0, 2.0))
+
+        def roughness(r):
+            return float((r[..., 1:, :] - r[..., :-1, :]).pow(2).mean() / r.var())
+
+        assert roughness(r1) < 0.5 * roughness(r0)
 
 
 @needs_data

@@ -60,6 +60,7 @@ class ModelConfig:
     ensemble: int = 4  # members per chip in training (fair CRPS, energy score)
     spread_scale: dict[str, float] = field(default_factory=dict)  # calibration per modality
     retrieval_k: int = 0  # training chips looked up per window as conditioning (0: none)
+    relief_smoothing: float = 0.0  # Gaussian sigma (px) on elevation targets' residual
     # sampling windows (0: the training crop, half-window stride); a fully convolutional
     # model can also slide with a smaller overlap
     window: int = 0

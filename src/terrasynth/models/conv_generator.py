@@ -79,27 +79,34 @@ def _modulate(x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
 
 
-def smooth_noise(noise: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Noise blurred by a Gaussian of ``sigma`` pixels, rescaled to unit variance.
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``x`` (B, C, H, W) blurred by a separable Gaussian of ``sigma`` pixels, borders
+    reflected. A stride-1 filter keeps it translation-equivariant: two overlapping windows
+    cut from one field agree where they overlap (up to their borders)."""
+    if sigma <= 0:
+        return x
+    radius = radius_of(sigma)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    small = radius >= min(x.shape[-2:])  # reflection needs more pixels than the pad
+    y = F.pad(x, (radius, radius, radius, radius), mode="replicate" if small else "reflect")
+    # separable: a row pass then a column pass
+    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
-    A stride-1 filter keeps it translation-equivariant: two overlapping windows cut from one
-    noise field see the same smooth noise where they overlap (up to their borders). A
-    Gaussian rather than a box: a box's side lobes turn noise into stripes.
-    """
+
+def smooth_noise(noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Noise blurred by a Gaussian of ``sigma`` pixels, rescaled to unit variance (a
+    Gaussian rather than a box: a box's side lobes turn noise into stripes)."""
     if sigma <= 0:
         return noise
     radius = radius_of(sigma)
-    t = torch.arange(-radius, radius + 1, dtype=noise.dtype, device=noise.device)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    gain = float((k**2).sum())  # variance of white noise after one 1-D pass
-    c = noise.shape[1]
-    small = radius >= min(noise.shape[-2:])  # reflection needs more pixels than the pad
-    x = F.pad(noise, (radius, radius, radius, radius), mode="replicate" if small else "reflect")
-    # separable: a row pass then a column pass
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    return x / gain
+    gain = float(((k / k.sum()) ** 2).sum())  # variance of white noise after one 1-D pass
+    return gaussian_blur(noise, sigma) / gain
 
 
 def radius_of(sigma: float) -> int:
@@ -278,8 +285,11 @@ class ConvGenerator(PretrainedMixin, nn.Module):
                 continue
             scale = float(self.config.spread_scale.get(name, 1.0))
             loadings = self._band_loadings(mod, f)
+            smooth = self.config.relief_smoothing if mod.units == "m" else 0.0
             for s, h in zip(samples, gen_feats, strict=True):
                 res = self._residual_head(mod, loadings, self.coef(_modulate(h, film[1])))
+                if smooth > 0:  # elevation varies smoothly at the pixel scale
+                    res = {g: gaussian_blur(r, smooth) for g, r in res.items()}
                 s[name] = {g: mu[g] + scale * res[g] for g in mu}
         if members == 1:
             return samples[0]
