@@ -31,7 +31,7 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.warp import Resampling, calculate_default_transform
 
-from terrasynth.atomic import atomic_folder
+from terrasynth.atomic import atomic_folder, output_files
 from terrasynth.data.align import AlignedGroup, align_scene, reference_grid, warp_to_grid
 from terrasynth.data.build import check_scene_values
 from terrasynth.data.scene import Grid, Scene
@@ -145,21 +145,19 @@ class Generation:
         """Write GeoTIFFs, ``generation.json`` and ``quicklook.png`` into ``folder``.
 
         Everything is written into a temporary sibling folder first and renamed into place,
-        so an interrupted save leaves no half-written output.
+        so an interrupted save leaves no half-written output. A non-empty ``folder`` is
+        replaced only with ``overwrite`` and only if it is an earlier terrasynth output.
         """
         from terrasynth.quicklook import render_quicklook
 
-        folder = Path(folder)
-        if folder.exists() and any(folder.iterdir()) and not overwrite:
-            raise TerrasynthError(f"{folder} exists and is not empty (use --overwrite)")
-        with atomic_folder(folder) as tmp:
+        with atomic_folder(folder, overwrite, "generate") as tmp:
             for name, res in self.targets.items():
                 _write_target(tmp, name, res, self.grid)
             render_quicklook(self, tmp / "quicklook.png")
             info = dict(self.info)
-            info["files"] = sorted(p.name for p in tmp.iterdir()) + ["generation.json"]
+            info["files"] = [p.name for p in output_files(tmp)] + ["generation.json"]
             (tmp / "generation.json").write_text(json.dumps(info, indent=2, default=str))
-        return sorted(folder.iterdir())
+        return output_files(folder)
 
 
 class Pipeline:

@@ -6,6 +6,7 @@ User errors (:class:`TerrasynthError`) end as one line on stderr and exit code 2
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from terrasynth.atomic import check_output, write_marker
 from terrasynth.cli.data import app as data_app
 from terrasynth.cli.data import parse_inputs, parse_numbers
 from terrasynth.errors import TerrasynthError
@@ -71,6 +73,7 @@ def train(
     """Train the scene model on a chip store (multi-GPU/-node: launch with torchrun)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from terrasynth.data.store import ChipStore
     from terrasynth.training.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig(
@@ -91,6 +94,8 @@ def train(
         derive=derive,
         relief_scale=relief_scale,
     )
+    ChipStore.open(store)  # a clear error for a missing store, before the run folder is made
+    _claim_run_folder(run, "train", resume)
     trainer = Trainer(store, run, cfg, resume=resume)
     show = trainer.rank == 0
     with Progress(
@@ -118,6 +123,16 @@ def train(
         typer.echo(f"{reason} at step {trainer.step}; model in {run / 'model'}")
     if reason == "interrupted":
         raise typer.Exit(130)
+
+
+def _claim_run_folder(run: Path, command: str, resume: bool) -> None:
+    """A new run goes into an empty folder, or one terrasynth wrote (an earlier run that
+    stopped before its first checkpoint); never into a folder of the user's files."""
+    if resume or (run / "latest").exists() or int(os.environ.get("RANK", "0")) != 0:
+        return  # the trainer resumes or refuses it; DDP: the first process decides
+    check_output(run, overwrite=True)
+    run.mkdir(parents=True, exist_ok=True)
+    write_marker(run, command)
 
 
 @app.command()
@@ -159,7 +174,9 @@ def generate(
     date: Annotated[str | None, typer.Option(help="Acquisition date (YYYY-MM-DD).")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per model call.")] = 32,
     strict: Annotated[bool, typer.Option(help="Refuse inputs that only look suspicious.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier terrasynth output in the output folder.")
+    ] = False,
     stream: Annotated[
         bool,
         typer.Option(
@@ -197,8 +214,7 @@ def generate(
 
     from terrasynth.pipeline import Pipeline
 
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise TerrasynthError(f"{output} exists and is not empty (use --overwrite)")
+    check_output(output, overwrite)
     if (lon is None) != (lat is None):
         raise TerrasynthError("give both --lon and --lat, or neither")
     scales = parse_numbers(scale or [], "--scale")
@@ -362,6 +378,9 @@ def evaluate(
             "conditions (crps_shuffled, input_dependence); doubles the time."
         ),
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier terrasynth report in the output folder.")
+    ] = False,
 ) -> None:
     """Score generation on a store's split against baselines (JSON, CSV, report).
 
@@ -381,6 +400,7 @@ def evaluate(
     from terrasynth.evaluation.report import write_report
     from terrasynth.pipeline import Pipeline
 
+    check_output(output, overwrite)
     ChipStore.open(store)  # a clear error for a missing or broken store
     uses_unet = [b for b in baseline or [] if b in ("unet", "unet_noise")]
     if uses_unet and unet is None:
@@ -447,7 +467,9 @@ def evaluate(
         typer.echo("seams: generating the scene with shared noise and independent tiles", err=True)
         seams = scene_seams(pipe, parse_inputs(seam_input), seam_target or ["s2l2a"], seed, steps)
         settings["seam_input"] = list(seam_input)
-    report = write_report(results, output, settings, protocol_of(results, settings), seams)
+    report = write_report(
+        results, output, settings, protocol_of(results, settings), seams, overwrite=overwrite
+    )
     typer.echo(f"{len(results)} direction x predictor results; report {report.resolve()}")
 
 
@@ -533,6 +555,7 @@ def train_unet(
     if output.exists() and any(output.iterdir()):
         raise TerrasynthError(f"{output} exists and is not empty")
     stats = ChipStore.open(store).stats  # a clear error for a missing or broken store
+    _claim_run_folder(output, "baseline train-unet", resume=False)
     config = unet_config(ModelConfig.load(model_folder(model) / "config.json"))
     differ = stats_mismatch(config, stats)
     if differ:
@@ -592,6 +615,9 @@ def demo(
     model: Annotated[
         Path | None, typer.Option("-m", "--model", help="Model or run folder (default: built-in).")
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier demo (or other terrasynth output) there.")
+    ] = False,
 ) -> None:
     """Run the main job on BigEarthNet patches shipped with a dependency.
 
@@ -599,7 +625,10 @@ def demo(
     """
     from terrasynth.demo import run_demo
 
-    report = run_demo(output, num_samples=num_samples, model=model, log=typer.echo)
+    check_output(output, overwrite)
+    report = run_demo(
+        output, num_samples=num_samples, model=model, log=typer.echo, overwrite=overwrite
+    )
     typer.echo(f"outputs in {output.resolve()}")
     typer.echo(f"open {report.resolve()}")
 

@@ -24,7 +24,7 @@ import torch
 from affine import Affine
 from rasterio.crs import CRS
 
-from terrasynth.atomic import atomic_folder
+from terrasynth.atomic import atomic_folder, check_output, output_files
 from terrasynth.data.scene import Grid
 from terrasynth.errors import TerrasynthError
 from terrasynth.pipeline import Pipeline
@@ -124,8 +124,7 @@ def generate_scene(
 ) -> list[Path]:
     """Generate a whole scene into ``output`` (resuming an interrupted run of the same job)."""
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise TerrasynthError(f"{output} exists and is not empty (use --overwrite)")
+    check_output(output, overwrite)
     if engine not in ("local", "dask"):
         raise TerrasynthError(f"engine must be 'local' or 'dask', not '{engine}'")
     t0 = time.perf_counter()
@@ -173,13 +172,13 @@ def generate_scene(
     }
     from terrasynth.quicklook import render_quicklook
 
-    with atomic_folder(output) as tmp:
+    with atomic_folder(output, overwrite, "generate") as tmp:
         write_outputs(job, tmp)
         render_quicklook(quicklook_generation(job, tmp, info), tmp / "quicklook.png")
         info["seconds"] = round(time.perf_counter() - t0, 2)
-        info["files"] = sorted(p.name for p in tmp.iterdir()) + ["generation.json"]
+        info["files"] = [p.name for p in output_files(tmp)] + ["generation.json"]
         (tmp / "generation.json").write_text(json.dumps(info, indent=2, default=str))
     shutil.rmtree(job.folder, ignore_errors=True)
     if parent is not None:
         shutil.rmtree(parent.folder, ignore_errors=True)
-    return sorted(output.iterdir())
+    return output_files(output)

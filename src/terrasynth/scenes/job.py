@@ -22,7 +22,6 @@ overviews, written into a temporary folder that is renamed into place.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 import zarr
 
-from terrasynth.atomic import write_text
+from terrasynth.atomic import clear_folder, write_marker, write_text
 from terrasynth.data.align import AlignedGroup
 from terrasynth.data.scene import Grid, Layer, Scene
 from terrasynth.errors import InputError, TerrasynthError, UnknownModalityError
@@ -229,7 +228,9 @@ class SceneJob:
         }
 
     def open(self, overwrite: bool = False) -> SceneJob:
-        """Create the work folder, or reopen it to resume the same job."""
+        """Create the work folder, or reopen it to resume the same job.
+
+        A work folder is only ever cleared if terrasynth wrote it (its marker)."""
         sig_path = self.folder / "job.json"
         if sig_path.exists() and not overwrite:
             found = json.loads(sig_path.read_text())
@@ -240,9 +241,9 @@ class SceneJob:
                 )
             self._store = zarr.open_group(str(self.folder / "state.zarr"), mode="r+")
             return self
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True)
+        clear_folder(self.folder)  # keeps the lock of the run holding it
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_marker(self.folder, "generate (whole-scene work folder)")
         self._create_arrays()
         # job.json last: a folder without it is never resumed
         write_text(sig_path, json.dumps(self.signature(), indent=2))
