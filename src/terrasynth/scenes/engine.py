@@ -24,10 +24,10 @@ import torch
 from affine import Affine
 from rasterio.crs import CRS
 
-from terrasynth.atomic import atomic_folder, check_output, output_files
+from terrasynth.atomic import atomic_folder, check_output, locked_folder, output_files
 from terrasynth.data.scene import Grid
 from terrasynth.errors import TerrasynthError
-from terrasynth.pipeline import Pipeline
+from terrasynth.pipeline import Pipeline, package_versions
 from terrasynth.scenes.job import JobSpec, SceneJob
 from terrasynth.scenes.output import quicklook_generation, write_outputs
 
@@ -127,6 +127,23 @@ def generate_scene(
     check_output(output, overwrite)
     if engine not in ("local", "dask"):
         raise TerrasynthError(f"engine must be 'local' or 'dask', not '{engine}'")
+    with locked_folder(work_folder(output), "generate"):  # one run per work folder
+        return _generate_scene(
+            pipe, spec, output, overwrite, engine, address, workers, progress, on_start
+        )
+
+
+def _generate_scene(
+    pipe: Pipeline,
+    spec: JobSpec,
+    output: Path,
+    overwrite: bool,
+    engine: str,
+    address: str | None,
+    workers: int,
+    progress: Progress | None,
+    on_start: Callable[[SceneJob], None] | None,
+) -> list[Path]:
     t0 = time.perf_counter()
 
     def run(job: SceneJob) -> None:
@@ -155,6 +172,7 @@ def generate_scene(
         "model": pipe.source,
         "mode": "whole scene (streamed tiles)",
         **job.signature(),
+        "versions": package_versions(),
         "engine": engine if address is None else f"dask at {address}",
         "workers": workers if engine == "dask" else 1,
         "tiles": len(job.tiles()),

@@ -205,7 +205,8 @@ class SceneJob:
         return held
 
     def signature(self) -> dict[str, Any]:
-        """What must match for a work folder to be resumed: settings, files, model."""
+        """What must match for a work folder to be resumed: settings, files, model (its
+        folder and the sha256 of its weights)."""
 
         def grid_json(g: Grid) -> dict[str, Any]:
             return {
@@ -224,6 +225,7 @@ class SceneJob:
                 for f in self.files
             ],
             "model": self.pipe.source,
+            "weights_sha256": self.pipe.weights_sha256,
             "grid": grid_json(self.work),
         }
 
