@@ -95,7 +95,9 @@ def test_bad_jobs_are_refused_before_any_work(pipe, s1_utm, tmp_path):
         SceneJob(pipe, spec_for(broken), tmp_path / "c")
     with pytest.raises(InputError, match="needs a place"):
         SceneJob(pipe, JobSpec(inputs=[], targets=["dem"], size=64), tmp_path / "d")
-    assert not any((tmp_path / n).exists() for n in "abcd")
+    with pytest.raises(TerrasynthError, match="--tile must be a multiple of 64"):
+        SceneJob(pipe, spec_for(s1_utm, tile=100), tmp_path / "e")
+    assert not any((tmp_path / n).exists() for n in "abcde")
 
 
 def test_joint_generation_at_a_place(pipe, tmp_path):

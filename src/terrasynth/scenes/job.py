@@ -48,7 +48,7 @@ from terrasynth.pipeline import (
 from terrasynth.sampling.flow import FlowSampler
 from terrasynth.sampling.windows import blend_x0, scene_seed, start_noise, step_noise
 from terrasynth.scenes.inputs import InputFile, open_inputs, read_region
-from terrasynth.scenes.plan import Box, ScenePlan
+from terrasynth.scenes.plan import Box, ScenePlan, check_tile
 
 
 @dataclass
@@ -110,6 +110,7 @@ class SceneJob:
         self.spec = replace(spec, steps=sampling_steps(self.model, spec.steps))
         self.folder = Path(folder)
         self._check_targets()
+        check_tile(spec.tile, self.cfg.window_size)
         reg = self.cfg.registry
         self.files: list[InputFile] = []
         self.warnings: list[str] = []
