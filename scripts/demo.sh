@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-terrasynth demo "$@"
+terrasynth demo --overwrite "$@"  # replaces only an earlier demo (its marker)

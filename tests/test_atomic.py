@@ -1,30 +1,127 @@
-"""Whole output folders or nothing."""
+"""Whole output folders or nothing, and never a folder terrasynth did not write."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 
-from terrasynth.atomic import atomic_folder
+from terrasynth import __version__
+from terrasynth.atomic import MARKER, atomic_folder, clear_folder, locked_folder
+from terrasynth.errors import TerrasynthError
 
 
-def test_success_replaces_the_folder(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    with atomic_folder(out) as tmp:
+def earlier_output(folder):
+    """An output folder as an earlier run of terrasynth leaves it."""
+    with atomic_folder(folder, command="test") as tmp:
+        (tmp / "old.txt").write_text("old")
+    return folder
+
+
+def test_overwrite_replaces_an_earlier_output(tmp_path):
+    out = earlier_output(tmp_path / "out")
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["command"] == "test" and marker["version"] == __version__
+    with atomic_folder(out, overwrite=True) as tmp:
         assert tmp != out and tmp.parent == out.parent
         (tmp / "new.txt").write_text("new")
         assert (out / "old.txt").exists()  # untouched until the end
-    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_earlier_output_needs_overwrite(tmp_path):
+    out = earlier_output(tmp_path / "out")
+    with pytest.raises(TerrasynthError, match="use --overwrite"), atomic_folder(out):
+        pass
+    assert (out / "old.txt").read_text() == "old"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_terrasynth_did_not_write_is_never_replaced(tmp_path, overwrite):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    with (
+        pytest.raises(TerrasynthError, match="not written by terrasynth"),
+        atomic_folder(out, overwrite=overwrite),
+    ):
+        pass
+    assert (out / "thesis.tex").read_text() == "years of work"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(TerrasynthError, match="not written by terrasynth"):
+        clear_folder(out)
+    assert (out / "thesis.tex").exists()
+
+
+def test_a_user_file_filling_the_folder_meanwhile_is_kept(tmp_path):
+    out = tmp_path / "out"
+    refused = pytest.raises(TerrasynthError, match="not written by terrasynth")
+    with refused, atomic_folder(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+        out.mkdir()
+        (out / "mine.txt").write_text("mine")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_an_empty_folder_is_filled(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with atomic_folder(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert (out / "new.txt").exists() and (out / MARKER).exists()
+
+
+def test_the_old_folder_is_deleted_only_once_the_new_one_is_in_place(tmp_path, monkeypatch):
+    out = earlier_output(tmp_path / "out")
+    seen = []
+    rmtree = shutil.rmtree
+
+    def watch(path, *args, **kwargs):
+        seen.append((path.name, sorted(p.name for p in out.iterdir())))
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr("terrasynth.atomic.shutil.rmtree", watch)
+    with atomic_folder(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert seen == [(".out.old", [MARKER, "new.txt"])]
 
 
 def test_an_error_leaves_the_folder_as_it_was(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("keep")
-    with pytest.raises(KeyboardInterrupt), atomic_folder(out) as tmp:
+    out = earlier_output(tmp_path / "out")
+    with pytest.raises(KeyboardInterrupt), atomic_folder(out, overwrite=True) as tmp:
         (tmp / "half.txt").write_text("half")
         raise KeyboardInterrupt
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "old.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_leftovers_of_a_killed_run_are_cleared_but_not_a_users_folder(tmp_path):
+    out = tmp_path / "out"
+    earlier_output(tmp_path / ".out.partial")  # killed while writing
+    earlier_output(tmp_path / ".out.old")  # killed between the two renames
+    with atomic_folder(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    (tmp_path / ".out.partial").mkdir()
+    (tmp_path / ".out.partial" / "mine.txt").write_text("mine")
+    with pytest.raises(TerrasynthError, match="in the way"), atomic_folder(out, True):
+        pass
+    assert (tmp_path / ".out.partial" / "mine.txt").exists()
+
+
+def test_a_locked_work_folder_refuses_a_second_holder(tmp_path):
+    work = tmp_path / "out.work"
+    with locked_folder(work):
+        assert (work / MARKER).exists()
+        with pytest.raises(TerrasynthError, match="another terrasynth run"), locked_folder(work):
+            pass
+    with locked_folder(work):  # released with the first holder
+        pass
+    mine = tmp_path / "mine.work"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(TerrasynthError, match="not written by terrasynth"), locked_folder(mine):
+        pass
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

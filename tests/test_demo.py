@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import rasterio
 
+from terrasynth.atomic import MARKER
 from terrasynth.data.store import ChipStore
 from terrasynth.demo import run_demo
 
@@ -32,7 +33,8 @@ def test_demo_writes_report_preview_and_store(demo):
         assert word in text, word
     img = mpimg.imread(out / "preview.png")
     assert img.ndim == 3 and img.shape[0] > 200 and img[..., :3].std() > 0.1
-    assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporary files left
+    hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert hidden == [MARKER]  # no temporary files left, only the marker of the output
 
 
 def test_demo_generates_each_direction_with_samples(demo):

@@ -11,6 +11,7 @@ import rasterio
 import torch
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 
+from terrasynth.atomic import MARKER
 from terrasynth.data.store import ChipStore
 from terrasynth.errors import TerrasynthError
 from terrasynth.models.config import ModelConfig
@@ -110,7 +111,7 @@ def test_cli_translation_writes_georeferenced_geotiffs(s1_4326, tmp_path):
         runs.append(out)
     with rasterio.open(s1_4326) as src:
         crs, transform, shape = src.crs, src.transform, src.shape
-    names = sorted(p.name for p in runs[0].iterdir())
+    names = sorted(p.name for p in runs[0].iterdir() if p.name != MARKER)
     assert names == sorted(
         ["generation.json", "quicklook.png", "s2l2a_mean.tif", "s2l2a_std.tif"]
         + [f"s2l2a_sample{i}.tif" for i in range(2)]
@@ -278,7 +279,7 @@ def test_a_conv_generator_writes_georeferenced_reproducible_samples(conv_folder,
     assert not np.array_equal(s, other["s2l2a"].samples)
     out = tmp_path / "out"
     a.save(out)
-    assert sorted(p.name for p in out.iterdir()) == sorted(
+    assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == sorted(
         ["generation.json", "quicklook.png", "s2l2a_mean.tif", "s2l2a_std.tif"]
         + [f"s2l2a_sample{i}.tif" for i in range(2)]
     )

@@ -58,3 +58,29 @@ def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_result(tmp_pa
         with rasterio.open(tmp_path / "whole" / name) as a, rasterio.open(out / name) as b:
             assert np.array_equal(a.read(), b.read())
             assert b.profile["tiled"] and np.isfinite(b.read()).all()
+
+
+def test_two_runs_on_one_work_folder_the_second_gets_an_error_line(tmp_path):
+    s1 = write_s1_utm(tmp_path / "s1.tif", 320, 320)
+    out = tmp_path / "out"
+    args = ["generate", "-i", f"s1grd={s1}", "-t", "s2l2a", "-n", "1", "--steps", "8",
+            "--stream", "--tile", "64", "-o", str(out)]  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, "-m", "terrasynth.cli.main", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    lock = work_folder(out) / ".lock"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (lock.exists() and lock.read_text().strip()):
+        time.sleep(0.05)
+    try:
+        second = run_cli(*args)
+        assert first.poll() is None, "the first run ended before the second started"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert second.returncode == 2
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: another terrasynth run"), lines
+    assert str(first.pid) in lines[0]
+    assert not out.exists() and work_folder(out).exists()  # the first run resumes from it

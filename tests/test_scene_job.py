@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+
 import numpy as np
 import pytest
 import rasterio
 
+from terrasynth import __version__
+from terrasynth.atomic import locked_folder
 from terrasynth.errors import InputError, TerrasynthError
-from terrasynth.pipeline import Pipeline
+from terrasynth.pipeline import Pipeline, default_model_path
 from terrasynth.scenes.engine import generate_scene, run_local, work_folder
 from terrasynth.scenes.job import JobSpec, SceneJob
 
@@ -89,7 +95,9 @@ def test_bad_jobs_are_refused_before_any_work(pipe, s1_utm, tmp_path):
         SceneJob(pipe, spec_for(broken), tmp_path / "c")
     with pytest.raises(InputError, match="needs a place"):
         SceneJob(pipe, JobSpec(inputs=[], targets=["dem"], size=64), tmp_path / "d")
-    assert not any((tmp_path / n).exists() for n in "abcd")
+    with pytest.raises(TerrasynthError, match="--tile must be a multiple of 64"):
+        SceneJob(pipe, spec_for(s1_utm, tile=100), tmp_path / "e")
+    assert not any((tmp_path / n).exists() for n in "abcde")
 
 
 def test_joint_generation_at_a_place(pipe, tmp_path):
@@ -125,3 +133,38 @@ def test_a_cascade_refines_a_coarse_level_and_its_tiles_agree(pipe, s1_utm, tmp_
     assert '"factor": 2' in info and any(p.name == "s2l2a_sample0.tif" for p in files)
     with pytest.raises(InputError, match="cascade"):
         SceneJob(pipe, spec, tmp_path / "g", parent=job)  # same GSD: not a coarser level
+
+
+def test_a_work_folder_is_not_resumed_with_other_weights(s1_utm, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_path(), model)
+    SceneJob(Pipeline.from_pretrained(model), spec_for(s1_utm), tmp_path / "w").open()
+    weights = load_file(model / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1e-3  # retrained in place: same folder, other weights
+    save_file(weights, model / "model.safetensors")
+    with pytest.raises(TerrasynthError, match="different job"):
+        SceneJob(Pipeline.from_pretrained(model), spec_for(s1_utm), tmp_path / "w").open()
+
+
+def test_generation_json_records_versions_and_the_weights_hash(pipe, s1_utm, tmp_path):
+    weights = default_model_path() / "model.safetensors"
+    expected = {"model.safetensors": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    generate_scene(pipe, spec_for(s1_utm, num_samples=1, steps=1), tmp_path / "whole")
+    mem = pipe.generate({"s1grd": s1_utm}, ["dem"], num_samples=1, steps=1)
+    mem.save(tmp_path / "mem")
+    for out in ("whole", "mem"):
+        info = json.loads((tmp_path / out / "generation.json").read_text())
+        assert info["weights_sha256"] == expected
+        assert set(info["versions"]) == {"terrasynth", "torch", "numpy", "rasterio"}
+        assert info["versions"]["terrasynth"] == __version__
+
+
+def test_a_second_run_on_the_same_work_folder_is_refused(pipe, s1_utm, tmp_path):
+    out = tmp_path / "out"
+    refused = pytest.raises(TerrasynthError, match="another terrasynth run")
+    with locked_folder(work_folder(out)), refused:  # a first run holds it, still working
+        generate_scene(pipe, spec_for(s1_utm), out)
+    assert not out.exists()

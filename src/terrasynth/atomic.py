@@ -1,30 +1,193 @@
-"""Write a whole output folder or file, or nothing: build it under a temporary name, then
-rename."""
+"""Output folders and files: whole or nothing, and never a folder terrasynth did not write.
+
+Every folder a command creates holds a small marker, ``.terrasynth-output`` (JSON: the
+command, the terrasynth version, the time). A command refuses a non-empty folder unless
+``--overwrite``, and ``--overwrite`` replaces only a folder holding that marker
+(:func:`check_output`). A new folder is built under a temporary sibling and swapped in at
+the end (:func:`atomic_folder`): the old folder is renamed aside, the new one renamed in,
+then the old one deleted, so there is no moment with neither. Work folders that one run at a
+time may write are locked (:func:`locked_folder`).
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
+
+from terrasynth import __version__
+from terrasynth.errors import TerrasynthError
+
+MARKER = ".terrasynth-output"
+LOCK = ".lock"
+
+
+def is_output(folder: str | Path) -> bool:
+    """Whether ``folder`` holds terrasynth's marker of an output it wrote."""
+    return (Path(folder) / MARKER).is_file()
+
+
+def check_output(folder: str | Path, overwrite: bool = False) -> None:
+    """Refuse to write ``folder`` if that could lose data terrasynth did not write.
+
+    A missing or empty folder is fine; a non-empty one needs ``overwrite`` and the marker
+    of an earlier terrasynth output. Call it before any long work, so a refusal costs
+    nothing; :func:`atomic_folder` checks again before it replaces anything."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not folder.is_dir():
+        raise TerrasynthError(f"{folder} exists and is not a folder")
+    if not any(folder.iterdir()):
+        return
+    if not is_output(folder):
+        raise TerrasynthError(
+            f"{folder} already exists, is not empty and was not written by terrasynth "
+            f"(no {MARKER} in it): "
+            "choose another folder, or move its files away yourself"
+        )
+    if not overwrite:
+        raise TerrasynthError(
+            f"{folder} already exists and is not empty (use --overwrite to replace it)"
+        )
+
+
+def output_files(folder: str | Path) -> list[Path]:
+    """The files of an output folder, without terrasynth's marker."""
+    return sorted(p for p in Path(folder).iterdir() if p.name != MARKER)
+
+
+def write_marker(folder: str | Path, command: str) -> Path:
+    """Mark ``folder`` as an output of ``command`` (see the module docstring)."""
+    info = {
+        "command": command,
+        "version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    return write_text(Path(folder) / MARKER, json.dumps(info, indent=2))
+
+
+def _remove_leftover(path: Path) -> None:
+    """Remove a temporary folder an interrupted run of terrasynth left; refuse anything else."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir() and not path.is_symlink() and (is_output(path) or not any(path.iterdir())):
+        shutil.rmtree(path)
+        return
+    raise TerrasynthError(f"{path} is in the way and was not written by terrasynth: remove it")
+
+
+def start_folder(folder: str | Path, command: str) -> Path:
+    """A new, marked temporary sibling of ``folder`` to build the output in."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.partial")
+    _remove_leftover(tmp)
+    tmp.mkdir(parents=True)
+    write_marker(tmp, command)
+    return tmp
+
+
+def finish_folder(tmp: str | Path, folder: str | Path, overwrite: bool = False) -> Path:
+    """Swap the finished ``tmp`` in as ``folder``: the old folder (if any) is renamed aside,
+    ``tmp`` renamed in, then the old folder deleted; either is in place at every moment."""
+    tmp, folder = Path(tmp), Path(folder)
+    check_output(folder, overwrite)  # again: it may have been filled since the start
+    old = folder.with_name(f".{folder.name}.old")
+    _remove_leftover(old)
+    if folder.exists():
+        folder.rename(old)
+    try:
+        tmp.rename(folder)
+    except BaseException:
+        if old.exists():
+            old.rename(folder)
+        raise
+    if old.exists():
+        shutil.rmtree(old)
+    return folder
 
 
 @contextmanager
-def atomic_folder(folder: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``folder`` to write into; on success it replaces
-    ``folder``, on any error (Ctrl-C included) it is removed and ``folder`` is untouched."""
+def atomic_folder(
+    folder: str | Path, overwrite: bool = False, command: str = "terrasynth"
+) -> Iterator[Path]:
+    """Yield a marked temporary sibling of ``folder`` to write into; on success it replaces
+    ``folder`` (a non-empty one only with ``overwrite`` and only if terrasynth wrote it), on
+    any error (Ctrl-C included) it is removed and ``folder`` is untouched."""
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    check_output(folder, overwrite)
+    tmp = start_folder(folder, command)
     try:
         yield tmp
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+        finish_folder(tmp, folder, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def clear_folder(folder: str | Path, keep: tuple[str, ...] = (MARKER, LOCK)) -> None:
+    """Empty a folder terrasynth wrote (refusing any other), keeping the names in ``keep``."""
+    folder = Path(folder)
+    check_output(folder, overwrite=True)
+    if not folder.exists():
+        return
+    for p in folder.iterdir():
+        if p.name in keep:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+@contextmanager
+def locked_folder(folder: str | Path, command: str = "generate") -> Iterator[Path]:
+    """Hold an exclusive lock on a work folder of ``command`` while the block runs.
+
+    The folder is created (marked) if missing; one terrasynth wrote before is fine, any other
+    non-empty folder is refused. A second run asking for the lock meanwhile gets a
+    :class:`TerrasynthError` at once. The lock (``flock`` on ``.lock``) goes with the process,
+    so a killed run leaves no stale lock."""
+    folder = Path(folder)
+    check_output(folder, overwrite=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not is_output(folder):
+        write_marker(folder, command)
+    path = folder / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise TerrasynthError(
+                f"another terrasynth run (process {holder}) is writing {folder}; "
+                "wait for it to finish, or write to another output folder"
+            ) from None
+        # the run that held the lock may have removed the file meanwhile: only the lock on
+        # the file now in place counts
+        if _same_file(path, fd):
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    try:
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:  # removed by the run that held it
+        return False
 
 
 def write_text(path: str | Path, text: str) -> Path:

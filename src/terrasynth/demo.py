@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from terrasynth.atomic import atomic_folder
 from terrasynth.data.build import build_store
 from terrasynth.data.preview import render_preview
 from terrasynth.data.store import ChipStore
@@ -118,16 +119,26 @@ def run_demo(
     num_samples: int = 4,
     model: Path | None = None,
     log: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> Path:
-    """Run the demo into ``output``; returns the HTML report's path."""
+    """Run the demo into ``output``; returns the HTML report's path.
+
+    The folder is written whole or not at all; a non-empty ``output`` is replaced only with
+    ``overwrite`` and only if it is an earlier terrasynth output."""
+    output = Path(output)
+    with atomic_folder(output, overwrite, "demo") as tmp:
+        _run_demo(tmp, num_samples, model, log)
+    return output / "report.html"
+
+
+def _run_demo(output: Path, num_samples: int, model: Path | None, log) -> Path:
     t0 = time.perf_counter()
-    output.mkdir(parents=True, exist_ok=True)
     data = unpack_examples(output)
     store_path = output / "store"
-    build_store([data], store_path, default_registry(), overwrite=True)
+    build_store([data], store_path, default_registry())
     store = ChipStore.open(store_path)
     preview = render_preview(store, output / "preview.png", chips_per_modality=6)
-    log(f"store of {len(store)} chips and preview in {output}")
+    log(f"store of {len(store)} chips and a preview built")
     pipe = Pipeline.from_pretrained(model)
     sections = []
     for pair in example_pairs(data)[:DEMO_PATCHES]:
@@ -141,7 +152,7 @@ def run_demo(
                 scaling=S2_SCALE,
                 time=pair["date"],
             )
-            gen.save(folder, overwrite=True)
+            gen.save(folder)
             maes = {t: _truth_mae(gen, t, job["truth"], pipe) for t in job["targets"]}
             if job["truth"]:
                 _truth_picture(gen, job["targets"][0], job["truth"], pipe, folder / "real.png")

@@ -15,11 +15,13 @@ scene is generated jointly on a UTM grid at ``location`` (or at a generated loca
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.warp import Resampling, calculate_default_transform
 
-from terrasynth.atomic import atomic_folder
+from terrasynth.atomic import atomic_folder, output_files
 from terrasynth.data.align import AlignedGroup, align_scene, reference_grid, warp_to_grid
 from terrasynth.data.build import check_scene_values
 from terrasynth.data.scene import Grid, Scene
@@ -50,6 +52,24 @@ from terrasynth.sampling.windows import sample_independent_tiles, sample_scene
 # to the whole-scene engine (``terrasynth.scenes``: tiles, state on disk, resumable).
 MAX_SIDE = 1024
 VECTOR_NAMES = ("location", "time")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of terrasynth and of the packages its numbers depend on."""
+    from importlib.metadata import version
+
+    from terrasynth import __version__
+
+    return {"terrasynth": __version__, **{n: version(n) for n in ("torch", "numpy", "rasterio")}}
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file (as ``sha256sum`` prints it), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def default_model_path() -> Path:
@@ -145,21 +165,19 @@ class Generation:
         """Write GeoTIFFs, ``generation.json`` and ``quicklook.png`` into ``folder``.
 
         Everything is written into a temporary sibling folder first and renamed into place,
-        so an interrupted save leaves no half-written output.
+        so an interrupted save leaves no half-written output. A non-empty ``folder`` is
+        replaced only with ``overwrite`` and only if it is an earlier terrasynth output.
         """
         from terrasynth.quicklook import render_quicklook
 
-        folder = Path(folder)
-        if folder.exists() and any(folder.iterdir()) and not overwrite:
-            raise TerrasynthError(f"{folder} exists and is not empty (use --overwrite)")
-        with atomic_folder(folder) as tmp:
+        with atomic_folder(folder, overwrite, "generate") as tmp:
             for name, res in self.targets.items():
                 _write_target(tmp, name, res, self.grid)
             render_quicklook(self, tmp / "quicklook.png")
             info = dict(self.info)
-            info["files"] = sorted(p.name for p in tmp.iterdir()) + ["generation.json"]
+            info["files"] = [p.name for p in output_files(tmp)] + ["generation.json"]
             (tmp / "generation.json").write_text(json.dumps(info, indent=2, default=str))
-        return sorted(folder.iterdir())
+        return output_files(folder)
 
 
 class Pipeline:
@@ -183,6 +201,20 @@ class Pipeline:
     @property
     def modalities(self) -> list[str]:
         return self.model.modality_names
+
+    @cached_property
+    def weights_sha256(self) -> dict[str, str]:
+        """sha256 of each weights file of the model folder; for a model made in memory, of
+        its state dict. Recorded in ``generation.json`` and in whole-scene work folders."""
+        folder = Path(self.source) if self.source else None
+        files = sorted(folder.glob("*.safetensors")) if folder and folder.is_dir() else []
+        if files:
+            return {f.name: file_sha256(f) for f in files}
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return {"state_dict": h.hexdigest()}
 
     def read_onto(
         self,
@@ -332,6 +364,8 @@ class Pipeline:
         }
         info = {
             "model": self.source,
+            "weights_sha256": self.weights_sha256,
+            "versions": package_versions(),
             "inputs": [[k, str(v)] for k, v in items],
             "targets": targets,
             "num_samples": num_samples,

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from terrasynth.cli.checks import SEED, above, at_least, count_option, existing, fraction
 from terrasynth.errors import TerrasynthError
 from terrasynth.modalities import default_registry
 
@@ -44,7 +45,8 @@ def parse_inputs(values: list[str]) -> list[tuple[str, str]]:
 @app.command()
 def build(
     sources: Annotated[
-        list[Path] | None, typer.Argument(help="Source folders (auto-detected).")
+        list[Path] | None,
+        typer.Argument(help="Source folders (auto-detected).", callback=existing),
     ] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Store to create.")] = Path(
         "store"
@@ -64,14 +66,20 @@ def build(
     ] = None,
     modalities: Annotated[
         list[Path] | None,
-        typer.Option("--modalities", help="YAML file of extra modalities (repeatable)."),
+        typer.Option(
+            "--modalities", help="YAML file of extra modalities (repeatable).", callback=existing
+        ),
     ] = None,
-    chip_size: Annotated[int, typer.Option(help="Chip size in pixels.")] = 64,
+    chip_size: Annotated[
+        int, typer.Option(help="Chip size in pixels (a multiple of 16).", callback=at_least(16))
+    ] = 64,
     min_valid: Annotated[
-        float, typer.Option(help="Valid-pixel fraction for a band to count.")
+        float, typer.Option(help="Valid-pixel fraction for a band to count.", callback=fraction)
     ] = 0.5,
-    block_size: Annotated[float, typer.Option(help="Split block size in metres.")] = 2560.0,
-    seed: Annotated[int, typer.Option(help="Seed of the split assignment.")] = 0,
+    block_size: Annotated[
+        float, typer.Option(help="Split block size in metres.", callback=above(0))
+    ] = 2560.0,
+    seed: Annotated[int, SEED] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
     strict: Annotated[
         bool, typer.Option(help="Refuse unrecognised source paths and inputs that look wrong.")
@@ -196,8 +204,8 @@ def preview(
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG file to write.")] = Path(
         "preview.png"
     ),
-    chips: Annotated[int, typer.Option("-n", "--chips", help="Chips per modality.")] = 6,
-    seed: Annotated[int, typer.Option(help="Seed of the chip choice.")] = 0,
+    chips: Annotated[int, count_option("Chips per modality.", "-n", "--chips")] = 6,
+    seed: Annotated[int, SEED] = 0,
 ) -> None:
     """Render a quick-look PNG of chips, one row per modality."""
     from terrasynth.data.preview import render_preview

@@ -6,6 +6,7 @@ User errors (:class:`TerrasynthError`) end as one line on stderr and exit code 2
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,9 +14,28 @@ from typing import Annotated
 
 import typer
 
+from terrasynth.atomic import check_output, write_marker
+from terrasynth.cli.checks import (
+    ETA,
+    SAMPLES,
+    SEED,
+    STEPS,
+    WORKERS,
+    above,
+    at_least,
+    between,
+    count_option,
+    existing,
+    fraction,
+    iso_date,
+    one_of,
+    one_of_lazy,
+)
 from terrasynth.cli.data import app as data_app
 from terrasynth.cli.data import parse_inputs, parse_numbers
+from terrasynth.data.split import SPLITS
 from terrasynth.errors import TerrasynthError
+from terrasynth.models.config import BACKBONES, PRESETS
 
 app = typer.Typer(
     help="Unified multimodal Earth-observation generation.",
@@ -24,6 +44,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data_app, name="data")
+
+
+def _baselines() -> list[str]:
+    from terrasynth.evaluation.baselines import BASELINES
+
+    return list(BASELINES)
 
 
 def _not_yet(what: str, issue: str) -> None:
@@ -45,43 +71,64 @@ def train(
     ctx: typer.Context,
     store: Annotated[Path, typer.Option("-d", "--data", help="Chip store to train on.")],
     run: Annotated[Path, typer.Option("-o", "--output", help="Run folder.")],
-    preset: Annotated[str, typer.Option(help="Model size: tiny, small or base.")] = "tiny",
+    preset: Annotated[
+        str,
+        typer.Option(help="Model size: tiny, small or base.", callback=one_of(*PRESETS)),
+    ] = "tiny",
     backbone: Annotated[
         str,
-        typer.Option(help="Model class: 'scene_transformer', 'conv_generator' or 'unet'."),
+        typer.Option(
+            help="Model class: 'scene_transformer', 'conv_generator' or 'unet'.",
+            callback=one_of(*BACKBONES),
+        ),
     ] = "scene_transformer",
-    steps: Annotated[int, typer.Option(help="Optimiser steps in all.")] = 1400,
-    batch_size: Annotated[int, typer.Option(help="Chips per process and micro-step.")] = 24,
-    accumulate: Annotated[int, typer.Option(help="Micro-steps per optimiser step.")] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1.5e-3,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 200,
-    time_limit: Annotated[float, typer.Option(help="Stop after this many minutes (0: no).")] = 0.0,
+    steps: Annotated[int, count_option("Optimiser steps in all.")] = 1400,
+    batch_size: Annotated[int, count_option("Chips per process and micro-step.")] = 24,
+    accumulate: Annotated[int, count_option("Micro-steps per optimiser step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.", callback=above(0))] = 1.5e-3,
+    checkpoint_every: Annotated[int, count_option("Steps between checkpoints.")] = 200,
+    time_limit: Annotated[
+        float, typer.Option(help="Stop after this many minutes (0: no).", callback=at_least(0))
+    ] = 0.0,
     schedule: Annotated[
         str,
-        typer.Option(help="Learning-rate decay over 'steps' or over the 'time' limit."),
+        typer.Option(
+            help="Learning-rate decay over 'steps' or over the 'time' limit.",
+            callback=one_of("steps", "time"),
+        ),
     ] = "steps",
     bf16: Annotated[bool, typer.Option(help="bfloat16 autocast.")] = True,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    workers: Annotated[int, WORKERS] = 0,
+    seed: Annotated[int, SEED] = 0,
     source_balance: Annotated[
-        float, typer.Option(help="1: chip groups in store proportions; 0: each equally often.")
+        float,
+        typer.Option(
+            help="1: chip groups in store proportions; 0: each equally often.", callback=fraction
+        ),
     ] = 0.5,
     balance_by: Annotated[
         str,
-        typer.Option(help="Chip groups to balance: 'kind' (source and modality set) or 'source'."),
+        typer.Option(
+            help="Chip groups to balance: 'kind' (source and modality set) or 'source'.",
+            callback=one_of("kind", "source"),
+        ),
     ] = "kind",
     derive: Annotated[
         bool, typer.Option(help="Fill derived modalities (slope from DEM) into training chips.")
     ] = True,
     relief_scale: Annotated[
         float,
-        typer.Option(help="Chance that a training chip's DEM is flattened, slope recomputed."),
+        typer.Option(
+            help="Chance that a training chip's DEM is flattened, slope recomputed.",
+            callback=fraction,
+        ),
     ] = 0.6,
     resume: Annotated[bool, typer.Option(help="Continue the run in the output folder.")] = False,
 ) -> None:
     """Train the scene model on a chip store (multi-GPU/-node: launch with torchrun)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from terrasynth.data.store import ChipStore
     from terrasynth.training.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig(
@@ -109,6 +156,8 @@ def train(
         # by name: typer's click (vendored or not) has its own ParameterSource enum
         if getattr(ctx.get_parameter_source(option), "name", "DEFAULT") != "DEFAULT"
     ]
+    ChipStore.open(store)  # a clear error for a missing store, before the run folder is made
+    _claim_run_folder(run, "train", resume)
     trainer = Trainer(store, run, cfg, resume=resume, given=given)
     show = trainer.rank == 0
     with Progress(
@@ -138,6 +187,16 @@ def train(
         raise typer.Exit(130)
 
 
+def _claim_run_folder(run: Path, command: str, resume: bool) -> None:
+    """A new run goes into an empty folder, or one terrasynth wrote (an earlier run that
+    stopped before its first checkpoint); never into a folder of the user's files."""
+    if resume or (run / "latest").exists() or int(os.environ.get("RANK", "0")) != 0:
+        return  # the trainer resumes or refuses it; DDP: the first process decides
+    check_output(run, overwrite=True)
+    run.mkdir(parents=True, exist_ok=True)
+    write_marker(run, command)
+
+
 @app.command()
 def generate(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
@@ -153,31 +212,41 @@ def generate(
     model: Annotated[
         Path | None, typer.Option("-m", "--model", help="Model or run folder (default: built-in).")
     ] = None,
-    num_samples: Annotated[int, typer.Option("-n", "--num-samples", help="Samples.")] = 4,
-    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same samples.")] = 0,
-    steps: Annotated[
-        int | None,
-        typer.Option(help="Sampling steps (default: the model's own; one-step models: 1)."),
-    ] = None,
-    eta: Annotated[
-        float, typer.Option(help="0: deterministic sampler; up to 1: stochastic.")
-    ] = 0.0,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 1.0,
+    num_samples: Annotated[int, SAMPLES] = 4,
+    seed: Annotated[int, SEED] = 0,
+    steps: Annotated[int | None, STEPS] = None,
+    eta: Annotated[float, ETA] = 0.0,
+    guidance: Annotated[
+        float, typer.Option(help="Classifier-free guidance scale.", callback=at_least(0))
+    ] = 1.0,
     scale: Annotated[
         list[str] | None, typer.Option(help="MOD=FACTOR: physical = raw * FACTOR + offset.")
     ] = None,
     offset: Annotated[list[str] | None, typer.Option(help="MOD=OFFSET (see --scale).")] = None,
-    size: Annotated[int | None, typer.Option(help="Joint generation: pixels per side.")] = None,
+    size: Annotated[int | None, count_option("Joint generation: pixels per side.")] = None,
     gsd: Annotated[
         float | None,
-        typer.Option(help="Metres per pixel to generate at (default: the inputs' own, or 10)."),
+        typer.Option(
+            help="Metres per pixel to generate at (default: the inputs' own, or 10).",
+            callback=above(0),
+        ),
     ] = None,
-    lon: Annotated[float | None, typer.Option(help="Joint generation: longitude.")] = None,
-    lat: Annotated[float | None, typer.Option(help="Joint generation: latitude.")] = None,
-    date: Annotated[str | None, typer.Option(help="Acquisition date (YYYY-MM-DD).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows per model call.")] = 32,
+    lon: Annotated[
+        float | None,
+        typer.Option(help="Joint generation: longitude.", callback=between(-180, 180)),
+    ] = None,
+    lat: Annotated[
+        float | None,
+        typer.Option(help="Joint generation: latitude.", callback=between(-90, 90)),
+    ] = None,
+    date: Annotated[
+        str | None, typer.Option(help="Acquisition date (YYYY-MM-DD).", callback=iso_date)
+    ] = None,
+    batch_size: Annotated[int, count_option("Windows per model call.")] = 32,
     strict: Annotated[bool, typer.Option(help="Refuse inputs that only look suspicious.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier terrasynth output in the output folder.")
+    ] = False,
     stream: Annotated[
         bool,
         typer.Option(
@@ -186,22 +255,36 @@ def generate(
         ),
     ] = False,
     engine: Annotated[
-        str, typer.Option(help="Whole scenes: 'local' (this process) or 'dask'.")
+        str,
+        typer.Option(
+            help="Whole scenes: 'local' (this process) or 'dask'.",
+            callback=one_of("local", "dask"),
+        ),
     ] = "local",
-    workers: Annotated[int, typer.Option(help="Dask: local worker processes.")] = 2,
+    workers: Annotated[int, count_option("Dask: local worker processes.")] = 2,
     scheduler: Annotated[
         str | None, typer.Option(help="Dask: address of a running scheduler.")
     ] = None,
-    tile: Annotated[int, typer.Option(help="Whole scenes: tile size in px.")] = 256,
+    tile: Annotated[
+        int,
+        typer.Option(
+            help="Whole scenes: tile size in px (a multiple of 64, at least the model's window)."
+        ),
+    ] = 256,
     cascade: Annotated[
         float | None,
         typer.Option(
             help="Whole scenes: first generate at this coarser GSD (m), then refine at the "
-            "working GSD starting from the up-sampled result (implies --stream)."
+            "working GSD starting from the up-sampled result (implies --stream).",
+            callback=above(0),
         ),
     ] = None,
     cascade_start: Annotated[
-        float, typer.Option(help="Noise level (0-1) the fine level of a cascade starts at.")
+        float,
+        typer.Option(
+            help="Noise level (0-1) the fine level of a cascade starts at.",
+            callback=between(0.01, 1.0),
+        ),
     ] = 0.6,
 ) -> None:
     """Generate modalities from GeoTIFFs (any CRS) onto the first input's grid.
@@ -215,8 +298,7 @@ def generate(
 
     from terrasynth.pipeline import Pipeline
 
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise TerrasynthError(f"{output} exists and is not empty (use --overwrite)")
+    check_output(output, overwrite)
     if (lon is None) != (lat is None):
         raise TerrasynthError("give both --lon and --lat, or neither")
     scales = parse_numbers(scale or [], "--scale")
@@ -225,7 +307,9 @@ def generate(
     pipe = Pipeline.from_pretrained(model)
     from terrasynth.models.base import sampling_steps
     from terrasynth.scenes.job import JobSpec
+    from terrasynth.scenes.plan import check_tile
 
+    check_tile(tile, pipe.model.config.window_size)
     steps = sampling_steps(pipe.model, steps)
 
     # the same settings drive in-memory generation and the whole-scene engine
@@ -337,10 +421,15 @@ def evaluate(
     model: Annotated[
         Path | None, typer.Option("-m", "--model", help="Model or run folder (default: built-in).")
     ] = None,
-    split: Annotated[str, typer.Option(help="Split: test, val or train.")] = "test",
+    split: Annotated[
+        str, typer.Option(help="Split: test, val or train.", callback=one_of(*SPLITS))
+    ] = "test",
     baseline: Annotated[
         list[str] | None,
-        typer.Option(help="Baselines to run beside the model: mean, knn, unet, unet_noise."),
+        typer.Option(
+            help="Baselines to run beside the model: mean, knn, unet, unet_noise.",
+            callback=one_of_lazy(_baselines),
+        ),
     ] = None,
     unet: Annotated[
         Path | None,
@@ -351,20 +440,20 @@ def evaluate(
     target: Annotated[
         list[str] | None, typer.Option("-t", "--target", help="Only these target modalities.")
     ] = None,
-    num_samples: Annotated[int, typer.Option("-n", "--num-samples", help="Samples per tile.")] = 4,
-    steps: Annotated[
-        int | None,
-        typer.Option(help="Sampling steps (default: the model's own; one-step models: 1)."),
-    ] = None,
-    eta: Annotated[float, typer.Option(help="0: deterministic; up to 1: stochastic.")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    num_samples: Annotated[int, SAMPLES] = 4,
+    steps: Annotated[int | None, STEPS] = None,
+    eta: Annotated[float, ETA] = 0.0,
+    seed: Annotated[int, SEED] = 0,
     max_chips: Annotated[
-        int | None, typer.Option(help="At most this many chips per direction.")
+        int | None,
+        count_option("At most this many chips per direction."),
     ] = None,
     no_model: Annotated[bool, typer.Option(help="Run the baselines only.")] = False,
     protocol: Annotated[
         Path | None,
-        typer.Option(help="Frozen protocol JSON: settings and chip ids per direction."),
+        typer.Option(
+            help="Frozen protocol JSON: settings and chip ids per direction.", callback=existing
+        ),
     ] = None,
     seam_input: Annotated[
         list[str] | None,
@@ -379,6 +468,9 @@ def evaluate(
             help="Input-dependence test: also generate every chip from another chip's "
             "conditions (crps_shuffled, input_dependence); doubles the time."
         ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier terrasynth report in the output folder.")
     ] = False,
 ) -> None:
     """Score generation on a store's split against baselines (JSON, CSV, report).
@@ -399,6 +491,7 @@ def evaluate(
     from terrasynth.evaluation.report import write_report
     from terrasynth.pipeline import Pipeline
 
+    check_output(output, overwrite)
     ChipStore.open(store)  # a clear error for a missing or broken store
     uses_unet = [b for b in baseline or [] if b in ("unet", "unet_noise")]
     if uses_unet and unet is None:
@@ -421,6 +514,11 @@ def evaluate(
         seed = fixed.get("seed", seed)
     pipe = Pipeline.from_pretrained(model)
     config = pipe.model.config
+    for t in target or []:
+        if t not in pipe.modalities:
+            raise TerrasynthError(
+                f"the model cannot generate '{t}' (it knows: {', '.join(pipe.modalities)})"
+            )
     from terrasynth.models.base import sampling_steps
 
     steps = sampling_steps(pipe.model, steps)
@@ -465,7 +563,9 @@ def evaluate(
         typer.echo("seams: generating the scene with shared noise and independent tiles", err=True)
         seams = scene_seams(pipe, parse_inputs(seam_input), seam_target or ["s2l2a"], seed, steps)
         settings["seam_input"] = list(seam_input)
-    report = write_report(results, output, settings, protocol_of(results, settings), seams)
+    report = write_report(
+        results, output, settings, protocol_of(results, settings), seams, overwrite=overwrite
+    )
     typer.echo(f"{len(results)} direction x predictor results; report {report.resolve()}")
 
 
@@ -473,10 +573,12 @@ def evaluate(
 def calibrate(
     model: Annotated[Path, typer.Option("-m", "--model", help="Model or run folder.")],
     store: Annotated[Path, typer.Option("-d", "--data", help="Chip store.")],
-    split: Annotated[str, typer.Option(help="Split to fit on (never test).")] = "val",
-    members: Annotated[int, typer.Option(help="Samples per chip.")] = 8,
-    max_chips: Annotated[int, typer.Option(help="Chips per modality.")] = 64,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    split: Annotated[
+        str, typer.Option(help="Split to fit on (never test).", callback=one_of(*SPLITS))
+    ] = "val",
+    members: Annotated[int, typer.Option(help="Samples per chip.", callback=at_least(2))] = 8,
+    max_chips: Annotated[int, count_option("Chips per modality.")] = 64,
+    seed: Annotated[int, SEED] = 0,
 ) -> None:
     """Fit the spread of a one-step generator per modality on the validation split.
 
@@ -521,17 +623,20 @@ def train_unet(
         Path, typer.Option("-o", "--output", help="Run folder of the U-Net (new or empty).")
     ],
     minutes: Annotated[
-        float, typer.Option(help="Wall-clock budget: the model's training time on this machine.")
+        float,
+        typer.Option(
+            help="Wall-clock budget: the model's training time on this machine.", callback=above(0)
+        ),
     ],
-    batch_size: Annotated[int, typer.Option(help="Chips per step.")] = 24,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    batch_size: Annotated[int, count_option("Chips per step.")] = 24,
+    seed: Annotated[int, SEED] = 0,
     model: Annotated[
         Path | None,
         typer.Option(
             "-m", "--model", help="Model or run folder giving modalities, statistics, window."
         ),
     ] = None,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    workers: Annotated[int, WORKERS] = 0,
 ) -> None:
     """Train the deterministic U-Net baseline of `evaluate --baseline unet --unet OUTPUT`.
 
@@ -551,6 +656,7 @@ def train_unet(
     if output.exists() and any(output.iterdir()):
         raise TerrasynthError(f"{output} exists and is not empty")
     stats = ChipStore.open(store).stats  # a clear error for a missing or broken store
+    _claim_run_folder(output, "baseline train-unet", resume=False)
     config = unet_config(ModelConfig.load(model_folder(model) / "config.json"))
     differ = stats_mismatch(config, stats)
     if differ:
@@ -606,10 +712,13 @@ def demo(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path(
         "terrasynth-demo"
     ),
-    num_samples: Annotated[int, typer.Option("-n", "--num-samples", help="Samples per job.")] = 4,
+    num_samples: Annotated[int, count_option("Samples per job.", "-n", "--num-samples")] = 4,
     model: Annotated[
         Path | None, typer.Option("-m", "--model", help="Model or run folder (default: built-in).")
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier demo (or other terrasynth output) there.")
+    ] = False,
 ) -> None:
     """Run the main job on BigEarthNet patches shipped with a dependency.
 
@@ -617,18 +726,35 @@ def demo(
     """
     from terrasynth.demo import run_demo
 
-    report = run_demo(output, num_samples=num_samples, model=model, log=typer.echo)
+    check_output(output, overwrite)
+    report = run_demo(
+        output, num_samples=num_samples, model=model, log=typer.echo, overwrite=overwrite
+    )
     typer.echo(f"outputs in {output.resolve()}")
     typer.echo(f"open {report.resolve()}")
 
 
-def main() -> None:
-    """Console-script entry point: usage errors as click shows them, user errors as one line."""
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: every bad option and every user error is one line
+    ``error: ...`` on stderr and exit code 2 (an interruption: 130), never a traceback."""
     try:
-        app()  # standalone mode: click reports its own usage errors and exits
+        code = app(args=argv, prog_name="terrasynth", standalone_mode=False)
     except TerrasynthError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(str(exc), 2)
+    except typer.TyperException as exc:  # click's own: bad syntax, type or option name
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help is shown (as typer tests it)
+            sys.exit(2)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _fail(exc.format_message() + hint, exc.exit_code)
+    except typer.Abort:
+        _fail("interrupted", 130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo("error: " + " ".join(message.split()), err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

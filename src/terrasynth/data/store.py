@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from terrasynth.atomic import check_output, finish_folder, start_folder
 from terrasynth.data.chips import Chip
 from terrasynth.data.scene import Scene
 from terrasynth.data.split import SPLITS, SplitConfig
@@ -67,16 +68,13 @@ class StoreWriter:
         overwrite: bool = False,
     ) -> None:
         self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise TerrasynthError(f"{self.path} already exists (use --overwrite to replace it)")
-        self.tmp = self.path.with_name(f".{self.path.name}.partial")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        self.overwrite = overwrite
+        check_output(self.path, overwrite)  # an earlier store of terrasynth's, at most
+        self.tmp = start_folder(self.path, "data build")
         self.registry = registry
         self.chip_size = chip_size
         self.split = split
-        self.root = zarr.open_group(str(self.tmp), mode="w")
+        self.root = zarr.open_group(str(self.tmp), mode="a")  # "w" would drop the marker
         self.rows: list[dict[str, Any]] = []
         self.buffer: list[tuple[Chip, Scene]] = []
         self.n_written = 0
@@ -234,10 +232,7 @@ class StoreWriter:
                 **(extra_attrs or {}),
             }
         )
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.tmp.rename(self.path)
-        return self.path
+        return finish_folder(self.tmp, self.path, self.overwrite)
 
     def abort(self) -> None:
         """Remove the partial store."""

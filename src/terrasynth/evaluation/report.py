@@ -47,14 +47,17 @@ def write_report(
     settings: dict,
     protocol: dict | None = None,
     seams: list[dict] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write everything into ``folder`` (atomically: a temporary sibling, then renamed).
 
     ``protocol`` (settings and chip ids per direction) is saved as ``protocol.json``: pass
     it back with ``terrasynth evaluate --protocol`` to score exactly the same chips.
-    ``seams``: rows of :func:`terrasynth.evaluation.seams.scene_seams` (``seams.json``)."""
+    ``seams``: rows of :func:`terrasynth.evaluation.seams.scene_seams` (``seams.json``).
+    A non-empty ``folder`` is replaced only with ``overwrite`` and only if terrasynth wrote it.
+    """
     folder = Path(folder)
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, overwrite, "evaluate") as tmp:
         (tmp / "figures").mkdir()
         rows = []
         for r in results:

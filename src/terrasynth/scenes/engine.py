@@ -24,10 +24,10 @@ import torch
 from affine import Affine
 from rasterio.crs import CRS
 
-from terrasynth.atomic import atomic_folder
+from terrasynth.atomic import atomic_folder, check_output, locked_folder, output_files
 from terrasynth.data.scene import Grid
 from terrasynth.errors import TerrasynthError
-from terrasynth.pipeline import Pipeline
+from terrasynth.pipeline import Pipeline, package_versions
 from terrasynth.scenes.job import JobSpec, SceneJob
 from terrasynth.scenes.output import quicklook_generation, write_outputs
 
@@ -124,10 +124,26 @@ def generate_scene(
 ) -> list[Path]:
     """Generate a whole scene into ``output`` (resuming an interrupted run of the same job)."""
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise TerrasynthError(f"{output} exists and is not empty (use --overwrite)")
+    check_output(output, overwrite)
     if engine not in ("local", "dask"):
         raise TerrasynthError(f"engine must be 'local' or 'dask', not '{engine}'")
+    with locked_folder(work_folder(output), "generate"):  # one run per work folder
+        return _generate_scene(
+            pipe, spec, output, overwrite, engine, address, workers, progress, on_start
+        )
+
+
+def _generate_scene(
+    pipe: Pipeline,
+    spec: JobSpec,
+    output: Path,
+    overwrite: bool,
+    engine: str,
+    address: str | None,
+    workers: int,
+    progress: Progress | None,
+    on_start: Callable[[SceneJob], None] | None,
+) -> list[Path]:
     t0 = time.perf_counter()
 
     def run(job: SceneJob) -> None:
@@ -156,6 +172,7 @@ def generate_scene(
         "model": pipe.source,
         "mode": "whole scene (streamed tiles)",
         **job.signature(),
+        "versions": package_versions(),
         "engine": engine if address is None else f"dask at {address}",
         "workers": workers if engine == "dask" else 1,
         "tiles": len(job.tiles()),
@@ -173,13 +190,13 @@ def generate_scene(
     }
     from terrasynth.quicklook import render_quicklook
 
-    with atomic_folder(output) as tmp:
+    with atomic_folder(output, overwrite, "generate") as tmp:
         write_outputs(job, tmp)
         render_quicklook(quicklook_generation(job, tmp, info), tmp / "quicklook.png")
         info["seconds"] = round(time.perf_counter() - t0, 2)
-        info["files"] = sorted(p.name for p in tmp.iterdir()) + ["generation.json"]
+        info["files"] = [p.name for p in output_files(tmp)] + ["generation.json"]
         (tmp / "generation.json").write_text(json.dumps(info, indent=2, default=str))
     shutil.rmtree(job.folder, ignore_errors=True)
     if parent is not None:
         shutil.rmtree(parent.folder, ignore_errors=True)
-    return sorted(output.iterdir())
+    return output_files(output)

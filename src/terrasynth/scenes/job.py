@@ -22,7 +22,6 @@ overviews, written into a temporary folder that is renamed into place.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 import zarr
 
-from terrasynth.atomic import write_text
+from terrasynth.atomic import clear_folder, write_marker, write_text
 from terrasynth.data.align import AlignedGroup
 from terrasynth.data.scene import Grid, Layer, Scene
 from terrasynth.errors import InputError, TerrasynthError, UnknownModalityError
@@ -49,7 +48,7 @@ from terrasynth.pipeline import (
 from terrasynth.sampling.flow import FlowSampler
 from terrasynth.sampling.windows import blend_x0, scene_seed, start_noise, step_noise
 from terrasynth.scenes.inputs import InputFile, open_inputs, read_region
-from terrasynth.scenes.plan import Box, ScenePlan
+from terrasynth.scenes.plan import Box, ScenePlan, check_tile
 
 
 @dataclass
@@ -111,6 +110,7 @@ class SceneJob:
         self.spec = replace(spec, steps=sampling_steps(self.model, spec.steps))
         self.folder = Path(folder)
         self._check_targets()
+        check_tile(spec.tile, self.cfg.window_size)
         reg = self.cfg.registry
         self.files: list[InputFile] = []
         self.warnings: list[str] = []
@@ -206,7 +206,8 @@ class SceneJob:
         return held
 
     def signature(self) -> dict[str, Any]:
-        """What must match for a work folder to be resumed: settings, files, model."""
+        """What must match for a work folder to be resumed: settings, files, model (its
+        folder and the sha256 of its weights)."""
 
         def grid_json(g: Grid) -> dict[str, Any]:
             return {
@@ -225,11 +226,14 @@ class SceneJob:
                 for f in self.files
             ],
             "model": self.pipe.source,
+            "weights_sha256": self.pipe.weights_sha256,
             "grid": grid_json(self.work),
         }
 
     def open(self, overwrite: bool = False) -> SceneJob:
-        """Create the work folder, or reopen it to resume the same job."""
+        """Create the work folder, or reopen it to resume the same job.
+
+        A work folder is only ever cleared if terrasynth wrote it (its marker)."""
         sig_path = self.folder / "job.json"
         if sig_path.exists() and not overwrite:
             found = json.loads(sig_path.read_text())
@@ -240,9 +244,9 @@ class SceneJob:
                 )
             self._store = zarr.open_group(str(self.folder / "state.zarr"), mode="r+")
             return self
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True)
+        clear_folder(self.folder)  # keeps the lock of the run holding it
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_marker(self.folder, "generate (whole-scene work folder)")
         self._create_arrays()
         # job.json last: a folder without it is never resumed
         write_text(sig_path, json.dumps(self.signature(), indent=2))

@@ -12,7 +12,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from terrasynth.errors import TerrasynthError
 from terrasynth.sampling.windows import window_offsets
+
+TILE_STEP = 64  # tiles are a multiple of this many px (of every band-group factor)
+
+
+def check_tile(tile: int, window: int) -> None:
+    """Refuse a tile size that is not a multiple of :data:`TILE_STEP` px or smaller than
+    the model's window (a user error: ``--tile``)."""
+    if tile % TILE_STEP or tile < max(window, TILE_STEP):
+        raise TerrasynthError(
+            f"--tile must be a multiple of {TILE_STEP} px and at least the model's window "
+            f"({window} px), not {tile}"
+        )
 
 
 @dataclass(frozen=True)
@@ -48,8 +61,8 @@ class ScenePlan:
     tile: int = 256
 
     def __post_init__(self) -> None:
-        if self.tile % 64 or self.tile < self.window:
-            raise ValueError(f"tile size must be a multiple of 64 and >= {self.window}")
+        if self.tile % TILE_STEP or self.tile < self.window:
+            raise ValueError(f"tile size must be a multiple of {TILE_STEP} and >= {self.window}")
 
     @property
     def window_rows(self) -> list[int]:
