@@ -450,8 +450,9 @@ class Trainer:
         if self.rank == 0:
             (self.run / "checkpoints").mkdir(parents=True, exist_ok=True)
             _write_json(self.run / "train_config.json", asdict(cfg))
-            if ckpt is not None:
-                truncate_metrics(self.run / "metrics.jsonl", self.step)
+            # on resume, drop lines logged after the checkpoint; a new run drops those of
+            # a run killed in this folder before its first checkpoint
+            truncate_metrics(self.run / "metrics.jsonl", self.step)
 
     def _elapsed(self) -> float:
         return 0.0 if self._t_start is None else time.perf_counter() - self._t_start
@@ -494,26 +495,28 @@ class Trainer:
             return self.run
         name = f"step_{self.step:07d}"
         final = self.run / "checkpoints" / name
-        if final.exists():  # already saved at this step: nothing changed since
-            return final
-        tmp = self.run / "checkpoints" / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.model.config.save(tmp / "config.json")
-        save_file(_cpu(self.model.state_dict()), str(tmp / "model.safetensors"))
-        save_file(_cpu(self.ema.module.state_dict()), str(tmp / "ema.safetensors"))
-        torch.save(
-            {
-                "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(),
-                "step": self.step,
-                "ranks": ranks,
-                "ema_n": int(self.ema.n_averaged),
-                "log_window": list(self._window),  # losses since the last metrics line
-            },
-            tmp / "optimizer.pt",
-        )
-        tmp.rename(final)
+        # Already saved at this step (by this run, or by one killed before it renamed
+        # ``latest`` or exported: a renamed checkpoint is whole, and a resume is exact):
+        # keep it, but still name it in ``latest`` and export it.
+        if not final.exists():
+            tmp = self.run / "checkpoints" / f".tmp-{name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self.model.config.save(tmp / "config.json")
+            save_file(_cpu(self.model.state_dict()), str(tmp / "model.safetensors"))
+            save_file(_cpu(self.ema.module.state_dict()), str(tmp / "ema.safetensors"))
+            torch.save(
+                {
+                    "optimizer": self.opt.state_dict(),
+                    "scheduler": self.sched.state_dict(),
+                    "step": self.step,
+                    "ranks": ranks,
+                    "ema_n": int(self.ema.n_averaged),
+                    "log_window": list(self._window),  # losses since the last metrics line
+                },
+                tmp / "optimizer.pt",
+            )
+            tmp.rename(final)
         latest_tmp = self.run / ".latest.tmp"
         latest_tmp.write_text(name)
         latest_tmp.replace(self.run / "latest")
