@@ -72,14 +72,29 @@ def write_marker(folder: str | Path, command: str) -> Path:
     return write_text(Path(folder) / MARKER, json.dumps(info, indent=2))
 
 
-def _remove_leftover(path: Path) -> None:
-    """Remove a temporary folder an interrupted run of terrasynth left; refuse anything else."""
+def remove_folder(path: str | Path) -> None:
+    """Delete a folder terrasynth wrote (or an empty one), refusing anything else; its
+    marker goes last, so a removal cut short (kill -9) leaves a folder still marked as
+    terrasynth's, which the next run removes."""
+    path = Path(path)
     if not path.exists() and not path.is_symlink():
         return
-    if path.is_dir() and not path.is_symlink() and (is_output(path) or not any(path.iterdir())):
-        shutil.rmtree(path)
-        return
-    raise TerrasynthError(f"{path} is in the way and was not written by terrasynth: remove it")
+    if not (
+        path.is_dir() and not path.is_symlink() and (is_output(path) or not any(path.iterdir()))
+    ):
+        raise TerrasynthError(f"{path} is in the way and was not written by terrasynth: remove it")
+    for p in path.iterdir():
+        if p.name == MARKER:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    (path / MARKER).unlink(missing_ok=True)
+    path.rmdir()
+
+
+_remove_leftover = remove_folder  # a temporary folder an interrupted run left
 
 
 def start_folder(folder: str | Path, command: str) -> Path:
@@ -107,8 +122,7 @@ def finish_folder(tmp: str | Path, folder: str | Path, overwrite: bool = False) 
         if old.exists():
             old.rename(folder)
         raise
-    if old.exists():
-        shutil.rmtree(old)
+    remove_folder(old)
     return folder
 
 

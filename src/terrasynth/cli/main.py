@@ -297,7 +297,9 @@ def generate(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from terrasynth.pipeline import Pipeline
+    from terrasynth.scenes.engine import remove_trash
 
+    remove_trash(output)  # before the output check: a finished run killed while cleaning up
     check_output(output, overwrite)
     if (lon is None) != (lat is None):
         raise TerrasynthError("give both --lon and --lat, or neither")

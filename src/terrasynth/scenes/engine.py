@@ -13,7 +13,6 @@ are pure functions of the job, so every engine gives the same arrays.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,7 +23,13 @@ import torch
 from affine import Affine
 from rasterio.crs import CRS
 
-from terrasynth.atomic import atomic_folder, check_output, locked_folder, output_files
+from terrasynth.atomic import (
+    atomic_folder,
+    check_output,
+    locked_folder,
+    output_files,
+    remove_folder,
+)
 from terrasynth.data.scene import Grid
 from terrasynth.errors import TerrasynthError
 from terrasynth.pipeline import Pipeline, package_versions
@@ -38,6 +43,24 @@ def work_folder(output: str | Path, level: str = "") -> Path:
     """Where the state of the job writing ``output`` lives (``level``: a cascade level)."""
     output = Path(output)
     return output.with_name(output.name + (f".{level}" if level else "") + ".work")
+
+
+def discard_work(folder: Path) -> None:
+    """Remove a finished job's work folder: renamed first to a hidden ``.NAME.trash``
+    sibling, so a removal cut short never leaves a state a later run would resume (the next
+    run of the same output removes the trash)."""
+    trash = folder.with_name(f".{folder.name}.trash")
+    remove_folder(trash)
+    if folder.exists():
+        folder.rename(trash)
+    remove_folder(trash)
+
+
+def remove_trash(output: str | Path) -> None:
+    """Remove what a run of ``output`` killed while removing its work folders left."""
+    for level in ("", "coarse"):
+        work = work_folder(output, level)
+        remove_folder(work.with_name(f".{work.name}.trash"))
 
 
 def run_local(job: SceneJob, progress: Progress | None = None) -> None:
@@ -124,6 +147,7 @@ def generate_scene(
 ) -> list[Path]:
     """Generate a whole scene into ``output`` (resuming an interrupted run of the same job)."""
     output = Path(output)
+    remove_trash(output)
     check_output(output, overwrite)
     if engine not in ("local", "dask"):
         raise TerrasynthError(f"engine must be 'local' or 'dask', not '{engine}'")
@@ -196,7 +220,7 @@ def _generate_scene(
         info["seconds"] = round(time.perf_counter() - t0, 2)
         info["files"] = [p.name for p in output_files(tmp)] + ["generation.json"]
         (tmp / "generation.json").write_text(json.dumps(info, indent=2, default=str))
-    shutil.rmtree(job.folder, ignore_errors=True)
+    discard_work(job.folder)
     if parent is not None:
-        shutil.rmtree(parent.folder, ignore_errors=True)
+        discard_work(parent.folder)
     return output_files(output)
