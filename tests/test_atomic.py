@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
-from terrasynth import __version__
+from terrasynth import __version__, atomic
 from terrasynth.atomic import MARKER, atomic_folder, clear_folder, locked_folder
 from terrasynth.errors import TerrasynthError
 
@@ -76,13 +75,13 @@ def test_an_empty_folder_is_filled(tmp_path):
 def test_the_old_folder_is_deleted_only_once_the_new_one_is_in_place(tmp_path, monkeypatch):
     out = earlier_output(tmp_path / "out")
     seen = []
-    rmtree = shutil.rmtree
+    remove = atomic.remove_folder
 
-    def watch(path, *args, **kwargs):
+    def watch(path):
         seen.append((path.name, sorted(p.name for p in out.iterdir())))
-        rmtree(path, *args, **kwargs)
+        remove(path)
 
-    monkeypatch.setattr("terrasynth.atomic.shutil.rmtree", watch)
+    monkeypatch.setattr("terrasynth.atomic.remove_folder", watch)
     with atomic_folder(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
     assert seen == [(".out.old", [MARKER, "new.txt"])]
