@@ -226,7 +226,8 @@ def kill_round(tally: Tally, kind: Kind, plan: Plan) -> None:
 
     A kill falls anywhere in the start-up (one in five), or when the run commits its final
     result (one in seven), or else a random time after the run's real work began, up to
-    twice an even share of the work, so a round ends after about ``kills`` kills."""
+    twice an even share of the work, so a round ends after about ``kills`` kills; once
+    ``kills`` kills were made, the next run is left to finish."""
     env, rng, timing, kills, log = plan.env, plan.rng, plan.timing, plan.kills, plan.log
     tally.rounds += 1
     first = True
@@ -234,6 +235,8 @@ def kill_round(tally: Tally, kind: Kind, plan: Plan) -> None:
         argv = kind.argv()
         mode = rng.choices(("start-up", "work", "end"), weights=(20, 66, 14))[0]
         delay = rng.uniform(0.0, timing.startup if mode == "start-up" else 2 * timing.work / kills)
+        if tally.kills >= kills:  # enough: this run goes to its end
+            mode, delay = "none", 3600.0
         t0 = time.perf_counter()
         proc = launch(argv, env)
         if not first:
