@@ -458,6 +458,30 @@ def test_cli_trains_the_conv_generator(small_store, tmp_path):
     assert model.config.image_size == CONV_PRESETS["tiny"]["image_size"]
 
 
+@pytest.mark.parametrize(
+    ("backbone", "preset", "expected"),
+    [("scene_transformer", MICRO, True), ("conv_generator", MICRO_CONV, False)],
+)
+def test_bf16_autocast_on_cpu_only_for_models_it_speeds_up(
+    small_store, tmp_path, monkeypatch, backbone, preset, expected
+):
+    # convolutions in bf16 run ~20x slower on CPUs without native bf16: --bf16 leaves them
+    # in fp32 there, while the transformer keeps its autocast
+    table = model_config.CONV_PRESETS if backbone == "conv_generator" else model_config.PRESETS
+    monkeypatch.setitem(table, "tiny", preset)
+    seen = []
+    real = torch.autocast
+
+    def recording(device_type, *args, enabled=True, **kw):
+        seen.append((device_type, enabled))
+        return real(device_type, *args, enabled=enabled, **kw)
+
+    monkeypatch.setattr(torch, "autocast", recording)
+    trainer = Trainer(small_store, tmp_path / "run", _cfg(backbone=backbone, steps=1, bf16=True))
+    trainer.train()
+    assert seen and all(s == ("cpu", expected) for s in seen)
+
+
 def test_unknown_backbone_is_refused_before_the_run_folder_exists(small_store, tmp_path):
     with pytest.raises(TerrasynthError, match="unknown backbone 'unet9'"):
         Trainer(small_store, tmp_path / "bad", _cfg(backbone="unet9"))

@@ -118,6 +118,7 @@ class ConvGenerator(PretrainedMixin, nn.Module):
     """Any-to-any generator over raster modalities (see the module docstring)."""
 
     default_steps = 1  # one-step sampler: the output at t = 1 is a sample
+    cpu_bf16 = False  # convolutions: fp32 on CPU (see GenerativeModel.cpu_bf16)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

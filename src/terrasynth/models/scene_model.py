@@ -101,6 +101,7 @@ class SceneModel(PretrainedMixin, nn.Module):
     """Any-to-any multimodal scene model (see the module docstring)."""
 
     default_steps = 8
+    cpu_bf16 = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -75,6 +75,7 @@ class UNet(PretrainedMixin, nn.Module):
     """Encoder-decoder with skip connections over all raster modalities (module docstring)."""
 
     default_steps = 1  # deterministic: one call is the prediction
+    cpu_bf16 = False  # convolutions: fp32 on CPU (see GenerativeModel.cpu_bf16)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -544,6 +544,8 @@ class Trainer:
         t_start = self._t_start = time.perf_counter()
         t_log, n_log, tokens_log = t_start, 0, 0
         window = self._window  # losses of the steps since the last log line
+        # --bf16 where it pays: on a CPU only for models whose class says so (cpu_bf16)
+        bf16 = cfg.bf16 and (self.device.type != "cpu" or type(self.model).cpu_bf16)
         reason = "done"
         self.model.train()
         try:
@@ -557,7 +559,7 @@ class Trainer:
                     signals = batch_signals(
                         _to(batch, self.device), self.model.config, self.dataset.modalities
                     )
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                         loss, parts = self.objective(
                             self.net, signals, batch["gsd"].to(self.device), self.gen
                         )
