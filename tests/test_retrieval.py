@@ -96,6 +96,24 @@ def _index() -> RetrievalIndex:
     return RetrievalIndex({"a": a, "t": t}, places)
 
 
+def test_distance_is_the_mean_squared_difference_over_numbers_known_in_both():
+    from terrasynth.models.retrieval import _msd
+
+    g = torch.Generator().manual_seed(0)
+    q, r = torch.randn(5, 7, generator=g), torch.randn(40, 7, generator=g)
+    q[q > 1.2], r[r > 1.0] = math.nan, math.nan
+    r[3] = math.nan  # a row with nothing known
+    want = torch.full((5, 40), math.nan)
+    for i in range(5):
+        for j in range(40):
+            ok = torch.isfinite(q[i]) & torch.isfinite(r[j])
+            if ok.any():
+                want[i, j] = ((q[i, ok] - r[j, ok]) ** 2).mean()
+    got = _msd(q, r)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.allclose(got.nan_to_num(-1), want.nan_to_num(-1), atol=1e-5)
+
+
 def test_nearest_chips_that_have_the_target():
     idx, found = _index().neighbours("t", {"a": torch.tensor([[2.1, 2.1, 1.0, 1.0]])}, k=2)
     assert bool(found.all())

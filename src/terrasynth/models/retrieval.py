@@ -64,11 +64,15 @@ def summarise(
 
 
 def _msd(query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """(B, N) mean squared difference over the numbers known in both; NaN if none."""
-    ok = torch.isfinite(query)[:, None] & torch.isfinite(rows)[None]
-    d = (torch.nan_to_num(query)[:, None] - torch.nan_to_num(rows)[None]) ** 2
-    n = ok.sum(-1)
-    out = (d * ok).sum(-1) / n.clamp_min(1)
+    """(B, N) mean squared difference over the numbers known in both; NaN if none.
+
+    Expanded as q^2 + r^2 - 2qr over the jointly known numbers, four (B, S) x (S, N)
+    products instead of a (B, N, S) difference tensor (a tenth of a training step)."""
+    kq, kr = torch.isfinite(query).float(), torch.isfinite(rows).float()
+    q, r = torch.nan_to_num(query), torch.nan_to_num(rows)
+    n = kq @ kr.T
+    total = (q * q) @ kr.T + kq @ (r * r).T - 2 * q @ r.T
+    out = total.clamp_min(0) / n.clamp_min(1)
     return torch.where(n > 0, out, torch.full_like(out, math.nan))
 
 
