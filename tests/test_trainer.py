@@ -262,8 +262,28 @@ def test_resume_refuses_settings_that_differ_from_the_saved_ones(trained, small_
     assert "bf16" not in lines[0] and "workers" not in lines[0]  # as saved / may change
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     # settings equal to the saved ones, or not given, are fine
-    trainer = Trainer(small_store, run, _cfg(steps=9), resume=True, given=["batch_size", "seed"])
+    trainer = Trainer(
+        small_store, run, _cfg(steps=9), resume=True, given=["batch_size", "seed", "steps"]
+    )
     assert trainer.cfg.batch_size == 4 and trainer.cfg.steps == 9
+
+
+def test_resume_keeps_what_was_not_chosen_and_counts_the_time_trained(
+    trained, small_store, tmp_path
+):
+    src, first, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    # only --time-limit chosen: the saved steps stay (a default --steps must not end the run)
+    trainer = Trainer(
+        small_store, run, _cfg(steps=2, time_limit_min=30.0), resume=True,
+        given=["time_limit_min"],
+    )  # fmt: skip
+    assert trainer.cfg.steps == first.cfg.steps == 6 and trainer.cfg.time_limit_min == 30.0
+    # the time limit and the time schedule count the run's earlier training time
+    state = torch.load(run / "checkpoints" / "step_0000006" / "optimizer.pt", weights_only=True)
+    assert state["trained_s"] > 0
+    assert trainer._elapsed() == pytest.approx(state["trained_s"])
 
 
 class _WritesAFile:

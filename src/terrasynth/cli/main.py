@@ -88,7 +88,12 @@ def train(
     lr: Annotated[float, typer.Option(help="Peak learning rate.", callback=above(0))] = 1.5e-3,
     checkpoint_every: Annotated[int, count_option("Steps between checkpoints.")] = 200,
     time_limit: Annotated[
-        float, typer.Option(help="Stop after this many minutes (0: no).", callback=at_least(0))
+        float,
+        typer.Option(
+            help="Stop after this many minutes of training in all, a resumed run's earlier "
+            "time included (0: no).",
+            callback=at_least(0),
+        ),
     ] = 0.0,
     schedule: Annotated[
         str,

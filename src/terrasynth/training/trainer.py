@@ -87,7 +87,7 @@ class TrainConfig:
     balance_by: str = "kind"  # groups: "source", or "kind" (source and modality set)
     derive: bool = True  # fill derived modalities (slope from DEM) into training chips
     relief_scale: float = 0.6  # chance to flatten a chip's DEM and recompute its slope
-    time_limit_min: float = 0.0  # stop (and checkpoint) after this many minutes; 0: none
+    time_limit_min: float = 0.0  # stop (and checkpoint) after this many minutes in all; 0: none
     # learning-rate decay: "steps" (cosine over ``steps``) or "time" (cosine over the time
     # limit, wall clock since this (re)start: a compute budget in minutes, not steps)
     schedule: str = "steps"
@@ -264,7 +264,8 @@ def resumed_config(
             f"a resumed run keeps its saved settings; these differ: {asked}. "
             "Leave them out, or train a new run"
         )
-    return replace(old, **{k: getattr(cfg, k) for k in RESUMABLE})
+    # only what the caller chose: an unchosen --steps must not replace the saved one
+    return replace(old, **{k: getattr(cfg, k) for k in RESUMABLE if k in given})
 
 
 def checkpoint_to_resume(run: Path) -> Path:
@@ -423,6 +424,7 @@ class Trainer:
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)
         )
         self._t_start: float | None = None  # when train() started (the time schedule)
+        self._trained_s = 0.0  # seconds trained before this (re)start, from the checkpoint
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, _lr_lambda(cfg, self._elapsed if cfg.schedule == "time" else None)
         )
@@ -455,7 +457,9 @@ class Trainer:
             truncate_metrics(self.run / "metrics.jsonl", self.step)
 
     def _elapsed(self) -> float:
-        return 0.0 if self._t_start is None else time.perf_counter() - self._t_start
+        """Seconds trained in all (earlier starts included): the time schedule and limit."""
+        now = 0.0 if self._t_start is None else time.perf_counter() - self._t_start
+        return self._trained_s + now
 
     # -- checkpoints -----------------------------------------------------------------------
     def _load(self, ckpt: Path) -> None:
@@ -473,6 +477,7 @@ class Trainer:
             torch.set_rng_state(mine["torch_rng"])
             self.ema.n_averaged.fill_(int(state.get("ema_n", 1)))
             self._window = [float(x) for x in state.get("log_window", [])]
+            self._trained_s = float(state.get("trained_s", 0.0))  # runs saved before: 0
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
             why = " ".join(str(exc).split())[:300]  # one line
             raise TerrasynthError(f"{ckpt}: does not fit this run ({why})") from exc
@@ -513,6 +518,7 @@ class Trainer:
                     "ranks": ranks,
                     "ema_n": int(self.ema.n_averaged),
                     "log_window": list(self._window),  # losses since the last metrics line
+                    "trained_s": self._elapsed(),  # the time limit counts the whole run
                 },
                 tmp / "optimizer.pt",
             )
@@ -576,7 +582,7 @@ class Trainer:
                 self.step += 1
                 window.append(loss_sum)
                 out_of_time = bool(cfg.time_limit_min) and self._all_agree(
-                    time.perf_counter() - t_start > 60 * cfg.time_limit_min
+                    self._elapsed() > 60 * cfg.time_limit_min
                 )
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps or out_of_time:
                     now = time.perf_counter()
