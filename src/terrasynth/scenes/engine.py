@@ -32,11 +32,13 @@ from terrasynth.atomic import (
 )
 from terrasynth.data.scene import Grid
 from terrasynth.errors import TerrasynthError
+from terrasynth.extras import require
 from terrasynth.pipeline import Pipeline, package_versions
 from terrasynth.scenes.job import JobSpec, SceneJob
 from terrasynth.scenes.output import quicklook_generation, write_outputs
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
+DASK_FEATURE = "whole scenes on Dask (--engine dask, --scheduler)"
 
 
 def work_folder(output: str | Path, level: str = "") -> Path:
@@ -107,14 +109,14 @@ def run_dask(
     progress: Progress | None = None,
 ) -> None:
     """Every pending task on a Dask cluster; a phase finishes before the next starts."""
-    from dask.distributed import Client, LocalCluster, as_completed
-
+    distributed = require("distributed", "dask", DASK_FEATURE)
+    as_completed = distributed.as_completed
     cluster = None
     if address is None:
-        cluster = LocalCluster(
+        cluster = distributed.LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
         )
-    client = Client(address or cluster)
+    client = distributed.Client(address or cluster)
     try:
         total = len(job.phases()) * len(job.tiles())
         done = total - sum(len(job.pending(p)) for p in job.phases())
@@ -151,6 +153,8 @@ def generate_scene(
     check_output(output, overwrite)
     if engine not in ("local", "dask"):
         raise TerrasynthError(f"engine must be 'local' or 'dask', not '{engine}'")
+    if engine == "dask":
+        require("distributed", "dask", DASK_FEATURE)  # before any work
     with locked_folder(work_folder(output), "generate"):  # one run per work folder
         return _generate_scene(
             pipe, spec, output, overwrite, engine, address, workers, progress, on_start
