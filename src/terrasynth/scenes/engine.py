@@ -36,6 +36,7 @@ from terrasynth.extras import require
 from terrasynth.pipeline import Pipeline, package_versions
 from terrasynth.scenes.job import JobSpec, SceneJob
 from terrasynth.scenes.output import quicklook_generation, write_outputs
+from terrasynth.stac import write_item
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 DASK_FEATURE = "whole scenes on Dask (--engine dask, --scheduler)"
@@ -198,6 +199,7 @@ def _generate_scene(
     seconds = time.perf_counter() - t0
     info = {
         "model": pipe.source,
+        "backbone": pipe.model.config.backbone,
         "mode": "whole scene (streamed tiles)",
         **job.signature(),
         "versions": package_versions(),
@@ -221,6 +223,8 @@ def _generate_scene(
     with atomic_folder(output, overwrite, "generate") as tmp:
         write_outputs(job, tmp)
         render_quicklook(quicklook_generation(job, tmp, info), tmp / "quicklook.png")
+        modalities = {n: job.cfg.registry[n] for n in spec.targets}
+        write_item(tmp, output.name, job.grid, modalities, info)
         info["seconds"] = round(time.perf_counter() - t0, 2)
         info["files"] = [p.name for p in output_files(tmp)] + ["generation.json"]
         (tmp / "generation.json").write_text(json.dumps(info, indent=2, default=str))
