@@ -12,6 +12,7 @@ from pystac.extensions.eo import EOExtension
 from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import RasterExtension
 
+from terrasynth.arrays import open_generation
 from terrasynth.pipeline import Pipeline
 from terrasynth.scenes.engine import generate_scene
 from terrasynth.scenes.job import JobSpec
@@ -76,3 +77,18 @@ def test_outputs_are_tiled_with_overviews_and_described(tmp_path):
     codes = RasterExtension.ext(item.assets["landcover_lulc_sample0"]).bands[0]
     assert codes.data_type == "uint8" and codes.nodata is not None
     assert RasterExtension.ext(probs).bands[0].unit == "probability"
+    # the result opens lazily as xarray: Dask arrays in the COGs' 256 px tiles
+    lc = open_generation(out, "landcover_lulc")
+    assert set(lc.data_vars) == {"samples", "probs", "entropy"}
+    assert lc["probs"].chunks == ((len(legend),), (256, 256), (256, 256, 8))
+    assert list(lc["class"].values) == list(legend.values())
+    np.testing.assert_allclose(lc["probs"][:, :64, :64].sum("class").compute(), 1.0, atol=1e-4)
+    s2 = open_generation(out, "s2l2a")
+    assert s2["samples"].dims == ("sample", "band", "y", "x") and s2.rio.crs == proj_crs(item)
+    with rasterio.open(out / "s2l2a_sample1.tif") as f:
+        window = f.read(3, window=rasterio.windows.Window(300, 200, 40, 30))
+    assert np.array_equal(s2["samples"].sel(sample=1, band="B04")[200:230, 300:340], window)
+
+
+def proj_crs(item) -> rasterio.crs.CRS:
+    return rasterio.crs.CRS.from_user_input(ProjectionExtension.ext(item).code)

@@ -33,6 +33,7 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.warp import Resampling, calculate_default_transform
 
+from terrasynth.arrays import VARIABLES, GeoArray, describe_input
 from terrasynth.atomic import atomic_folder, output_files
 from terrasynth.cog import cog_options
 from terrasynth.data.align import AlignedGroup, align_scene, reference_grid, warp_to_grid
@@ -163,6 +164,30 @@ class Generation:
         da.attrs["units"] = res.modality.units or ""
         return da.rio.write_crs(g.crs).rio.write_transform(g.transform)
 
+    def to_dataset(self, name: str | None = None):
+        """One target as a georeferenced ``xarray.Dataset`` (CRS and transform through
+        rioxarray): the variables ``samples`` (sample, band, y, x), ``mean`` and ``std``
+        (band, y, x) with band names as coordinates, or for class maps ``samples``,
+        ``probs`` (class, y, x) and ``entropy`` (y, x). ``name`` may be left out when there
+        is one raster target. A saved folder opens the same way:
+        :func:`terrasynth.arrays.open_generation`."""
+        import xarray as xr
+
+        rasters = [n for n, r in self.targets.items() if r.samples is not None]
+        if name is None:
+            if len(rasters) != 1:
+                raise TerrasynthError(f"name one of the targets: {', '.join(rasters)}")
+            name = rasters[0]
+        if name not in rasters:
+            raise TerrasynthError(f"no raster target '{name}' (targets: {', '.join(rasters)})")
+        res = self.targets[name]
+        kind = "categorical" if res.modality.kind == "categorical" else "continuous"
+        arrays = {v: self.to_xarray(name, v) for v in VARIABLES[kind]}
+        ds = xr.Dataset(arrays)
+        ds.attrs.update(modality=name, kind=kind, units=res.modality.units or "")
+        ds.attrs.update(seed=self.info.get("seed"), num_samples=self.info.get("num_samples"))
+        return ds.rio.write_crs(self.grid.crs).rio.write_transform(self.grid.transform)
+
     def save(self, folder: str | Path, overwrite: bool = False) -> list[Path]:
         """Write cloud-optimised GeoTIFFs, ``generation.json``, ``quicklook.png`` and the
         STAC Item ``item.json`` into ``folder``.
@@ -242,7 +267,7 @@ class Pipeline:
     # -- generation ------------------------------------------------------------------------
     def generate(
         self,
-        inputs: Mapping[str, str | Path] | Iterable[tuple[str, str | Path]] = (),
+        inputs: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
         targets: Iterable[str] = (),
         num_samples: int = 4,
         seed: int = 0,
@@ -260,7 +285,9 @@ class Pipeline:
         progress: Callable[[int, int], None] | None = None,
         windows: str = "shared",
     ) -> Generation:
-        """Generate ``targets`` from ``inputs`` (``{modality[:bands]: GeoTIFF}``).
+        """Generate ``targets`` from ``inputs`` (``{modality[:bands]: GeoTIFF}``; instead of
+        a file, a :class:`~terrasynth.arrays.GeoArray`, an ``(array, transform, crs)`` tuple
+        or a rioxarray ``DataArray``: ``terrasynth.arrays``).
 
         ``num_samples`` samples from ``seed`` (same seed, same samples), ``steps`` sampling
         steps (default: the model's own; a one-step generator always takes 1), ``eta`` 0
@@ -372,7 +399,7 @@ class Pipeline:
             "backbone": cfg.backbone,
             "weights_sha256": self.weights_sha256,
             "versions": package_versions(),
-            "inputs": [[k, str(v)] for k, v in items],
+            "inputs": [[k, describe_input(v)] for k, v in items],
             "targets": targets,
             "num_samples": num_samples,
             "seed": seed,
@@ -698,4 +725,4 @@ def _now() -> float:
     return time.perf_counter()
 
 
-__all__ = ["Generation", "Pipeline", "TargetResult", "default_model_path"]
+__all__ = ["GeoArray", "Generation", "Pipeline", "TargetResult", "default_model_path"]
