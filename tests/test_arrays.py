@@ -66,14 +66,23 @@ def test_numpy_arrays_give_the_samples_of_their_files(pipe, s1_files, from_files
     assert named.info["inputs"] == [["s1grd", "<in-memory GeoArray 2x120x120 float32>"]]
 
 
-def test_dataarrays_give_the_samples_of_their_files(pipe, s1_files, from_files):
+def test_dataarrays_give_the_samples_of_their_files(pipe, s1_files, from_files, tmp_path):
     vv, vh = s1_files
     das = [rioxarray.open_rasterio(f) for f in (vv, vh)]
     per_file = pipe.generate([("s1grd:VV", das[0]), ("s1grd:VH", das[1])], **SETTINGS)
     # one DataArray with band names as coordinates, dimensions in another order
     stacked = xr.concat(das, dim="band").assign_coords(band=["VV", "VH"])
     named = pipe.generate({"s1grd": stacked.transpose("y", "x", "band")}, **SETTINGS)
-    for gen in (per_file, named):
+    # a file whose band descriptions say VH, VV, opened by rioxarray (long_name)
+    with rasterio.open(vv) as a, rasterio.open(vh) as b:
+        profile, stack = a.profile | {"count": 2}, np.concatenate([b.read(), a.read()])
+    with rasterio.open(tmp_path / "vh_vv.tif", "w", **profile) as f:
+        f.write(stack)
+        f.descriptions = ("VH", "VV")
+    described = rioxarray.open_rasterio(tmp_path / "vh_vv.tif")
+    assert described.attrs["long_name"] == ("VH", "VV")
+    by_description = pipe.generate({"s1grd": described}, **SETTINGS)
+    for gen in (per_file, named, by_description):
         assert gen.grid == from_files.grid
         assert np.array_equal(gen["s2l2a"].samples, from_files["s2l2a"].samples)
 

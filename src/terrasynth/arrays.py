@@ -115,12 +115,19 @@ def _from_dataarray(label: Path, da: xr.DataArray) -> GeoArray:
         coords = da[other[0]].values
         if coords.dtype.kind in "UO" and all(isinstance(c, str) for c in coords.tolist()):
             names = [str(c) for c in coords.tolist()]
+    # rioxarray.open_rasterio puts the file's band descriptions in long_name: a tuple, or a
+    # string for one band
     long_name = da.attrs.get("long_name")
-    if names is None and isinstance(long_name, list | tuple):
-        if all(isinstance(n, str) for n in long_name):
-            names = list(long_name)
-    elif names is None and isinstance(long_name, str) and da.ndim == 2:
+    count = da.sizes[other[0]] if other else 1
+    if names is None and isinstance(long_name, str) and count == 1:
         names = [long_name]
+    elif (
+        names is None
+        and isinstance(long_name, list | tuple)
+        and len(long_name) == count
+        and all(isinstance(n, str) for n in long_name)
+    ):
+        names = list(long_name)
     nodata = rio.nodata if rio.nodata is not None else rio.encoded_nodata
     return GeoArray(np.asarray(da.values), rio.transform(recalc=False), rio.crs, nodata, names)
 
