@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create ./.venv with terrasynth and its dependencies (idempotent; re-runs when
-# pyproject.toml or constraints.txt change). Sourced by demo.sh and test.sh.
+# Create ./.venv with terrasynth, all its optional extras (the demo's data, Dask, LMDB) and
+# the test tools (idempotent; re-runs when pyproject.toml or constraints.txt change).
+# Sourced by demo.sh and test.sh.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
@@ -13,7 +14,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
   # constraints.txt pins the CPU build of torch; without it pip may fetch a 5 GB CUDA build.
-  "$venv/bin/python" -m pip install -q -c "$root/constraints.txt" -e "$root[dev]" >&2
+  "$venv/bin/python" -m pip install -q -c "$root/constraints.txt" -e "$root[dev,all]" >&2
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

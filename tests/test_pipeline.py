@@ -113,7 +113,7 @@ def test_cli_translation_writes_georeferenced_geotiffs(s1_4326, tmp_path):
         crs, transform, shape = src.crs, src.transform, src.shape
     names = sorted(p.name for p in runs[0].iterdir() if p.name != MARKER)
     assert names == sorted(
-        ["generation.json", "quicklook.png", "s2l2a_mean.tif", "s2l2a_std.tif"]
+        ["generation.json", "item.json", "quicklook.png", "s2l2a_mean.tif", "s2l2a_std.tif"]
         + [f"s2l2a_sample{i}.tif" for i in range(2)]
     )
     for i in range(2):
@@ -280,7 +280,7 @@ def test_a_conv_generator_writes_georeferenced_reproducible_samples(conv_folder,
     out = tmp_path / "out"
     a.save(out)
     assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == sorted(
-        ["generation.json", "quicklook.png", "s2l2a_mean.tif", "s2l2a_std.tif"]
+        ["generation.json", "item.json", "quicklook.png", "s2l2a_mean.tif", "s2l2a_std.tif"]
         + [f"s2l2a_sample{i}.tif" for i in range(2)]
     )
     for i in range(2):

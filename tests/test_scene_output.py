@@ -1,4 +1,5 @@
-"""Whole-scene outputs: tiled GeoTIFFs with overviews, band names, tags, quick-look."""
+"""Whole-scene outputs: cloud-optimised GeoTIFFs with overviews, band names, tags, quick-look,
+STAC Item."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ import json
 import numpy as np
 import pytest
 import rasterio
+from pystac.extensions.eo import EOExtension
+from pystac.extensions.projection import ProjectionExtension
+from pystac.extensions.raster import RasterExtension
 
+from terrasynth.arrays import open_generation
 from terrasynth.pipeline import Pipeline
 from terrasynth.scenes.engine import generate_scene
 from terrasynth.scenes.job import JobSpec
 from terrasynth.scenes.output import _on_base_grid
 from tests.conftest import write_s1_utm
+from tests.test_outputs_discoverable import check_cog, read_item
 
 pytestmark = pytest.mark.needs_data
 
@@ -50,3 +56,39 @@ def test_outputs_are_tiled_with_overviews_and_described(tmp_path):
         np.testing.assert_allclose(f.read().sum(0), 1.0, atol=1e-4)
     info = json.loads((out / "generation.json").read_text())
     assert info["tiles"] == 6 and info["spec"]["seed"] == 1
+    # cloud-optimised, reusing the overviews built while streaming; no working file left
+    tifs = sorted(out.glob("*.tif"))
+    assert len(tifs) == 8 and not list(out.glob(".*.part.tif"))
+    for path in tifs:
+        check_cog(path, [2])
+    item = read_item(out)
+    assert item.id == "out" and item.properties["terrasynth:datetime_source"] == "generation"
+    assert item.properties["terrasynth:seed"] == 1
+    assert item.properties["terrasynth:weights_sha256"] == info["weights_sha256"]
+    proj = ProjectionExtension.ext(item)
+    assert (proj.code, proj.shape) == ("EPSG:32643", [512, 520])
+    assert {k: a.roles[-1] for k, a in item.assets.items() if "landcover" in k} == {
+        "landcover_lulc_sample0": "sample", "landcover_lulc_sample1": "sample",
+        "landcover_lulc_probs": "probabilities", "landcover_lulc_entropy": "entropy",
+    }  # fmt: skip
+    probs = item.assets["landcover_lulc_probs"]
+    legend = json.loads(item.assets["landcover_lulc_sample0"].extra_fields["terrasynth:legend"])
+    assert [b.name for b in EOExtension.ext(probs).bands] == list(legend.values())
+    codes = RasterExtension.ext(item.assets["landcover_lulc_sample0"]).bands[0]
+    assert codes.data_type == "uint8" and codes.nodata is not None
+    assert RasterExtension.ext(probs).bands[0].unit == "probability"
+    # the result opens lazily as xarray: Dask arrays in the COGs' 256 px tiles
+    lc = open_generation(out, "landcover_lulc")
+    assert set(lc.data_vars) == {"samples", "probs", "entropy"}
+    assert lc["probs"].chunks == ((len(legend),), (256, 256), (256, 256, 8))
+    assert list(lc["class"].values) == list(legend.values())
+    np.testing.assert_allclose(lc["probs"][:, :64, :64].sum("class").compute(), 1.0, atol=1e-4)
+    s2 = open_generation(out, "s2l2a")
+    assert s2["samples"].dims == ("sample", "band", "y", "x") and s2.rio.crs == proj_crs(item)
+    with rasterio.open(out / "s2l2a_sample1.tif") as f:
+        window = f.read(3, window=rasterio.windows.Window(300, 200, 40, 30))
+    assert np.array_equal(s2["samples"].sel(sample=1, band="B04")[200:230, 300:340], window)
+
+
+def proj_crs(item) -> rasterio.crs.CRS:
+    return rasterio.crs.CRS.from_user_input(ProjectionExtension.ext(item).code)

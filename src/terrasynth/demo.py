@@ -1,6 +1,6 @@
 """The main job on data the installed package can reach: BigEarthNet examples.
 
-The PyPI package ``bigearthnet-common`` (a declared dependency) ships six real BigEarthNet v1
+The PyPI package ``bigearthnet-common`` (the ``demo`` extra) ships six real BigEarthNet v1
 patches (Sentinel-1 + Sentinel-2 pairs with CORINE labels) as archives. The demo unpacks
 them, builds a chip store with a preview, and runs the built-in model on their GeoTIFFs:
 S1 -> S2, S2 -> S1, S2 -> elevation and land-cover labels, and S2 band infilling from RGB,
@@ -25,6 +25,7 @@ from terrasynth.atomic import atomic_folder
 from terrasynth.data.build import build_store
 from terrasynth.data.preview import render_preview
 from terrasynth.data.store import ChipStore
+from terrasynth.extras import require
 from terrasynth.modalities import default_registry
 from terrasynth.pipeline import Generation, Pipeline
 
@@ -41,7 +42,7 @@ def unpack_examples(target: Path) -> Path:
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    package = resources.files("bigearthnet_common")
+    package = resources.files(require("bigearthnet_common", "demo", "terrasynth demo"))
     for name in ARCHIVES:
         with resources.as_file(package / name) as path, tarfile.open(path) as tar:
             tar.extractall(folder, filter="data")
@@ -126,6 +127,7 @@ def run_demo(
     The folder is written whole or not at all; a non-empty ``output`` is replaced only with
     ``overwrite`` and only if it is an earlier terrasynth output."""
     output = Path(output)
+    require("bigearthnet_common", "demo", "terrasynth demo")  # before any work
     with atomic_folder(output, overwrite, "demo") as tmp:
         _run_demo(tmp, num_samples, model, log)
     return output / "report.html"

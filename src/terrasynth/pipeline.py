@@ -33,7 +33,9 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.warp import Resampling, calculate_default_transform
 
+from terrasynth.arrays import VARIABLES, GeoArray, describe_input
 from terrasynth.atomic import atomic_folder, output_files
+from terrasynth.cog import cog_options
 from terrasynth.data.align import AlignedGroup, align_scene, reference_grid, warp_to_grid
 from terrasynth.data.build import check_scene_values
 from terrasynth.data.scene import Grid, Scene
@@ -47,6 +49,7 @@ from terrasynth.models.factory import load_model
 from terrasynth.models.signals import batch_signals, location_from_vector, time_from_vector
 from terrasynth.sampling.flow import FlowSampler
 from terrasynth.sampling.windows import sample_independent_tiles, sample_scene
+from terrasynth.stac import write_item
 
 # Scenes up to this many working pixels per side are generated in memory; larger ones go
 # to the whole-scene engine (``terrasynth.scenes``: tiles, state on disk, resumable).
@@ -161,8 +164,33 @@ class Generation:
         da.attrs["units"] = res.modality.units or ""
         return da.rio.write_crs(g.crs).rio.write_transform(g.transform)
 
+    def to_dataset(self, name: str | None = None):
+        """One target as a georeferenced ``xarray.Dataset`` (CRS and transform through
+        rioxarray): the variables ``samples`` (sample, band, y, x), ``mean`` and ``std``
+        (band, y, x) with band names as coordinates, or for class maps ``samples``,
+        ``probs`` (class, y, x) and ``entropy`` (y, x). ``name`` may be left out when there
+        is one raster target. A saved folder opens the same way:
+        :func:`terrasynth.arrays.open_generation`."""
+        import xarray as xr
+
+        rasters = [n for n, r in self.targets.items() if r.samples is not None]
+        if name is None:
+            if len(rasters) != 1:
+                raise TerrasynthError(f"name one of the targets: {', '.join(rasters)}")
+            name = rasters[0]
+        if name not in rasters:
+            raise TerrasynthError(f"no raster target '{name}' (targets: {', '.join(rasters)})")
+        res = self.targets[name]
+        kind = "categorical" if res.modality.kind == "categorical" else "continuous"
+        arrays = {v: self.to_xarray(name, v) for v in VARIABLES[kind]}
+        ds = xr.Dataset(arrays)
+        ds.attrs.update(modality=name, kind=kind, units=res.modality.units or "")
+        ds.attrs.update(seed=self.info.get("seed"), num_samples=self.info.get("num_samples"))
+        return ds.rio.write_crs(self.grid.crs).rio.write_transform(self.grid.transform)
+
     def save(self, folder: str | Path, overwrite: bool = False) -> list[Path]:
-        """Write GeoTIFFs, ``generation.json`` and ``quicklook.png`` into ``folder``.
+        """Write cloud-optimised GeoTIFFs, ``generation.json``, ``quicklook.png`` and the
+        STAC Item ``item.json`` into ``folder``.
 
         Everything is written into a temporary sibling folder first and renamed into place,
         so an interrupted save leaves no half-written output. A non-empty ``folder`` is
@@ -175,6 +203,8 @@ class Generation:
                 _write_target(tmp, name, res, self.grid)
             render_quicklook(self, tmp / "quicklook.png")
             info = dict(self.info)
+            modalities = {n: r.modality for n, r in self.targets.items()}
+            write_item(tmp, Path(folder).name, self.grid, modalities, info)
             info["files"] = [p.name for p in output_files(tmp)] + ["generation.json"]
             (tmp / "generation.json").write_text(json.dumps(info, indent=2, default=str))
         return output_files(folder)
@@ -237,7 +267,7 @@ class Pipeline:
     # -- generation ------------------------------------------------------------------------
     def generate(
         self,
-        inputs: Mapping[str, str | Path] | Iterable[tuple[str, str | Path]] = (),
+        inputs: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
         targets: Iterable[str] = (),
         num_samples: int = 4,
         seed: int = 0,
@@ -255,7 +285,9 @@ class Pipeline:
         progress: Callable[[int, int], None] | None = None,
         windows: str = "shared",
     ) -> Generation:
-        """Generate ``targets`` from ``inputs`` (``{modality[:bands]: GeoTIFF}``).
+        """Generate ``targets`` from ``inputs`` (``{modality[:bands]: GeoTIFF}``; instead of
+        a file, a :class:`~terrasynth.arrays.GeoArray`, an ``(array, transform, crs)`` tuple
+        or a rioxarray ``DataArray``: ``terrasynth.arrays``).
 
         ``num_samples`` samples from ``seed`` (same seed, same samples), ``steps`` sampling
         steps (default: the model's own; a one-step generator always takes 1), ``eta`` 0
@@ -364,9 +396,10 @@ class Pipeline:
         }
         info = {
             "model": self.source,
+            "backbone": cfg.backbone,
             "weights_sha256": self.weights_sha256,
             "versions": package_versions(),
-            "inputs": [[k, str(v)] for k, v in items],
+            "inputs": [[k, describe_input(v)] for k, v in items],
             "targets": targets,
             "num_samples": num_samples,
             "seed": seed,
@@ -624,35 +657,22 @@ def _warp(
 
 
 def _write_target(folder: Path, name: str, res: TargetResult, grid: Grid) -> list[Path]:
-    """GeoTIFFs of one target: a file per sample, and its statistics."""
+    """Cloud-optimised GeoTIFFs of one target: a file per sample, and its statistics."""
     mod = res.modality
     if res.samples is None:  # one-token modality: JSON only
         path = folder / f"{name}.json"
         path.write_text(json.dumps({"modality": name, "samples": res.values}, indent=2))
         return [path]
-    profile = dict(
-        driver="GTiff",
-        width=grid.width,
-        height=grid.height,
-        crs=grid.crs,
-        transform=grid.transform,
-        tiled=True,
-        blockxsize=256,
-        blockysize=256,
-        compress="deflate",
-    )
-    if grid.width < 256 or grid.height < 256:
-        profile.update(tiled=False)
-        profile.pop("blockxsize")
-        profile.pop("blockysize")
+    profile = dict(width=grid.width, height=grid.height, crs=grid.crs, transform=grid.transform)
     written = []
 
     def write(path: Path, arr: np.ndarray, descriptions: list[str], nodata, tags: dict) -> None:
         dtype = "float32" if arr.dtype.kind == "f" else "int32"
         if mod.kind == "categorical" and arr.dtype.kind != "f":
             dtype = "uint8" if arr.max(initial=0) < 256 and nodata < 256 else "int32"
+        options = cog_options(dtype, categorical=dtype != "float32")
         with rasterio.open(
-            path, "w", count=arr.shape[0], dtype=dtype, nodata=nodata, **profile
+            path, "w", count=arr.shape[0], dtype=dtype, nodata=nodata, **profile, **options
         ) as dst:
             dst.write(arr.astype(dtype))
             for i, d in enumerate(descriptions, start=1):
@@ -705,4 +725,4 @@ def _now() -> float:
     return time.perf_counter()
 
 
-__all__ = ["Generation", "Pipeline", "TargetResult", "default_model_path"]
+__all__ = ["GeoArray", "Generation", "Pipeline", "TargetResult", "default_model_path"]

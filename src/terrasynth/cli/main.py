@@ -727,7 +727,7 @@ def demo(
         bool, typer.Option(help="Replace an earlier demo (or other terrasynth output) there.")
     ] = False,
 ) -> None:
-    """Run the main job on BigEarthNet patches shipped with a dependency.
+    """Run the main job on BigEarthNet patches shipped with the `demo` extra.
 
     S1 -> S2, S2 -> S1, S2 -> elevation and labels, band infilling; GeoTIFFs and a report.
     """

@@ -41,6 +41,24 @@ SPECTRAL_SLOTS: tuple[str, ...] = (
     "swir22",  # ~2200 nm
     "thermal",  # ~11 um
 )
+# Approximate centre wavelength of each slot in micrometres (Sentinel-2 MSI's where it has
+# the band): what a band of the slot reports as its wavelength, e.g. in a STAC Item.
+SLOT_WAVELENGTH_UM: dict[str, float] = {
+    "coastal": 0.443,
+    "blue": 0.49,
+    "green": 0.56,
+    "red": 0.665,
+    "rededge1": 0.705,
+    "rededge2": 0.74,
+    "rededge3": 0.783,
+    "nir": 0.842,
+    "nir08": 0.865,
+    "watervapour": 0.945,
+    "cirrus": 1.375,
+    "swir16": 1.61,
+    "swir22": 2.19,
+    "thermal": 10.9,
+}
 
 
 @dataclass(frozen=True)

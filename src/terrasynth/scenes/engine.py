@@ -32,11 +32,14 @@ from terrasynth.atomic import (
 )
 from terrasynth.data.scene import Grid
 from terrasynth.errors import TerrasynthError
+from terrasynth.extras import require
 from terrasynth.pipeline import Pipeline, package_versions
 from terrasynth.scenes.job import JobSpec, SceneJob
 from terrasynth.scenes.output import quicklook_generation, write_outputs
+from terrasynth.stac import write_item
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
+DASK_FEATURE = "whole scenes on Dask (--engine dask, --scheduler)"
 
 
 def work_folder(output: str | Path, level: str = "") -> Path:
@@ -107,14 +110,14 @@ def run_dask(
     progress: Progress | None = None,
 ) -> None:
     """Every pending task on a Dask cluster; a phase finishes before the next starts."""
-    from dask.distributed import Client, LocalCluster, as_completed
-
+    distributed = require("distributed", "dask", DASK_FEATURE)
+    as_completed = distributed.as_completed
     cluster = None
     if address is None:
-        cluster = LocalCluster(
+        cluster = distributed.LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
         )
-    client = Client(address or cluster)
+    client = distributed.Client(address or cluster)
     try:
         total = len(job.phases()) * len(job.tiles())
         done = total - sum(len(job.pending(p)) for p in job.phases())
@@ -151,6 +154,8 @@ def generate_scene(
     check_output(output, overwrite)
     if engine not in ("local", "dask"):
         raise TerrasynthError(f"engine must be 'local' or 'dask', not '{engine}'")
+    if engine == "dask":
+        require("distributed", "dask", DASK_FEATURE)  # before any work
     with locked_folder(work_folder(output), "generate"):  # one run per work folder
         return _generate_scene(
             pipe, spec, output, overwrite, engine, address, workers, progress, on_start
@@ -194,6 +199,7 @@ def _generate_scene(
     seconds = time.perf_counter() - t0
     info = {
         "model": pipe.source,
+        "backbone": pipe.model.config.backbone,
         "mode": "whole scene (streamed tiles)",
         **job.signature(),
         "versions": package_versions(),
@@ -217,6 +223,8 @@ def _generate_scene(
     with atomic_folder(output, overwrite, "generate") as tmp:
         write_outputs(job, tmp)
         render_quicklook(quicklook_generation(job, tmp, info), tmp / "quicklook.png")
+        modalities = {n: job.cfg.registry[n] for n in spec.targets}
+        write_item(tmp, output.name, job.grid, modalities, info)
         info["seconds"] = round(time.perf_counter() - t0, 2)
         info["files"] = [p.name for p in output_files(tmp)] + ["generation.json"]
         (tmp / "generation.json").write_text(json.dumps(info, indent=2, default=str))

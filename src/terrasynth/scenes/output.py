@@ -1,11 +1,13 @@
-"""Finished whole-scene arrays into GeoTIFFs, tile by tile, with overviews.
+"""Finished whole-scene arrays into cloud-optimised GeoTIFFs, tile by tile, with overviews.
 
 Same files as an in-memory generation (``MOD_sampleK.tif``, ``MOD_mean.tif``/``_std.tif`` or
-``MOD_probs.tif``/``_entropy.tif``, ``generation.json``, ``quicklook.png``), on the job's
-working grid: tiled (256 px), deflate-compressed, with internal overviews (average for
-values, nearest for class codes) so that GIS tools and the quick-look read a large scene
-fast. Coarser band groups (Sentinel-2's 20 m and 60 m bands) are written at their own pixel
-size replicated onto the 10 m grid, not interpolated. Memory: one tile of every sample.
+``MOD_probs.tif``/``_entropy.tif``, ``generation.json``, ``quicklook.png``, ``item.json``), on
+the job's working grid: tiled (256 px), deflate-compressed, with internal overviews (average
+for values, nearest for class codes) so that GIS tools and the quick-look read a large scene
+fast. Each file is streamed into a hidden tiled GeoTIFF, its overviews built there, and then
+copied into a COG (``terrasynth.cog``) that reuses them. Coarser band groups (Sentinel-2's
+20 m and 60 m bands) are written at their own pixel size replicated onto the 10 m grid, not
+interpolated. Memory: one tile of every sample.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 
+from terrasynth.cog import copy_to_cog
 from terrasynth.data.scene import Grid
 from terrasynth.data.stats import denormalise
 from terrasynth.modalities import Modality
@@ -89,7 +92,7 @@ class _Writer:
 
     def _open(self, folder, stem, count, dtype, nodata, descriptions, tags) -> None:
         profile = _profile(self.grid, count, dtype, nodata)
-        dst = rasterio.open(folder / f"{stem}.tif", "w", **profile)
+        dst = rasterio.open(_part(folder / f"{stem}.tif"), "w", **profile)
         for i, d in enumerate(descriptions, start=1):
             dst.set_band_description(i, d)
         dst.update_tags(**tags)
@@ -99,15 +102,29 @@ class _Writer:
         self.files[stem].write(arr.astype(self.files[stem].dtypes[0]), window=window)
 
     def close(self) -> list[Path]:
+        """Build the overviews, then copy each file into its cloud-optimised GeoTIFF."""
         factors = _overview_factors(self.grid)
-        paths = []
+        parts = []
         for dst in self.files.values():
+            nearest = dst.dtypes[0] == "uint8"
             if factors:
-                nearest = dst.dtypes[0] == "uint8"
                 dst.build_overviews(factors, Resampling.nearest if nearest else Resampling.average)
-            paths.append(Path(dst.name))
+            parts.append((Path(dst.name), nearest))
             dst.close()
+        paths = []
+        for part, nearest in parts:
+            final = part.with_name(part.name.removeprefix(".").removesuffix(PART))
+            paths.append(copy_to_cog(part, final, categorical=nearest))
+            part.unlink()
         return paths
+
+
+PART = ".part.tif"
+
+
+def _part(path: Path) -> Path:
+    """The hidden working file ``path`` is written to before it becomes a COG."""
+    return path.with_name(f".{path.name}{PART}")
 
 
 def write_outputs(job: SceneJob, folder: Path, progress=None) -> list[Path]:

@@ -35,9 +35,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lmdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -50,7 +49,11 @@ from safetensors.numpy import load as load_safetensors
 
 from terrasynth.data.scene import Grid, Layer, Scene
 from terrasynth.errors import InputError
+from terrasynth.extras import require
 from terrasynth.modalities import Modality, Registry, default_registry
+
+if TYPE_CHECKING:
+    import lmdb
 
 LICENCE = "CDLA-Permissive-1.0"
 METADATA = "metadata.parquet"
@@ -163,6 +166,7 @@ class BigEarthNetV2Source:
         meta = pd.concat(tables).sort_values("patch_id")
         if meta["patch_id"].duplicated().any():
             raise InputError(f"{meta_dir}: a patch_id is listed twice in the metadata files")
+        lmdb = require("lmdb", "lmdb", "the BigEarthNet v2 LMDB reader")
         try:
             env = lmdb.open(str(db), readonly=True, lock=False, readahead=False)
         except lmdb.Error as exc:

@@ -21,8 +21,9 @@ import rasterio
 from rasterio.errors import CRSError, RasterioError
 from rasterio.warp import transform_bounds
 
+from terrasynth.arrays import as_raster
 from terrasynth.data.align import reference_grid
-from terrasynth.data.raster_io import read_layer
+from terrasynth.data.raster_io import Raster, layer_from_raster, open_raster
 from terrasynth.data.scene import Grid, Layer, Scene
 from terrasynth.errors import InputError
 from terrasynth.modalities import Modality, Registry, default_registry
@@ -44,6 +45,17 @@ def band_layout(
             count, descriptions = src.count, src.descriptions
     except RasterioError as exc:
         raise InputError(f"{path}: unreadable raster ({_first_line(exc)})") from exc
+    return bands_by_description(path, count, descriptions, modality, given)
+
+
+def bands_by_description(
+    path: Path,
+    count: int,
+    descriptions: tuple[str | None, ...],
+    modality: Modality,
+    given: tuple[str, ...] = (),
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """:func:`band_layout` of a raster of ``count`` bands with these band descriptions."""
     by_lower = {b.lower(): b for b in modality.bands}
     if given:
         if len(given) != count:
@@ -65,9 +77,10 @@ def band_layout(
 
 
 def input_layout(
-    key: str, path: Path, registry: Registry
+    key: str, path: Path, registry: Registry, raster: Raster | None = None
 ) -> tuple[Modality, tuple[str, ...], tuple[int, ...]]:
-    """Modality, band names and 1-based file band indexes of one ``MOD[:BANDS]=FILE`` input."""
+    """Modality, band names and 1-based file band indexes of one ``MOD[:BANDS]=FILE`` input
+    (of the in-memory ``raster`` when given: ``terrasynth.arrays``)."""
     name, _, band_spec = key.partition(":")
     modality = registry[name]  # UnknownModalityError names the known ones
     if not modality.is_raster:
@@ -75,7 +88,12 @@ def input_layout(
     given = tuple(b.strip() for b in band_spec.split(",") if b.strip())
     for band in given:
         modality.group_of(band)  # a clear error for a band the modality lacks
-    bands, indexes = band_layout(path, modality, given)
+    if raster is not None:
+        bands, indexes = bands_by_description(
+            path, raster.count, raster.descriptions, modality, given
+        )
+    else:
+        bands, indexes = band_layout(path, modality, given)
     return modality, bands, indexes
 
 
@@ -114,15 +132,16 @@ def generic_scene(
     if not items:
         raise InputError("no input files given (use --input MOD=FILE)")
     registry = registry if registry is not None else default_registry()
-    first = Path(items[0][1])
+    rasters = [as_raster(file, key) for key, file in items]  # in-memory inputs; None: files
+    first = rasters[0].path if rasters[0] is not None else Path(items[0][1])
     layers: list[Layer] = []
-    for key, file in items:
-        path = Path(file)
-        modality, bands, indexes = input_layout(key, path, registry)
+    for (key, file), raster in zip(items, rasters, strict=True):
+        path = raster.path if raster is not None else Path(file)
+        modality, bands, indexes = input_layout(key, path, registry, raster)
         name = modality.name
         scale, offset = (scaling or {}).get(name, (1.0, 0.0))
-        layer = read_layer(
-            path,
+        layer = layer_from_raster(
+            raster if raster is not None else open_raster(path),
             name,
             bands,
             indexes=indexes,
