@@ -89,7 +89,8 @@ class TrainConfig:
     relief_scale: float = 0.6  # chance to flatten a chip's DEM and recompute its slope
     time_limit_min: float = 0.0  # stop (and checkpoint) after this many minutes in all; 0: none
     # learning-rate decay: "steps" (cosine over ``steps``) or "time" (cosine over the time
-    # limit, wall clock since this (re)start: a compute budget in minutes, not steps)
+    # limit, wall clock of the whole run, a resumed run's earlier time included: a compute
+    # budget in minutes, not steps)
     schedule: str = "steps"
 
     @classmethod
