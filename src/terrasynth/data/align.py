@@ -124,16 +124,28 @@ def align_scene(scene: Scene, registry: Registry) -> AlignedScene:
     return AlignedScene(scene, groups)
 
 
+def legend_lookup(codes: np.ndarray, index: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Class indices of legend ``codes`` (``index``: code -> class index) and where a code
+    is in the legend (elsewhere the index is 0).
+
+    A binary search in the sorted legend codes: memory grows with the legend, never with
+    the code values an array holds (a corrupt code of 2e9 costs nothing more)."""
+    flat = codes.astype(np.int64, copy=False)
+    if not index:
+        return np.zeros(flat.shape, np.int32), np.zeros(flat.shape, bool)
+    keys = np.array(sorted(index), np.int64)
+    values = np.array([index[k] for k in keys.tolist()], np.int32)
+    pos = np.searchsorted(keys, flat).clip(0, len(keys) - 1)
+    known = keys[pos] == flat
+    return np.where(known, values[pos], 0), known
+
+
 def _codes_to_index(
     codes: np.ndarray, valid: np.ndarray, index: dict[int, int], modality: Modality
 ) -> tuple[np.ndarray, np.ndarray]:
     """Map legend codes to class indices 0..K-1; codes outside the legend become invalid."""
-    lut_size = max(max(index) + 1, int(codes.max(initial=0)) + 1)
-    lut = np.full(lut_size, -1, np.int32)
-    for code, i in index.items():
-        lut[code] = i
-    idx = lut[np.clip(codes, 0, lut_size - 1).astype(np.int64)]
+    idx, known = legend_lookup(codes, index)
     if modality.nodata is not None:
         valid = valid & (codes != modality.nodata)
-    ok = valid & (idx >= 0) & (codes >= 0)
+    ok = valid & known
     return np.where(ok, idx, 0), ok

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.errors import CRSError
 
 from terrasynth.errors import InputError
 from terrasynth.modalities import Registry
@@ -73,7 +74,11 @@ class Grid:
         if self.crs.is_geographic:
             _, lat = self.center_lonlat()
             return float(rx * 111_320.0 * max(np.cos(np.radians(lat)), 1e-6))
-        return float(rx * self.crs.linear_units_factor[1]) if self.crs.linear_units_factor else rx
+        try:
+            factor = self.crs.linear_units_factor
+        except CRSError:  # a local CRS without a defined unit: taken as metres
+            return float(rx)
+        return float(rx * factor[1]) if factor else rx
 
     def center_lonlat(self) -> tuple[float, float]:
         from rasterio.warp import transform as warp_transform
