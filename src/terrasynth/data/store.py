@@ -246,6 +246,10 @@ class StoreWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> float:
+    return float(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+
+
 @dataclass
 class ChipStore:
     """Read access to a built store."""
@@ -325,7 +329,8 @@ class ChipStore:
         if (
             not isinstance(arr, zarr.Array)
             or arr.shape[:1] != (len(self),)
-            or int(np.prod(arr.chunks, dtype=np.float64)) * arr.dtype.itemsize > MAX_CHUNK_BYTES
+            or _nbytes(arr.chunks, arr.dtype) > MAX_CHUNK_BYTES
+            or _nbytes((arr.chunks[0], *arr.shape[1:]), arr.dtype) > MAX_CHUNK_BYTES
         ):
             raise TerrasynthError(
                 f"{self.path}: array {key} is not this store's (damaged metadata: "
