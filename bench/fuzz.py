@@ -685,6 +685,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_case(case, args.seed, work, worker, timeouts, keep)
                 with lock:
                     done.append(case)
+                    log.write(json.dumps(asdict(case)) + "\n")  # partial results survive
+                    log.flush()
                     if len(done) % 250 == 0:
                         bad = sum(o in FAILURES for c in done for o, _ in c.results.values())
                         print(f"{len(done)} cases, {bad} failures, {time.time() - t0:.0f} s",
@@ -692,11 +694,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             worker.stop()
 
+    log = open(args.out / "cases.jsonl", "w")  # noqa: SIM115 (closed below)
     threads = [threading.Thread(target=loop) for _ in range(max(1, args.jobs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    log.close()
     done.sort(key=lambda c: c.number)
     seconds = time.time() - t0
     totals = Counter(o for c in done for o, _ in c.results.values())

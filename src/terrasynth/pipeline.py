@@ -31,12 +31,13 @@ import rasterio
 import torch
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.errors import CRSError, RasterioError
 from rasterio.warp import Resampling, calculate_default_transform
 
 from terrasynth.atomic import atomic_folder, output_files
 from terrasynth.data.align import AlignedGroup, align_scene, reference_grid, warp_to_grid
 from terrasynth.data.build import check_scene_values
-from terrasynth.data.raster_io import read_header
+from terrasynth.data.raster_io import first_line, read_header
 from terrasynth.data.scene import Grid, Layer, Scene
 from terrasynth.data.sources.generic import generic_scene, input_layout
 from terrasynth.data.stats import denormalise, normalise
@@ -628,14 +629,19 @@ def working_grid(scene: Scene, registry, gsd: float | None = None) -> Grid:
     gsd = gsd or ref.ground_resolution_m()
     lon, lat = first.grid.center_lonlat()
     crs = utm_crs(lon, lat)
-    transform, width, height = calculate_default_transform(
-        first.grid.crs,
-        crs,
-        first.grid.width,
-        first.grid.height,
-        *first.grid.bounds,
-        resolution=gsd,
-    )
+    try:
+        transform, width, height = calculate_default_transform(
+            first.grid.crs,
+            crs,
+            first.grid.width,
+            first.grid.height,
+            *first.grid.bounds,
+            resolution=gsd,
+        )
+    except (RasterioError, CRSError) as exc:
+        raise InputError(
+            f"{first.modality}: its grid cannot be projected to {crs} ({first_line(exc)})"
+        ) from exc
     return Grid(crs, transform, int(width), int(height))
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -732,7 +733,9 @@ def demo(
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: every bad option and every user error is one line
-    ``error: ...`` on stderr and exit code 2 (an interruption: 130), never a traceback."""
+    ``error: ...`` on stderr and exit code 2 (an interruption: 130), never a traceback.
+    Warnings of the libraries underneath are one line ``warning: ...`` each."""
+    warnings.showwarning = _show_warning
     try:
         code = app(args=argv, prog_name="terrasynth", standalone_mode=False)
     except TerrasynthError as exc:
@@ -746,6 +749,10 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         _fail("interrupted", 130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo("warning: " + " ".join(str(message).split()), err=True)
 
 
 def _fail(message: str, code: int) -> None:

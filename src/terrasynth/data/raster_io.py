@@ -77,6 +77,8 @@ def check_georeference(crs: CRS | None, t: Affine, width: int, height: int, path
         raise InputError(
             f"{path}: degenerate georeferencing (pixel size zero or not finite: transform {text})"
         )
+    if t.is_identity:
+        raise InputError(f"{path}: raster has no geotransform (not georeferenced)")
     if t.b != 0 or t.d != 0 or t.a < 0 or t.e > 0:
         raise InputError(
             f"{path}: the grid is not north-up (transform {text}); warp it to a north-up "
@@ -92,7 +94,8 @@ def check_georeference(crs: CRS | None, t: Affine, width: int, height: int, path
         raise InputError(
             f"{path}: its extent cannot be placed on the Earth ({first_line(exc)})"
         ) from exc
-    if not (np.isfinite([west, south, east, north]).all() and -90 <= south <= north <= 90):
+    on_earth = -90 <= south <= north <= 90 and west >= -540 and east <= 540
+    if not (np.isfinite([west, south, east, north]).all() and on_earth):
         raise InputError(
             f"{path}: its extent ({left:g}, {bottom:g}, {right:g}, {top:g} in {crs}) does not "
             "lie on the Earth (absurd georeferencing)"
@@ -213,6 +216,10 @@ def layer_from_raster(
     if nd is not None:
         valid &= ~(raw == nd) if not np.isnan(nd) else ~np.isnan(raw)
     if categorical:
+        if raw.dtype.kind == "f":  # class codes stored as floats: NaN, inf or fractions
+            inside = np.isfinite(raw) & (np.abs(raw) < 2**31)
+            valid &= inside
+            raw = np.where(inside, raw, 0)
         data = raw.astype(np.int32)
     else:
         data = raw.astype(np.float32)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ MAX_CHUNK_BYTES = 256 * 2**20  # a chunk whose metadata declares more is refused
 # (pyarrow's ArrowInvalid is a ValueError, its ArrowIOError an OSError)
 STORE_ERRORS = (ValueError, TypeError, RuntimeError, OSError, KeyError, AttributeError)
 # attributes every store has, with their types
+MAX_CHIP_SIZE = 4096
 STORE_ATTRS = {"chip_size": int, "modalities": dict, "stats": dict, "sources": dict}
 
 
@@ -276,13 +278,22 @@ class ChipStore:
         if attrs.get("terrasynth_store") != FORMAT_VERSION:
             raise TerrasynthError(f"{path}: unsupported store format version")
         for key, kind in STORE_ATTRS.items():
-            if not isinstance(attrs.get(key), kind):
+            if not isinstance(attrs.get(key), kind) or attrs.get(key) is True:
                 raise TerrasynthError(f"{path}: damaged chip store (attribute '{key}')")
+        if not 0 < attrs["chip_size"] <= MAX_CHIP_SIZE:
+            raise TerrasynthError(f"{path}: damaged chip store (chip size {attrs['chip_size']})")
         need = {"split", "scene_id", "source"} | {f"has_{m}" for m in attrs["modalities"]}
         missing = sorted(need - set(table.columns))
         if missing:
             raise TerrasynthError(f"{path}: damaged chip store (table lacks {', '.join(missing)})")
-        return cls(path, root, table)
+        store = cls(path, root, table)
+        try:
+            store.registry  # noqa: B018 (its modalities' entries are checked here)
+        except (TerrasynthError, *STORE_ERRORS) as exc:
+            raise TerrasynthError(
+                f"{path}: damaged chip store (modality entries: {first_line(exc)})"
+            ) from exc
+        return store
 
     def __len__(self) -> int:
         return len(self.table)
@@ -295,10 +306,26 @@ class ChipStore:
     def chip_size(self) -> int:
         return int(self.root.attrs["chip_size"])
 
-    @property
+    @cached_property
     def registry(self) -> Registry:
         """The registry entries of the modalities in this store, as they were at build time."""
         return Registry.from_dict({"modalities": self.root.attrs["modalities"]})
+
+    def _row_shape(self, key: str) -> tuple[int, ...] | None:
+        """The shape of one chip's row of array ``key`` (None for a key of another kind)."""
+        parts = key.split("/")
+        if parts[0] not in self.registry.modalities:
+            return None
+        mod = self.registry[parts[0]]
+        if parts[1:] == ["bands"]:
+            return (len(mod.bands),)
+        if parts[1:] == ["labels"]:
+            return (mod.num_classes,)
+        group = next((g for g in mod.groups if parts[1:2] == [g.name]), None)
+        if group is None or len(parts) != 3:
+            return None
+        side = self.chip_size // group.factor
+        return (len(group.bands), side, side) if parts[2] == "data" else (side, side)
 
     @property
     def modalities(self) -> list[str]:
@@ -326,9 +353,11 @@ class ChipStore:
             raise TerrasynthError(
                 f"{self.path}: array {key} missing or damaged ({first_line(exc)})"
             ) from exc
+        row = self._row_shape(key)
         if (
             not isinstance(arr, zarr.Array)
             or arr.shape[:1] != (len(self),)
+            or (row is not None and arr.shape[1:] != row)
             or _nbytes(arr.chunks, arr.dtype) > MAX_CHUNK_BYTES
             or _nbytes((arr.chunks[0], *arr.shape[1:]), arr.dtype) > MAX_CHUNK_BYTES
         ):
