@@ -93,12 +93,12 @@ SEEDS = (
     Seed("patagonia", "source", "s2_patagonia"),
     Seed("peru", "source", "s1_landsat8sr_peru"),
     Seed("bigearthnet_v1", "source", "bigearthnet_v1_examples"),
-    Seed("bigearthnet_v2", "source", "bigearthnet_v2_lmdb", weight=0.5),
-    Seed("eopatch", "source", "eolearn_eopatch"),
+    Seed("bigearthnet_v2", "source", "bigearthnet_v2_lmdb", weight=0.25),
+    Seed("eopatch", "source", "eolearn_eopatch", weight=0.5),
     Seed("flair", "source", "flair2"),
     Seed("ssl4eo", "source", "ssl4eo_s12"),
-    Seed("majortom", "source", "majortom_core", weight=0.5),
-    Seed("zion", "source", "zion_landsat8_srtm_nlcd", weight=0.5),
+    Seed("majortom", "source", "majortom_core", weight=0.25),
+    Seed("zion", "source", "zion_landsat8_srtm_nlcd", weight=0.25),
     Seed("store", "store", "store", weight=1.5),
 )
 # command lines each seed kind goes through
@@ -310,6 +310,7 @@ class Case:
     mutation: str
     cli: str | None
     results: dict[str, tuple[str, str]] = field(default_factory=dict)  # target -> outcome
+    seconds: float = 0.0
 
 
 def seed_root(seed: Seed, work: Path) -> Path:
@@ -507,6 +508,7 @@ class Worker:
 def run_case(case: Case, master: int, work: Path, worker: Worker, timeouts, keep: Path | None):
     seed = next(s for s in SEEDS if s.name == case.seed)
     folder = Path(tempfile.mkdtemp(prefix=f"case{case.number}-", dir=work / "cases"))
+    t0 = time.perf_counter()
     try:
         top = prepare(case, master, work, folder)
         before = _listing(folder)
@@ -526,6 +528,7 @@ def run_case(case: Case, master: int, work: Path, worker: Worker, timeouts, keep
                 outcome = ("leftover", ", ".join(sorted(left))[:300])
             case.results[case.cli] = outcome
     finally:
+        case.seconds = round(time.perf_counter() - t0, 2)
         if keep is not None:
             shutil.copytree(folder, keep / folder.name, symlinks=True)
         shutil.rmtree(folder, ignore_errors=True)
@@ -646,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--cli-fraction", type=float, default=0.04)
+    ap.add_argument("--cli-fraction", type=float, default=0.02)
     ap.add_argument("--case", type=int, help="run this one case only")
     ap.add_argument("--keep", action="store_true", help="keep the case folders (in --out)")
     ap.add_argument("--reader-timeout", type=float, default=60)

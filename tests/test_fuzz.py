@@ -175,3 +175,31 @@ def test_georeferencing_that_cannot_be_placed_is_an_input_error(tmp_path, crs, t
         dst.write(data)
     with pytest.raises(InputError, match=message):
         generic_scene([("dem", path)])
+
+
+def test_a_source_file_in_a_local_crs_is_an_input_error_when_aligned(tmp_path):
+    """Found: one file of a described folder in a local CRS made GDAL's reproject fail
+    (CPLE_NotSupportedError: no coordinate operation) inside the alignment."""
+    import shutil
+
+    import rasterio
+    from rasterio.crs import CRS
+
+    from terrasynth.data.align import align_scene
+    from terrasynth.data.sources import detect_source
+    from terrasynth.errors import InputError
+    from terrasynth.modalities import default_registry
+    from tests.conftest import DATA
+
+    name = "s1_s2l1c_srtm_monthly_togo"
+    folder = Path(shutil.copytree(DATA / name, tmp_path / name))
+    dem = folder / "srtm_elevation_slope.tif"
+    with rasterio.open(dem) as f:
+        data, profile = f.read(), f.profile
+    dem.unlink()
+    with rasterio.open(dem, "w", **{**profile, "crs": CRS.from_wkt('LOCAL_CS["arbitrary"]')}) as f:
+        f.write(data)
+    registry = default_registry()
+    with pytest.raises(InputError, match="cannot warp a layer in LOCAL_CS"):
+        for scene in detect_source(folder).scenes(folder):
+            align_scene(scene, registry)

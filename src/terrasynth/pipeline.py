@@ -31,13 +31,12 @@ import rasterio
 import torch
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.errors import CRSError, RasterioError
 from rasterio.warp import Resampling, calculate_default_transform
 
 from terrasynth.atomic import atomic_folder, output_files
 from terrasynth.data.align import AlignedGroup, align_scene, reference_grid, warp_to_grid
 from terrasynth.data.build import check_scene_values
-from terrasynth.data.raster_io import first_line, read_header
+from terrasynth.data.raster_io import GDAL_ERRORS, first_line, read_header
 from terrasynth.data.scene import Grid, Layer, Scene
 from terrasynth.data.sources.generic import generic_scene, input_layout
 from terrasynth.data.stats import denormalise, normalise
@@ -638,7 +637,7 @@ def working_grid(scene: Scene, registry, gsd: float | None = None) -> Grid:
             *first.grid.bounds,
             resolution=gsd,
         )
-    except (RasterioError, CRSError) as exc:
+    except GDAL_ERRORS as exc:
         raise InputError(
             f"{first.modality}: its grid cannot be projected to {crs} ({first_line(exc)})"
         ) from exc

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from rasterio.warp import Resampling, reproject
 
+from terrasynth.data.raster_io import GDAL_ERRORS, first_line
 from terrasynth.data.scene import Grid, Layer, Scene
+from terrasynth.errors import InputError
 from terrasynth.modalities import Modality, Registry
 
 
@@ -76,19 +78,30 @@ def warp_to_grid(
     out = np.zeros((dst.height, dst.width), np.float32)
     # NaN marks invalid input so bilinear weights never mix nodata into valid pixels.
     src_f = np.where(src_valid, src.astype(np.float32), np.nan)
-    reproject(
-        src_f,
-        out,
-        src_transform=src_transform,
-        src_crs=src_crs,
-        dst_transform=dst.transform,
-        dst_crs=dst.crs,
-        src_nodata=np.nan,
-        dst_nodata=np.nan,
-        resampling=resampling,
-    )
+    try:
+        reproject(
+            src_f,
+            out,
+            src_transform=src_transform,
+            src_crs=src_crs,
+            dst_transform=dst.transform,
+            dst_crs=dst.crs,
+            src_nodata=np.nan,
+            dst_nodata=np.nan,
+            resampling=resampling,
+        )
+    except GDAL_ERRORS as exc:  # e.g. no coordinate operation from a local CRS to EPSG
+        raise InputError(
+            f"cannot warp a layer in {_crs_text(src_crs)} onto a grid in {_crs_text(dst.crs)} "
+            f"({first_line(exc)[:120]})"
+        ) from exc
     valid = np.isfinite(out)
     return np.where(valid, out, 0.0).astype(np.float32), valid
+
+
+def _crs_text(crs) -> str:
+    text = crs.to_string() if crs is not None else "no CRS"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def align_scene(scene: Scene, registry: Registry) -> AlignedScene:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import rasterio
 from affine import Affine
+from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
 from rasterio.errors import CRSError, RasterioError
 from rasterio.warp import transform_bounds
@@ -29,9 +30,12 @@ MAX_READ_BYTES = 2 * 2**30  # largest whole-file read (raw values as stored)
 # GDAL's block cache (MB) while reading: its default grows to 5 % of the machine's memory
 GDAL_CACHE_MB = 64
 EPSG_4326 = CRS.from_epsg(4326)
-# errors GDAL and rasterio raise for damaged files: a message GDAL cannot decode as UTF-8
-# or a file name that is not UTF-8 surfaces as a UnicodeError
-READ_ERRORS = (RasterioError, UnicodeError)
+# errors GDAL raises through rasterio: its own, and GDAL's C-level errors (CPLE_*, e.g. from
+# reproject or PROJ), which rasterio exposes under no public name
+GDAL_ERRORS = (RasterioError, CRSError, CPLE_BaseError)
+# errors reading damaged files: also a message GDAL cannot decode as UTF-8, or a file name
+# that is not UTF-8, surfaces as a UnicodeError
+READ_ERRORS = (*GDAL_ERRORS, UnicodeError)
 
 
 @dataclass
@@ -90,7 +94,7 @@ def check_georeference(crs: CRS | None, t: Affine, width: int, height: int, path
     right, bottom = t @ (width, height)
     try:
         west, south, east, north = transform_bounds(crs, EPSG_4326, left, bottom, right, top)
-    except (RasterioError, CRSError) as exc:
+    except GDAL_ERRORS as exc:
         raise InputError(
             f"{path}: its extent cannot be placed on the Earth ({first_line(exc)})"
         ) from exc

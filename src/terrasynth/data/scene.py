@@ -15,8 +15,9 @@ from typing import Protocol
 
 import numpy as np
 from affine import Affine
+from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
-from rasterio.errors import CRSError
+from rasterio.errors import CRSError, RasterioError
 
 from terrasynth.errors import InputError
 from terrasynth.modalities import Registry
@@ -86,7 +87,12 @@ class Grid:
         x, y = self.transform @ (self.width / 2, self.height / 2)
         if self.crs.is_geographic:
             return float(x), float(y)
-        lon, lat = warp_transform(self.crs, CRS.from_epsg(4326), [x], [y])
+        try:
+            lon, lat = warp_transform(self.crs, CRS.from_epsg(4326), [x], [y])
+        except (RasterioError, CRSError, CPLE_BaseError) as exc:  # a local CRS, say
+            raise InputError(f"a grid in {self.crs} cannot be placed on the Earth") from exc
+        if not (np.isfinite(lon[0]) and np.isfinite(lat[0])):
+            raise InputError(f"a grid in {self.crs} does not lie on the Earth")
         return float(lon[0]), float(lat[0])
 
 

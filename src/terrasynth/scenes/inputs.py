@@ -21,6 +21,7 @@ from rasterio.windows import Window, from_bounds
 from terrasynth.data.align import AlignedGroup, align_scene
 from terrasynth.data.raster_io import (
     GDAL_CACHE_MB,
+    GDAL_ERRORS,
     READ_ERRORS,
     Raster,
     check_header,
@@ -118,7 +119,10 @@ def read_region(files: list[InputFile], grid: Grid, registry: Registry):
 def _window_over(src, grid: Grid, margin: int = 2) -> Window | None:
     """The file window covering ``grid``'s footprint, grown by ``margin`` px; None if the
     footprint misses the file."""
-    left, bottom, right, top = transform_bounds(grid.crs, src.crs, *grid.bounds, densify_pts=21)
+    try:
+        left, bottom, right, top = transform_bounds(grid.crs, src.crs, *grid.bounds, densify_pts=21)
+    except GDAL_ERRORS as exc:
+        raise InputError(f"{src.name}: cannot place a tile in its CRS ({first_line(exc)})") from exc
     win = from_bounds(left, bottom, right, top, transform=src.transform)
     c0 = int(np.floor(win.col_off)) - margin
     r0 = int(np.floor(win.row_off)) - margin

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.errors import CRSError, RasterioError
 from rasterio.warp import transform_bounds
 
 from terrasynth.data.align import reference_grid
-from terrasynth.data.raster_io import READ_ERRORS, first_line, read_layer
+from terrasynth.data.raster_io import GDAL_ERRORS, READ_ERRORS, first_line, read_layer
 from terrasynth.data.scene import Grid, Layer, Scene
 from terrasynth.errors import InputError
 from terrasynth.modalities import Modality, Registry, default_registry
@@ -90,7 +89,7 @@ def overlaps(grid: Grid, ref: Grid, path: Path) -> bool:
         )
     try:
         left, bottom, right, top = transform_bounds(grid.crs, ref.crs, *grid.bounds)
-    except (RasterioError, CRSError) as exc:
+    except GDAL_ERRORS as exc:
         raise InputError(f"{path}: cannot transform its extent ({first_line(exc)})") from exc
     if not np.all(np.isfinite([left, bottom, right, top])):
         return False
