@@ -203,3 +203,16 @@ def test_a_source_file_in_a_local_crs_is_an_input_error_when_aligned(tmp_path):
     with pytest.raises(InputError, match="cannot warp a layer in LOCAL_CS"):
         for scene in detect_source(folder).scenes(folder):
             align_scene(scene, registry)
+
+
+def test_a_whole_scene_run_refused_at_its_inputs_leaves_no_work_folder(tmp_path):
+    """Found: a header declaring 2,000 px sent generate to the whole-scene engine, whose
+    input check failed after the work folder (lock and marker) was made: `out.work` stayed."""
+    from tests.conftest import DATA, run_cli
+
+    lying = tmp_path / "dem.tif"
+    dem = DATA / "athabasca_hls_s30_l30_dem" / "dem_30m.tif"
+    lying.write_bytes(fuzz.set_tiff_size(dem.read_bytes(), 2000, 2000))
+    res = run_cli("generate", "-i", f"dem={lying}", "-t", "s2l2a", "-o", str(tmp_path / "out"))
+    assert res.returncode == 2 and res.stderr.startswith("error:") and "Traceback" not in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dem.tif"]
