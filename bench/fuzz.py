@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -152,7 +153,8 @@ def _rewrite_raster(path: Path, data: bytes, change) -> bytes:
         descriptions = src.descriptions
     profile, array = change(dict(profile), array)
     profile.update(count=array.shape[0], dtype=array.dtype.name, driver="GTiff")
-    with MemoryFile() as out:
+    with MemoryFile() as out, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an absurd transform is the point here
         with out.open(**profile) as dst, rasterio.Env(GTIFF_SRS_SOURCE="EPSG"):
             dst.write(array)
             if len(descriptions) == array.shape[0]:
@@ -594,8 +596,6 @@ def read_store(path: Path) -> None:
 
 def worker_main() -> None:
     """Read requests (JSON lines) on stdin, answer each with one JSON line."""
-    import warnings
-
     warnings.simplefilter("ignore")
     from terrasynth.errors import TerrasynthError
 
