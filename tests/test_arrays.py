@@ -93,7 +93,7 @@ def test_bad_array_inputs_are_one_line_errors(pipe, s1_files):
     cases = [
         (("s1grd:VV", no_crs), "has no CRS"),
         (("s1grd:VV", (da.values, Affine.identity())), "(array, transform, crs)"),
-        (("s1grd:VV", (da.values, Affine(0, 0, 0, 0, 0, 0), 32633)), "degenerate transform"),
+        (("s1grd:VV", (da.values, Affine(0, 0, 0, 0, 0, 0), 32633)), "degenerate georeferencing"),
         (("s1grd:VV", (da.values, da.rio.transform(), "no such crs")), "not a CRS"),
         (("s1grd", GeoArray(da.values, da.rio.transform(), 32633)), "expects 2 bands"),
         (("s1grd", GeoArray(np.zeros((2, 0, 3)), da.rio.transform(), 32633)), "shape"),

@@ -53,7 +53,7 @@ def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_result(tmp_pa
     assert work_folder(out).exists()
     resumed = run_cli(*args, "-o", str(out))
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming:" in resumed.stderr
+    assert "resuming:" in resumed.stdout
     for name in ("s2l2a_sample0.tif", "s2l2a_mean.tif"):
         with rasterio.open(tmp_path / "whole" / name) as a, rasterio.open(out / name) as b:
             assert np.array_equal(a.read(), b.read())

@@ -34,7 +34,8 @@ from rasterio.crs import CRS
 from rasterio.errors import CRSError
 
 from terrasynth.cog import BLOCK
-from terrasynth.data.raster_io import Raster
+from terrasynth.data.raster_io import Header, Raster, check_georeference, read_header
+from terrasynth.data.scene import Grid
 from terrasynth.errors import InputError, TerrasynthError
 from terrasynth.extras import require
 
@@ -80,6 +81,17 @@ def as_raster(value: Any, key: str) -> Raster | None:
     return _raster(label, _from_dataarray(label, value))
 
 
+def input_header(value: Any, key: str) -> Header:
+    """The checked :class:`Header` of input ``key``: read from a file's header, or taken
+    from an in-memory array (already in memory, so nothing is read)."""
+    raster = as_raster(value, key)
+    if raster is None:
+        return read_header(value)
+    _, height, width = raster.raw.shape
+    grid = Grid(raster.crs, raster.transform, width, height)
+    return Header(raster.path, grid, raster.count, raster.raw.dtype.itemsize)
+
+
 def _raster(label: Path, g: GeoArray) -> Raster:
     data = np.asarray(g.data)
     if data.ndim == 2:
@@ -91,8 +103,7 @@ def _raster(label: Path, g: GeoArray) -> Raster:
     except (CRSError, TypeError, ValueError) as exc:
         raise InputError(f"{label}: not a CRS: {g.crs!r}") from exc
     transform = g.transform if isinstance(g.transform, Affine) else Affine(*list(g.transform)[:6])
-    if transform.is_degenerate:
-        raise InputError(f"{label}: degenerate transform {tuple(transform)[:6]}")
+    check_georeference(crs, transform, data.shape[2], data.shape[1], label)
     names = tuple(g.bands) if g.bands is not None else (None,) * data.shape[0]
     if len(names) != data.shape[0]:
         raise InputError(f"{label}: {len(names)} band names for {data.shape[0]} bands")

@@ -33,13 +33,14 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.warp import Resampling, calculate_default_transform
 
-from terrasynth.arrays import VARIABLES, GeoArray, describe_input
+from terrasynth.arrays import VARIABLES, GeoArray, as_raster, describe_input, input_header
 from terrasynth.atomic import atomic_folder, output_files
 from terrasynth.cog import cog_options
 from terrasynth.data.align import AlignedGroup, align_scene, reference_grid, warp_to_grid
 from terrasynth.data.build import check_scene_values
-from terrasynth.data.scene import Grid, Scene
-from terrasynth.data.sources.generic import generic_scene
+from terrasynth.data.raster_io import GDAL_ERRORS, first_line
+from terrasynth.data.scene import Grid, Layer, Scene
+from terrasynth.data.sources.generic import generic_scene, input_layout
 from terrasynth.data.stats import denormalise, normalise
 from terrasynth.errors import InputError, TerrasynthError, UnknownModalityError
 from terrasynth.modalities import Modality
@@ -51,9 +52,12 @@ from terrasynth.sampling.flow import FlowSampler
 from terrasynth.sampling.windows import sample_independent_tiles, sample_scene
 from terrasynth.stac import write_item
 
-# Scenes up to this many working pixels per side are generated in memory; larger ones go
-# to the whole-scene engine (``terrasynth.scenes``: tiles, state on disk, resumable).
+# Scenes up to this many working pixels per side, whose inputs take at most
+# MAX_MEMORY_BYTES read whole, are generated in memory; others go to the whole-scene engine
+# (``terrasynth.scenes``: tiles, state on disk, resumable). Decided from headers only.
 MAX_SIDE = 1024
+MAX_MEMORY_BYTES = 512 * 2**20
+BYTES_PER_VALUE = 4 + 1  # beyond the stored value: its float32 copy and validity flag
 VECTOR_NAMES = ("location", "time")
 
 
@@ -265,6 +269,53 @@ class Pipeline:
         return out
 
     # -- generation ------------------------------------------------------------------------
+    def _check_inputs(self, items: list[tuple[str, str | Path]]) -> None:
+        for key, _ in items:
+            name = key.partition(":")[0]
+            if name not in self.modalities:
+                raise UnknownModalityError(
+                    f"the model does not know input modality '{name}' "
+                    f"(it knows: {', '.join(self.modalities)})"
+                )
+
+    def in_memory_refusal(
+        self,
+        inputs: Iterable[tuple[str, str | Path]],
+        gsd: float | None = None,
+        size: int | None = None,
+    ) -> str | None:
+        """Why :meth:`generate` cannot run these inputs in memory, or None when it can.
+
+        Decided from the files' headers, before any pixel is read: a working grid of more
+        than :data:`MAX_SIDE` px per side, or inputs estimated at more than
+        :data:`MAX_MEMORY_BYTES` read whole. Such scenes go to the whole-scene engine."""
+        items = list(inputs)
+        self._check_inputs(items)
+        window = self.model.config.window_size
+        registry = self.model.config.registry
+        if not items:
+            side = max(window, -(-(size or 2 * window) // 4) * 4)
+            work = None
+        else:
+            key, file = items[0]
+            first = input_header(file, key)
+            mod, bands, _ = input_layout(key, first.path, registry, as_raster(file, key))
+            grid = header_working_grid(first.grid, mod.name, bands, registry, gsd)
+            work = padded_grid(grid, window)
+            side = max(work.width, work.height)
+        if side > MAX_SIDE:
+            shape = f"{work.width} x {work.height}" if work else f"{side} x {side}"
+            gsd_m = work.ground_resolution_m() if work else gsd or 10.0
+            return f"the scene is {shape} px at {gsd_m:.1f} m, more than {MAX_SIDE} px per side"
+        headers = [input_header(file, key) for key, file in items]
+        need = sum(h.nbytes + h.nbytes // h.itemsize * BYTES_PER_VALUE for h in headers)
+        if need > MAX_MEMORY_BYTES:
+            return (
+                f"its inputs take about {need / 2**20:.0f} MiB read whole, more than "
+                f"{MAX_MEMORY_BYTES // 2**20} MiB"
+            )
+        return None
+
     def generate(
         self,
         inputs: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
@@ -315,14 +366,14 @@ class Pipeline:
         steps = sampling_steps(self.model, steps)  # None: the model's own; one-step: 1
         if num_samples < 1 or steps < 1:
             raise TerrasynthError("num_samples and steps must be at least 1")
-        for key, _ in items:
-            name = key.partition(":")[0]
-            if name not in self.modalities:
-                raise UnknownModalityError(
-                    f"the model does not know input modality '{name}' "
-                    f"(it knows: {', '.join(self.modalities)})"
-                )
+        self._check_inputs(items)
         days = days_since_epoch(time)
+        refusal = self.in_memory_refusal(items, gsd, size)
+        if refusal is not None:
+            raise InputError(
+                f"{refusal}: too large to generate in memory "
+                "(use the whole-scene engine: generate --stream)"
+            )
         warnings: list[str] = []
         if items:
             scene = generic_scene(items, registry=registry, scaling=scaling)
@@ -339,12 +390,6 @@ class Pipeline:
             if location is None and "location" not in targets and cfg.use_location:
                 targets.append("location")  # the place is generated too, then georeferenced
         work = padded_grid(work, cfg.window_size)
-        if max(work.width, work.height) > MAX_SIDE:
-            raise InputError(
-                f"the scene is {work.width} x {work.height} px at "
-                f"{work.ground_resolution_m():.1f} m; this version generates up to "
-                f"{MAX_SIDE} px per side in memory (use the whole-scene engine: generate --stream)"
-            )
         aligned = align_scene(
             Scene(scene.scene_id, "generic", "user", work, scene.layers), registry
         )
@@ -591,6 +636,16 @@ def _vector_result(name: str, gen, reg) -> TargetResult:
     return TargetResult(mod, (), values=values)
 
 
+def header_working_grid(
+    grid: Grid, modality: str, bands: tuple[str, ...], registry, gsd: float | None = None
+) -> Grid:
+    """:func:`working_grid` of a first input known from its header only: its grid and the
+    bands it holds (a zero-copy stand-in takes the place of its pixels)."""
+    stub = np.broadcast_to(np.float32(0), (len(bands), grid.height, grid.width))
+    layer = Layer(modality, bands, stub, grid.crs, grid.transform)
+    return working_grid(Scene("header", "generic", "user", grid, [layer]), registry, gsd)
+
+
 def working_grid(scene: Scene, registry, gsd: float | None = None) -> Grid:
     """The grid generation runs on: metres, at the model's native resolution for the first
     input (its own grid, refined where a band group needs it, when projected in metres),
@@ -606,14 +661,19 @@ def working_grid(scene: Scene, registry, gsd: float | None = None) -> Grid:
     gsd = gsd or ref.ground_resolution_m()
     lon, lat = first.grid.center_lonlat()
     crs = utm_crs(lon, lat)
-    transform, width, height = calculate_default_transform(
-        first.grid.crs,
-        crs,
-        first.grid.width,
-        first.grid.height,
-        *first.grid.bounds,
-        resolution=gsd,
-    )
+    try:
+        transform, width, height = calculate_default_transform(
+            first.grid.crs,
+            crs,
+            first.grid.width,
+            first.grid.height,
+            *first.grid.bounds,
+            resolution=gsd,
+        )
+    except GDAL_ERRORS as exc:
+        raise InputError(
+            f"{first.modality}: its grid cannot be projected to {crs} ({first_line(exc)})"
+        ) from exc
     return Grid(crs, transform, int(width), int(height))
 
 

@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from terrasynth.data.align import legend_lookup  # noqa: E402
 from terrasynth.data.preview import render_chip  # noqa: E402
 from terrasynth.modalities import Modality  # noqa: E402
 
@@ -35,15 +36,9 @@ def _as_groups(
     valid = np.isfinite(arr).all(0) if arr.dtype.kind == "f" else np.ones(arr.shape[1:], bool)
     arr = np.nan_to_num(arr)
     if mod.kind == "categorical" and codes:
-        index = mod.class_index()
-        lut = np.full(max(index) + 1, -1)
-        for code, i in index.items():
-            lut[code] = i
-        c = arr[:1].astype(int)
-        inside = (c >= 0) & (c < len(lut))
-        idx = np.where(inside, lut[np.clip(c, 0, len(lut) - 1)], -1)
-        valid = valid & (idx[0] >= 0)
-        arr = np.maximum(idx, 0)
+        idx, known = legend_lookup(arr[:1], mod.class_index())
+        valid = valid & known[0]
+        arr = idx
     return {mod.groups[0].name: (arr, valid)}
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -333,7 +334,13 @@ def generate(
         cascade_start=cascade_start,
         **settings,
     )
-    if stream or cascade or engine != "local" or scheduler is not None or _too_large(pipe, spec):
+    whole = stream or cascade or engine != "local" or scheduler is not None
+    if not whole:
+        refusal = pipe.in_memory_refusal(spec.inputs, gsd, size)  # from the headers only
+        if refusal is not None:
+            typer.echo(f"note: {refusal}: generating it with the whole-scene engine")
+            whole = True
+    if whole:
         _generate_scene(pipe, spec, output, overwrite, engine, scheduler, workers)
         return
     with Progress(
@@ -360,17 +367,6 @@ def generate(
     )
 
 
-def _too_large(pipe, spec) -> bool:
-    """Whether the working grid exceeds what in-memory generation takes."""
-    from terrasynth.pipeline import MAX_SIDE
-    from terrasynth.scenes.job import SceneJob
-
-    if not spec.inputs and (spec.size or 0) <= MAX_SIDE:
-        return False
-    job = SceneJob(pipe, spec, Path("unused"))
-    return max(job.work.width, job.work.height) > MAX_SIDE
-
-
 def _generate_scene(pipe, spec, output: Path, overwrite, engine, scheduler, workers) -> None:
     """The whole-scene path of ``generate``: tiles, state on disk, resumable."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -384,11 +380,10 @@ def _generate_scene(pipe, spec, output: Path, overwrite, engine, scheduler, work
         typer.echo(
             f"whole scene: {job.grid.width} x {job.grid.height} px at {job.gsd:.1f} m "
             f"({w.crs.to_string()}), {len(job.tiles())} tiles x {len(job.phases())} phases; "
-            f"state in {job.folder} (rerun the same command to resume)",
-            err=True,
+            f"state in {job.folder} (rerun the same command to resume)"
         )
         if left < tasks:
-            typer.echo(f"resuming: {tasks - left} of {tasks} tile tasks already done", err=True)
+            typer.echo(f"resuming: {tasks - left} of {tasks} tile tasks already done")
 
     with Progress(
         TextColumn("{task.description}"),
@@ -548,7 +543,7 @@ def evaluate(
         raise TerrasynthError(f"no direction to evaluate on the {split} split of {store}")
     results = run_benchmark(
         predictors, config, str(store), directions, split, num_samples, seed, max_chips,
-        progress=lambda line: typer.echo(line, err=True),
+        progress=typer.echo,
         chips=frozen["directions"] if frozen is not None else None,
         shuffle_conditions=shuffle_conditions,
     )  # fmt: skip
@@ -567,7 +562,7 @@ def evaluate(
     if seam_input:
         from terrasynth.evaluation.seams import scene_seams
 
-        typer.echo("seams: generating the scene with shared noise and independent tiles", err=True)
+        typer.echo("seams: generating the scene with shared noise and independent tiles")
         seams = scene_seams(pipe, parse_inputs(seam_input), seam_target or ["s2l2a"], seed, steps)
         settings["seam_input"] = list(seam_input)
     report = write_report(
@@ -743,7 +738,9 @@ def demo(
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: every bad option and every user error is one line
-    ``error: ...`` on stderr and exit code 2 (an interruption: 130), never a traceback."""
+    ``error: ...`` on stderr and exit code 2 (an interruption: 130), never a traceback.
+    Warnings of the libraries underneath are one line ``warning: ...`` each."""
+    warnings.showwarning = _show_warning
     try:
         code = app(args=argv, prog_name="terrasynth", standalone_mode=False)
     except TerrasynthError as exc:
@@ -757,6 +754,10 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         _fail("interrupted", 130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo("warning: " + " ".join(str(message).split()), err=True)
 
 
 def _fail(message: str, code: int) -> None:

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from rasterio.warp import Resampling, reproject
 
+from terrasynth.data.raster_io import GDAL_ERRORS, first_line
 from terrasynth.data.scene import Grid, Layer, Scene
+from terrasynth.errors import InputError
 from terrasynth.modalities import Modality, Registry
 
 
@@ -76,19 +78,30 @@ def warp_to_grid(
     out = np.zeros((dst.height, dst.width), np.float32)
     # NaN marks invalid input so bilinear weights never mix nodata into valid pixels.
     src_f = np.where(src_valid, src.astype(np.float32), np.nan)
-    reproject(
-        src_f,
-        out,
-        src_transform=src_transform,
-        src_crs=src_crs,
-        dst_transform=dst.transform,
-        dst_crs=dst.crs,
-        src_nodata=np.nan,
-        dst_nodata=np.nan,
-        resampling=resampling,
-    )
+    try:
+        reproject(
+            src_f,
+            out,
+            src_transform=src_transform,
+            src_crs=src_crs,
+            dst_transform=dst.transform,
+            dst_crs=dst.crs,
+            src_nodata=np.nan,
+            dst_nodata=np.nan,
+            resampling=resampling,
+        )
+    except GDAL_ERRORS as exc:  # e.g. no coordinate operation from a local CRS to EPSG
+        raise InputError(
+            f"cannot warp a layer in {_crs_text(src_crs)} onto a grid in {_crs_text(dst.crs)} "
+            f"({first_line(exc)[:120]})"
+        ) from exc
     valid = np.isfinite(out)
     return np.where(valid, out, 0.0).astype(np.float32), valid
+
+
+def _crs_text(crs) -> str:
+    text = crs.to_string() if crs is not None else "no CRS"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def align_scene(scene: Scene, registry: Registry) -> AlignedScene:
@@ -124,16 +137,28 @@ def align_scene(scene: Scene, registry: Registry) -> AlignedScene:
     return AlignedScene(scene, groups)
 
 
+def legend_lookup(codes: np.ndarray, index: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Class indices of legend ``codes`` (``index``: code -> class index) and where a code
+    is in the legend (elsewhere the index is 0).
+
+    A binary search in the sorted legend codes: memory grows with the legend, never with
+    the code values an array holds (a corrupt code of 2e9 costs nothing more)."""
+    flat = codes.astype(np.int64, copy=False)
+    if not index:
+        return np.zeros(flat.shape, np.int32), np.zeros(flat.shape, bool)
+    keys = np.array(sorted(index), np.int64)
+    values = np.array([index[k] for k in keys.tolist()], np.int32)
+    pos = np.searchsorted(keys, flat).clip(0, len(keys) - 1)
+    known = keys[pos] == flat
+    return np.where(known, values[pos], 0), known
+
+
 def _codes_to_index(
     codes: np.ndarray, valid: np.ndarray, index: dict[int, int], modality: Modality
 ) -> tuple[np.ndarray, np.ndarray]:
     """Map legend codes to class indices 0..K-1; codes outside the legend become invalid."""
-    lut_size = max(max(index) + 1, int(codes.max(initial=0)) + 1)
-    lut = np.full(lut_size, -1, np.int32)
-    for code, i in index.items():
-        lut[code] = i
-    idx = lut[np.clip(codes, 0, lut_size - 1).astype(np.int64)]
+    idx, known = legend_lookup(codes, index)
     if modality.nodata is not None:
         valid = valid & (codes != modality.nodata)
-    ok = valid & (idx >= 0) & (codes >= 0)
+    ok = valid & known
     return np.where(ok, idx, 0), ok

@@ -128,8 +128,7 @@ class ChipDataset(Dataset):
         if hit is None:
             if self.store is None:
                 self.store = ChipStore.open(self.path)
-            arr = self.store.array(key)
-            hit = arr[chunk * CHUNK_CHIPS : (chunk + 1) * CHUNK_CHIPS]
+            hit = self.store.read(key, slice(chunk * CHUNK_CHIPS, (chunk + 1) * CHUNK_CHIPS))
             self._cache[(key, chunk)] = hit
             if len(self._cache) > self.cache_chunks * max(1, len(self.modalities) * 3):
                 self._cache.popitem(last=False)

@@ -67,8 +67,8 @@ def render_chip(
 def _read_groups(store: ChipStore, mod: Modality, i: int) -> dict:
     return {
         g.name: (
-            store.array(f"{mod.name}/{g.name}/data")[i],
-            store.array(f"{mod.name}/{g.name}/valid")[i],
+            store.read(f"{mod.name}/{g.name}/data", i),
+            store.read(f"{mod.name}/{g.name}/valid", i),
         )
         for g in mod.groups
     }

@@ -1,6 +1,9 @@
 """Shared reading helpers for readers: GeoTIFFs, layer stacking and JSON files.
 
 One place where rasterio and JSON errors become clear one-line :class:`InputError` s.
+Every raster is checked from its header before a pixel is read (:func:`check_header`):
+absurd sizes, degenerate georeferencing and whole-file reads beyond :data:`MAX_READ_BYTES`
+are refused, so no allocation grows with a number read from a file.
 """
 
 from __future__ import annotations
@@ -14,11 +17,25 @@ from typing import Any
 import numpy as np
 import rasterio
 from affine import Affine
+from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
-from rasterio.errors import RasterioError
+from rasterio.errors import CRSError, RasterioError
+from rasterio.warp import transform_bounds
 
-from terrasynth.data.scene import Layer
+from terrasynth.data.scene import Grid, Layer
 from terrasynth.errors import InputError
+
+MAX_BAND_PIXELS = 2**32  # pixels per band a header may declare (65,536 px squared)
+MAX_READ_BYTES = 2 * 2**30  # largest whole-file read (raw values as stored)
+# GDAL's block cache (MB) while reading: its default grows to 5 % of the machine's memory
+GDAL_CACHE_MB = 64
+EPSG_4326 = CRS.from_epsg(4326)
+# errors GDAL raises through rasterio: its own, and GDAL's C-level errors (CPLE_*, e.g. from
+# reproject or PROJ), which rasterio exposes under no public name
+GDAL_ERRORS = (RasterioError, CRSError, CPLE_BaseError)
+# errors reading damaged files: also a message GDAL cannot decode as UTF-8, or a file name
+# that is not UTF-8, surfaces as a UnicodeError
+READ_ERRORS = (*GDAL_ERRORS, UnicodeError)
 
 
 @dataclass
@@ -37,8 +54,93 @@ class Raster:
         return self.raw.shape[0]
 
 
-def open_raster(path: str | Path) -> Raster:
-    """Read every band of a raster file; corrupt, truncated or CRS-less files are refused."""
+def check_header(src: Any, path: Path) -> None:
+    """Refuse a raster whose header cannot describe a real image, before any pixel is read:
+    no band, a side of 0 px, more than :data:`MAX_BAND_PIXELS` per band, or a transform
+    with a zero or non-finite pixel size."""
+    width, height, count = src.width, src.height, src.count
+    if count < 1:
+        raise InputError(f"{path}: raster has no band")
+    if width < 1 or height < 1:
+        raise InputError(f"{path}: raster declares {width} x {height} px (empty or corrupt header)")
+    if width * height > MAX_BAND_PIXELS:
+        raise InputError(
+            f"{path}: header declares {width} x {height} px per band, more than 2**32 "
+            "(corrupt header?)"
+        )
+    check_georeference(src.crs, src.transform, width, height, path)
+
+
+def check_georeference(crs: CRS | None, t: Affine, width: int, height: int, path: Path) -> None:
+    """Refuse georeferencing terrasynth cannot place: a zero or non-finite pixel size, a
+    grid that is not north-up (rotated, sheared or flipped), or, in a geodetic CRS, an
+    extent that does not lie on the Earth."""
+    coefficients = (t.a, t.b, t.c, t.d, t.e, t.f)
+    text = ", ".join(f"{c:g}" for c in coefficients)
+    if not all(np.isfinite(coefficients)) or t.a * t.e - t.b * t.d == 0:
+        raise InputError(
+            f"{path}: degenerate georeferencing (pixel size zero or not finite: transform {text})"
+        )
+    if t.is_identity:
+        raise InputError(f"{path}: raster has no geotransform (not georeferenced)")
+    if t.b != 0 or t.d != 0 or t.a < 0 or t.e > 0:
+        raise InputError(
+            f"{path}: the grid is not north-up (transform {text}); warp it to a north-up "
+            "grid first (e.g. gdalwarp)"
+        )
+    if crs is None or not (crs.is_projected or crs.is_geographic):
+        return  # a local CRS: nothing to place it on
+    left, top = t.c, t.f
+    right, bottom = t @ (width, height)
+    try:
+        west, south, east, north = transform_bounds(crs, EPSG_4326, left, bottom, right, top)
+    except GDAL_ERRORS as exc:
+        raise InputError(
+            f"{path}: its extent cannot be placed on the Earth ({first_line(exc)})"
+        ) from exc
+    on_earth = -90 <= south <= north <= 90 and west >= -540 and east <= 540
+    if not (np.isfinite([west, south, east, north]).all() and on_earth):
+        raise InputError(
+            f"{path}: its extent ({left:g}, {bottom:g}, {right:g}, {top:g} in {crs}) does not "
+            "lie on the Earth (absurd georeferencing)"
+        )
+
+
+def read_bytes(src: Any, count: int | None = None) -> int:
+    """Bytes of ``count`` bands (all by default) of an open raster, as stored."""
+    size = max(np.dtype(d).itemsize for d in src.dtypes)
+    return (src.count if count is None else count) * src.width * src.height * size
+
+
+def check_read_size(src: Any, path: Path, count: int | None = None) -> None:
+    """Refuse reading ``count`` bands of ``src`` whole when that exceeds :data:`MAX_READ_BYTES`."""
+    need = read_bytes(src, count)
+    if need > MAX_READ_BYTES:
+        raise InputError(
+            f"{path}: {src.width} x {src.height} px x {src.count} band(s) is "
+            f"{need / 2**30:.1f} GiB, more than the {MAX_READ_BYTES / 2**30:.0f} GiB read whole; "
+            "generate from it with the whole-scene engine (terrasynth generate --stream), "
+            "or cut it into smaller files"
+        )
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a raster file's header says, checked (:func:`check_header`); no pixel read."""
+
+    path: Path
+    grid: Grid
+    count: int
+    itemsize: int  # bytes per value of its widest band
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all its bands as stored."""
+        return self.count * self.grid.width * self.grid.height * self.itemsize
+
+
+def read_header(path: str | Path) -> Header:
+    """The checked header of a georeferenced raster file."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found")
@@ -48,17 +150,41 @@ def open_raster(path: str | Path) -> Raster:
                 raise InputError(
                     f"{path}: raster has no CRS (not georeferenced, or a truncated header)"
                 )
+            check_header(src, path)
+            size = max(np.dtype(d).itemsize for d in src.dtypes)
+            grid = Grid(src.crs, src.transform, src.width, src.height)
+            return Header(path, grid, src.count, size)
+    except READ_ERRORS as exc:
+        raise InputError(
+            f"{path}: not a readable raster (corrupt or truncated?): {first_line(exc)}"
+        ) from exc
+
+
+def open_raster(path: str | Path) -> Raster:
+    """Read every band of a raster file; corrupt, truncated, CRS-less, absurd or too large
+    files are refused from their header, before their pixels are read."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    try:
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(path) as src:
+            if src.crs is None:
+                raise InputError(
+                    f"{path}: raster has no CRS (not georeferenced, or a truncated header)"
+                )
+            check_header(src, path)
+            check_read_size(src, path)
             try:
                 raw = src.read()
-            except RasterioError as exc:
+            except READ_ERRORS as exc:
                 raise InputError(
                     f"{path}: cannot read pixels: the file is truncated or corrupt "
-                    f"({_first_line(exc)})"
+                    f"({first_line(exc)})"
                 ) from exc
             return Raster(path, raw, src.crs, src.transform, src.nodata, src.descriptions)
-    except RasterioError as exc:
+    except READ_ERRORS as exc:
         raise InputError(
-            f"{path}: not a readable raster (corrupt or truncated?): {_first_line(exc)}"
+            f"{path}: not a readable raster (corrupt or truncated?): {first_line(exc)}"
         ) from exc
 
 
@@ -94,6 +220,10 @@ def layer_from_raster(
     if nd is not None:
         valid &= ~(raw == nd) if not np.isnan(nd) else ~np.isnan(raw)
     if categorical:
+        if raw.dtype.kind == "f":  # class codes stored as floats: NaN, inf or fractions
+            inside = np.isfinite(raw) & (np.abs(raw) < 2**31)
+            valid &= inside
+            raw = np.where(inside, raw, 0)
         data = raw.astype(np.int32)
     else:
         data = raw.astype(np.float32)
@@ -148,13 +278,14 @@ def read_json(path: Path, expect: type = dict) -> Any:
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError) as exc:  # ValueError covers JSON and Unicode decode errors
-        raise InputError(f"{path}: unreadable JSON ({_first_line(exc)})") from exc
+        raise InputError(f"{path}: unreadable JSON ({first_line(exc)})") from exc
     if not isinstance(value, expect):
         kind = _JSON_KIND.get(expect, expect.__name__)
         raise InputError(f"{path}: expected a JSON {kind}, found {type(value).__name__}")
     return value
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

@@ -15,7 +15,9 @@ from typing import Protocol
 
 import numpy as np
 from affine import Affine
+from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
+from rasterio.errors import CRSError, RasterioError
 
 from terrasynth.errors import InputError
 from terrasynth.modalities import Registry
@@ -73,7 +75,11 @@ class Grid:
         if self.crs.is_geographic:
             _, lat = self.center_lonlat()
             return float(rx * 111_320.0 * max(np.cos(np.radians(lat)), 1e-6))
-        return float(rx * self.crs.linear_units_factor[1]) if self.crs.linear_units_factor else rx
+        try:
+            factor = self.crs.linear_units_factor
+        except CRSError:  # a local CRS without a defined unit: taken as metres
+            return float(rx)
+        return float(rx * factor[1]) if factor else rx
 
     def center_lonlat(self) -> tuple[float, float]:
         from rasterio.warp import transform as warp_transform
@@ -81,7 +87,12 @@ class Grid:
         x, y = self.transform @ (self.width / 2, self.height / 2)
         if self.crs.is_geographic:
             return float(x), float(y)
-        lon, lat = warp_transform(self.crs, CRS.from_epsg(4326), [x], [y])
+        try:
+            lon, lat = warp_transform(self.crs, CRS.from_epsg(4326), [x], [y])
+        except (RasterioError, CRSError, CPLE_BaseError) as exc:  # a local CRS, say
+            raise InputError(f"a grid in {self.crs} cannot be placed on the Earth") from exc
+        if not (np.isfinite(lon[0]) and np.isfinite(lat[0])):
+            raise InputError(f"a grid in {self.crs} does not lie on the Earth")
         return float(lon[0]), float(lat[0])
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import zarr
 
 from terrasynth.atomic import check_output, finish_folder, start_folder
 from terrasynth.data.chips import Chip
+from terrasynth.data.raster_io import first_line
 from terrasynth.data.scene import Scene
 from terrasynth.data.split import SPLITS, SplitConfig
 from terrasynth.data.stats import StatsAccumulator
@@ -41,6 +43,13 @@ from terrasynth.modalities import Registry
 FORMAT_VERSION = 1
 CHUNK_CHIPS = 64
 TABLE = "chips.parquet"
+MAX_CHUNK_BYTES = 256 * 2**20  # a chunk whose metadata declares more is refused unread
+# what zarr, its codecs and pyarrow raise for damaged metadata, chunks or tables
+# (pyarrow's ArrowInvalid is a ValueError, its ArrowIOError an OSError)
+STORE_ERRORS = (ValueError, TypeError, RuntimeError, OSError, KeyError, AttributeError)
+# attributes every store has, with their types
+MAX_CHIP_SIZE = 4096
+STORE_ATTRS = {"chip_size": int, "modalities": dict, "stats": dict, "sources": dict}
 
 
 def _epoch_days(t: datetime | None) -> float:
@@ -239,6 +248,10 @@ class StoreWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> float:
+    return float(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+
+
 @dataclass
 class ChipStore:
     """Read access to a built store."""
@@ -249,13 +262,38 @@ class ChipStore:
 
     @classmethod
     def open(cls, path: str | Path) -> ChipStore:
+        """The store at ``path``; a missing, damaged or foreign one is a :class:`TerrasynthError`
+        (its metadata and table are checked here, its chunks when read)."""
         path = Path(path)
         if not (path / TABLE).exists() or not (path / "zarr.json").exists():
             raise TerrasynthError(f"{path}: not a terrasynth chip store")
-        root = zarr.open_group(str(path), mode="r")
-        if root.attrs.get("terrasynth_store") != FORMAT_VERSION:
+        try:
+            root = zarr.open_group(str(path), mode="r")
+            attrs = dict(root.attrs)
+            table = pd.read_parquet(path / TABLE)
+        except STORE_ERRORS as exc:
+            raise TerrasynthError(
+                f"{path}: damaged chip store (unreadable metadata or table: {first_line(exc)})"
+            ) from exc
+        if attrs.get("terrasynth_store") != FORMAT_VERSION:
             raise TerrasynthError(f"{path}: unsupported store format version")
-        return cls(path, root, pd.read_parquet(path / TABLE))
+        for key, kind in STORE_ATTRS.items():
+            if not isinstance(attrs.get(key), kind) or attrs.get(key) is True:
+                raise TerrasynthError(f"{path}: damaged chip store (attribute '{key}')")
+        if not 0 < attrs["chip_size"] <= MAX_CHIP_SIZE:
+            raise TerrasynthError(f"{path}: damaged chip store (chip size {attrs['chip_size']})")
+        need = {"split", "scene_id", "source"} | {f"has_{m}" for m in attrs["modalities"]}
+        missing = sorted(need - set(table.columns))
+        if missing:
+            raise TerrasynthError(f"{path}: damaged chip store (table lacks {', '.join(missing)})")
+        store = cls(path, root, table)
+        try:
+            store.registry  # noqa: B018 (its modalities' entries are checked here)
+        except (TerrasynthError, *STORE_ERRORS) as exc:
+            raise TerrasynthError(
+                f"{path}: damaged chip store (modality entries: {first_line(exc)})"
+            ) from exc
+        return store
 
     def __len__(self) -> int:
         return len(self.table)
@@ -268,10 +306,26 @@ class ChipStore:
     def chip_size(self) -> int:
         return int(self.root.attrs["chip_size"])
 
-    @property
+    @cached_property
     def registry(self) -> Registry:
         """The registry entries of the modalities in this store, as they were at build time."""
         return Registry.from_dict({"modalities": self.root.attrs["modalities"]})
+
+    def _row_shape(self, key: str) -> tuple[int, ...] | None:
+        """The shape of one chip's row of array ``key`` (None for a key of another kind)."""
+        parts = key.split("/")
+        if parts[0] not in self.registry.modalities:
+            return None
+        mod = self.registry[parts[0]]
+        if parts[1:] == ["bands"]:
+            return (len(mod.bands),)
+        if parts[1:] == ["labels"]:
+            return (mod.num_classes,)
+        group = next((g for g in mod.groups if parts[1:2] == [g.name]), None)
+        if group is None or len(parts) != 3:
+            return None
+        side = self.chip_size // group.factor
+        return (len(group.bands), side, side) if parts[2] == "data" else (side, side)
 
     @property
     def modalities(self) -> list[str]:
@@ -292,7 +346,37 @@ class ChipStore:
         return np.flatnonzero(self.table["split"].to_numpy() == split)
 
     def array(self, key: str) -> zarr.Array:
-        return self.root[key]
+        """Array ``key``, its metadata checked: one row per chip, chunks of bounded size."""
+        try:
+            arr = self.root[key]
+        except STORE_ERRORS as exc:
+            raise TerrasynthError(
+                f"{self.path}: array {key} missing or damaged ({first_line(exc)})"
+            ) from exc
+        row = self._row_shape(key)
+        if (
+            not isinstance(arr, zarr.Array)
+            or arr.shape[:1] != (len(self),)
+            or (row is not None and arr.shape[1:] != row)
+            or _nbytes(arr.chunks, arr.dtype) > MAX_CHUNK_BYTES
+            or _nbytes((arr.chunks[0], *arr.shape[1:]), arr.dtype) > MAX_CHUNK_BYTES
+        ):
+            raise TerrasynthError(
+                f"{self.path}: array {key} is not this store's (damaged metadata: "
+                f"shape {getattr(arr, 'shape', '?')}, chunks {getattr(arr, 'chunks', '?')})"
+            )
+        return arr
+
+    def read(self, key: str, rows: Any, orthogonal: bool = False) -> np.ndarray:
+        """Rows ``rows`` (an index, a slice; with ``orthogonal`` an index per axis) of array
+        ``key``; a damaged or truncated chunk is a :class:`TerrasynthError`."""
+        arr = self.array(key)
+        try:
+            return arr.oindex[rows] if orthogonal else arr[rows]
+        except STORE_ERRORS as exc:
+            raise TerrasynthError(
+                f"{self.path}: cannot read {key} (damaged or truncated chunk?): {first_line(exc)}"
+            ) from exc
 
     def source_summary(self, source: str) -> dict[str, Any]:
         """One source: licence, scenes, chips per split, modalities with their bands, dates."""
@@ -308,7 +392,7 @@ class ChipStore:
             mod = registry[m]
             if mod.groups:
                 picked = np.flatnonzero(rows)[has]
-                present = self.array(f"{m}/bands").oindex[picked, :].any(axis=0)
+                present = self.read(f"{m}/bands", (picked, slice(None)), True).any(axis=0)
                 modalities[m] = [b for b, p in zip(mod.bands, present, strict=True) if p]
             else:
                 modalities[m] = []

@@ -13,6 +13,7 @@ are pure functions of the job, so every engine gives the same arrays.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,6 +25,8 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from terrasynth.atomic import (
+    LOCK,
+    MARKER,
     atomic_folder,
     check_output,
     locked_folder,
@@ -156,10 +159,18 @@ def generate_scene(
         raise TerrasynthError(f"engine must be 'local' or 'dask', not '{engine}'")
     if engine == "dask":
         require("distributed", "dask", DASK_FEATURE)  # before any work
-    with locked_folder(work_folder(output), "generate"):  # one run per work folder
-        return _generate_scene(
-            pipe, spec, output, overwrite, engine, address, workers, progress, on_start
-        )
+    work = work_folder(output)
+    with locked_folder(work, "generate"):  # one run per work folder
+        try:
+            return _generate_scene(
+                pipe, spec, output, overwrite, engine, address, workers, progress, on_start
+            )
+        except TerrasynthError:
+            # refused before any state was written (bad input, bad settings): nothing to
+            # resume, so no work folder is left behind
+            if set(os.listdir(work)) <= {MARKER, LOCK}:
+                discard_work(work)
+            raise
 
 
 def _generate_scene(

@@ -15,12 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.errors import RasterioError
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window, from_bounds
 
 from terrasynth.data.align import AlignedGroup, align_scene
-from terrasynth.data.raster_io import Raster, layer_from_raster
+from terrasynth.data.raster_io import (
+    GDAL_CACHE_MB,
+    GDAL_ERRORS,
+    READ_ERRORS,
+    Raster,
+    check_header,
+    first_line,
+    layer_from_raster,
+)
 from terrasynth.data.scene import Grid, Layer, Scene
 from terrasynth.data.sources.generic import input_layout, overlaps
 from terrasynth.data.validate import check_values
@@ -28,7 +35,6 @@ from terrasynth.errors import InputError
 from terrasynth.modalities import Registry
 
 SAMPLE_SIDE = 1024  # pixels per side of the decimated read that value checks look at
-GDAL_CACHE_MB = 64  # GDAL's block cache would otherwise grow to 5 % of the machine's memory
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ def open_inputs(
         mod, bands, indexes = input_layout(key, path, registry)
         name = mod.name
         scale, offset = (scaling or {}).get(name, (1.0, 0.0))
-        with _open(path) as src:
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), _open(path) as src:
             if src.crs is None:
                 raise InputError(f"{path}: raster has no CRS (not georeferenced)")
             grid = Grid(src.crs, src.transform, src.width, src.height)
@@ -113,7 +119,10 @@ def read_region(files: list[InputFile], grid: Grid, registry: Registry):
 def _window_over(src, grid: Grid, margin: int = 2) -> Window | None:
     """The file window covering ``grid``'s footprint, grown by ``margin`` px; None if the
     footprint misses the file."""
-    left, bottom, right, top = transform_bounds(grid.crs, src.crs, *grid.bounds, densify_pts=21)
+    try:
+        left, bottom, right, top = transform_bounds(grid.crs, src.crs, *grid.bounds, densify_pts=21)
+    except GDAL_ERRORS as exc:
+        raise InputError(f"{src.name}: cannot place a tile in its CRS ({first_line(exc)})") from exc
     win = from_bounds(left, bottom, right, top, transform=src.transform)
     c0 = int(np.floor(win.col_off)) - margin
     r0 = int(np.floor(win.row_off)) - margin
@@ -140,17 +149,28 @@ def _layer(f: InputFile, raw: np.ndarray, nodata, transform) -> Layer:
 
 
 def _open(path: Path):
+    """The open raster, its header checked (:func:`check_header`); any size is fine here,
+    as only windows of it are ever read."""
     if not path.exists():
         raise InputError(f"{path}: file not found")
     try:
-        return rasterio.open(path)
-    except RasterioError as exc:
-        raise InputError(f"{path}: not a readable raster (corrupt or truncated?): {exc}") from exc
+        src = rasterio.open(path)
+    except READ_ERRORS as exc:
+        raise InputError(
+            f"{path}: not a readable raster (corrupt or truncated?): {first_line(exc)}"
+        ) from exc
+    try:
+        check_header(src, path)
+    except InputError:
+        src.close()
+        raise
+    return src
 
 
 def _read(src, path: Path, **kwargs) -> np.ndarray:
     try:
         return src.read(**kwargs)
-    except RasterioError as exc:
-        line = (str(exc).strip().splitlines() or ["read error"])[0]
-        raise InputError(f"{path}: cannot read pixels: truncated or corrupt ({line})") from exc
+    except READ_ERRORS as exc:
+        raise InputError(
+            f"{path}: cannot read pixels: truncated or corrupt ({first_line(exc)})"
+        ) from exc

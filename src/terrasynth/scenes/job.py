@@ -32,7 +32,7 @@ import zarr
 
 from terrasynth.atomic import clear_folder, write_marker, write_text
 from terrasynth.data.align import AlignedGroup
-from terrasynth.data.scene import Grid, Layer, Scene
+from terrasynth.data.scene import Grid
 from terrasynth.errors import InputError, TerrasynthError, UnknownModalityError
 from terrasynth.models.base import sampling_steps
 from terrasynth.models.signals import batch_signals
@@ -40,10 +40,10 @@ from terrasynth.pipeline import (
     VECTOR_NAMES,
     Pipeline,
     days_since_epoch,
+    header_working_grid,
     padded_grid,
     scene_batch,
     utm_grid,
-    working_grid,
 )
 from terrasynth.sampling.flow import FlowSampler
 from terrasynth.sampling.windows import blend_x0, scene_seed, start_noise, step_noise
@@ -117,13 +117,9 @@ class SceneJob:
         if spec.inputs:
             self.files, self.warnings = open_inputs(spec.inputs, reg, spec.scaling, spec.strict)
             first = self.files[0]
-            # only the first input's grid and bands decide the working grid: a zero-copy
-            # stand-in for its pixels, which are read tile by tile later
-            shape = (len(first.bands), first.grid.height, first.grid.width)
-            stub = np.broadcast_to(np.float32(0), shape)
-            layer = Layer(first.modality, first.bands, stub, first.grid.crs, first.grid.transform)
-            scene = Scene("job", "generic", "user", first.grid, [layer])
-            self.grid = working_grid(scene, reg, spec.gsd)
+            # only the first input's grid and bands decide the working grid; its pixels are
+            # read tile by tile later
+            self.grid = header_working_grid(first.grid, first.modality, first.bands, reg, spec.gsd)
         else:
             if spec.location is None:
                 raise InputError("whole-scene joint generation needs a place (--lon/--lat)")

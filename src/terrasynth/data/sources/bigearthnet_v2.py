@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import cache
@@ -167,6 +168,7 @@ class BigEarthNetV2Source:
         if meta["patch_id"].duplicated().any():
             raise InputError(f"{meta_dir}: a patch_id is listed twice in the metadata files")
         lmdb = require("lmdb", "lmdb", "the BigEarthNet v2 LMDB reader")
+        check_lmdb_size(db)
         try:
             env = lmdb.open(str(db), readonly=True, lock=False, readahead=False)
         except lmdb.Error as exc:
@@ -216,6 +218,34 @@ class BigEarthNetV2Source:
             time=datetime.strptime(m.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=UTC),
             labels={"corine19": sorted({codes[n] for n in names})},
         )
+
+
+LMDB_MAGIC = 0xBEEFC0DE
+
+
+def check_lmdb_size(db: Path) -> None:
+    """Refuse an LMDB data file shorter than its meta pages say: LMDB maps the file and
+    would be killed by SIGBUS on the first page past its end. Reads the two meta pages
+    (64-bit little-endian layout: magic at byte 16, page size at 40, last page at 136,
+    transaction id at 144) and keeps the newer one."""
+    data = db / "data.mdb" if db.is_dir() else db
+    size = data.stat().st_size
+    with open(data, "rb") as f:
+        first = f.read(160)
+        if len(first) < 160 or struct.unpack_from("<I", first, 16)[0] != LMDB_MAGIC:
+            raise InputError(f"{db}: not an LMDB data file (truncated or corrupt header)")
+        page = struct.unpack_from("<I", first, 40)[0]
+        if page < 512 or page > 65536 or page & (page - 1):
+            raise InputError(f"{db}: corrupt LMDB header (page size {page})")
+        f.seek(page)
+        second = f.read(160)
+    metas = [m for m in (first, second) if len(m) == 160]
+    metas = [m for m in metas if struct.unpack_from("<I", m, 16)[0] == LMDB_MAGIC]
+    newest = max(metas, key=lambda m: struct.unpack_from("<Q", m, 144)[0])
+    last = struct.unpack_from("<Q", newest, 136)[0]
+    need = (last + 1) * page
+    if size < need:
+        raise InputError(f"{db}: truncated LMDB file ({size} bytes, its pages need {need})")
 
 
 def _arrays(db: Path, txn: lmdb.Transaction, key: str) -> dict[str, np.ndarray] | None:

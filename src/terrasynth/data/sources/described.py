@@ -34,7 +34,14 @@ import yaml
 from rasterio.warp import Resampling, reproject
 
 from terrasynth.data.align import reference_grid
-from terrasynth.data.raster_io import Raster, layer_from_raster, open_raster, stack_layers
+from terrasynth.data.raster_io import (
+    GDAL_ERRORS,
+    Raster,
+    first_line,
+    layer_from_raster,
+    open_raster,
+    stack_layers,
+)
 from terrasynth.data.scene import Layer, Scene
 from terrasynth.errors import InputError
 from terrasynth.modalities import Registry, default_registry
@@ -322,15 +329,20 @@ def _mask_for(
         raise InputError(f"{other.path}: no mask band '{band}' for {date:%Y-%m-%d}")
     bad = _mask_bad(other.raw[hit[0].index - 1], spec).astype(np.uint8)
     out = np.zeros(layer.data.shape[1:], np.uint8)
-    reproject(
-        bad,
-        out,
-        src_transform=other.transform,
-        src_crs=other.crs,
-        dst_transform=layer.transform,
-        dst_crs=layer.crs,
-        resampling=Resampling.nearest,
-    )
+    try:
+        reproject(
+            bad,
+            out,
+            src_transform=other.transform,
+            src_crs=other.crs,
+            dst_transform=layer.transform,
+            dst_crs=layer.crs,
+            resampling=Resampling.nearest,
+        )
+    except GDAL_ERRORS as exc:
+        raise InputError(
+            f"{other.path}: cannot warp its mask onto {layer.modality}'s grid ({first_line(exc)})"
+        ) from exc
     return out.astype(bool)
 
 

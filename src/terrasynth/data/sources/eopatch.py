@@ -70,9 +70,27 @@ def _load(path: Path) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"{path}: missing EOPatch feature file")
     try:
+        _check_npy_size(path)
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise InputError(f"{path}: unreadable .npy array ({_first_line(exc)})") from exc
+
+
+def _check_npy_size(path: Path) -> None:
+    """Refuse a .npy file whose header declares more data than the file holds, before
+    anything is allocated for it (numpy would size its buffer by the header)."""
+    with open(path, "rb") as f:
+        fmt = np.lib.format
+        major, _ = fmt.read_magic(f)
+        read = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+        shape, _, dtype = read(f)
+        need = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+        held = path.stat().st_size - f.tell()
+    if need > held:
+        raise InputError(
+            f"{path}: .npy header declares {shape} {dtype} ({need} bytes), the file holds "
+            f"{held} (truncated or corrupt)"
+        )
 
 
 def _grid(patch: Path, height: int, width: int) -> Grid:

@@ -18,19 +18,21 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.errors import CRSError, RasterioError
 from rasterio.warp import transform_bounds
 
 from terrasynth.arrays import as_raster
 from terrasynth.data.align import reference_grid
-from terrasynth.data.raster_io import Raster, layer_from_raster, open_raster
+from terrasynth.data.raster_io import (
+    GDAL_ERRORS,
+    READ_ERRORS,
+    Raster,
+    first_line,
+    layer_from_raster,
+    open_raster,
+)
 from terrasynth.data.scene import Grid, Layer, Scene
 from terrasynth.errors import InputError
 from terrasynth.modalities import Modality, Registry, default_registry
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def band_layout(
@@ -42,9 +44,14 @@ def band_layout(
         raise InputError(f"{path}: file not found")
     try:
         with rasterio.open(path) as src:
-            count, descriptions = src.count, src.descriptions
-    except RasterioError as exc:
-        raise InputError(f"{path}: unreadable raster ({_first_line(exc)})") from exc
+            count, descriptions, crs = src.count, src.descriptions, src.crs
+    except READ_ERRORS as exc:
+        raise InputError(f"{path}: unreadable raster ({first_line(exc)})") from exc
+    if crs is not None and not (crs.is_projected or crs.is_geographic):
+        raise InputError(
+            f"{path}: a local (engineering) CRS cannot be placed on the Earth; "
+            "give the input an EPSG or other geodetic CRS"
+        )
     return bands_by_description(path, count, descriptions, modality, given)
 
 
@@ -107,8 +114,8 @@ def overlaps(grid: Grid, ref: Grid, path: Path) -> bool:
         )
     try:
         left, bottom, right, top = transform_bounds(grid.crs, ref.crs, *grid.bounds)
-    except (RasterioError, CRSError) as exc:
-        raise InputError(f"{path}: cannot transform its extent ({_first_line(exc)})") from exc
+    except GDAL_ERRORS as exc:
+        raise InputError(f"{path}: cannot transform its extent ({first_line(exc)})") from exc
     if not np.all(np.isfinite([left, bottom, right, top])):
         return False
     r_left, r_bottom, r_right, r_top = ref.bounds
