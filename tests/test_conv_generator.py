@@ -12,6 +12,7 @@ from terrasynth.errors import TerrasynthError
 from terrasynth.modalities.registry import SPECTRAL_SLOTS
 from terrasynth.models.config import ModelConfig
 from terrasynth.models.conv_generator import (
+    DISTANCE_FEATURES,
     LATENT_SIGMA,
     NOISE_SIGMAS,
     ConvGenerator,
@@ -19,7 +20,9 @@ from terrasynth.models.conv_generator import (
     radius_of,
     smooth_noise,
 )
+from terrasynth.models.retrieval import RetrievalIndex, summary_size
 from terrasynth.models.scene_model import ModalityInput
+from terrasynth.models.signals import location_vector
 from tests.conftest import MICRO_CONV
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -220,6 +223,104 @@ def test_relief_smoothing_blurs_the_elevation_residual_only(config):
             return float((r[..., 1:, :] - r[..., :-1, :]).pow(2).mean() / r.var())
 
         assert roughness(r1) < 0.5 * roughness(r0)
+
+
+def _mixture_model(config: ModelConfig, seed: int = 0) -> ConvGenerator:
+    """A model with the retrieval mixture over a made-up index of six chips whose elevation
+    levels are 0..5 per band, at one degree of latitude apart; the gate fully open and the
+    residual off, so a sample's deviation from the mean is its neighbour's level alone."""
+    cfg = ModelConfig.from_dict({**config.to_dict(), "retrieval_mixture": True, "retrieval_k": 3})
+    model = _model(cfg, seed)
+    rows = {}
+    g = torch.Generator().manual_seed(seed)
+    for mod in model.rasters:
+        rows[mod.name] = torch.rand(6, summary_size(mod), generator=g)
+    dem = rows["dem"]
+    c = dem.shape[1] // 2
+    dem[:, :c] = torch.arange(6.0)[:, None]
+    places = location_vector(torch.arange(6.0), torch.zeros(6))
+    model.set_retrieval(RetrievalIndex(rows, places))
+    with torch.no_grad():
+        model.level_gate.bias.fill_(30.0)
+        model.coef.weight.zero_()
+        model.coef.bias.zero_()
+    return model
+
+
+def _given_location(inputs: dict, lat: float) -> dict:
+    v = location_vector(torch.full((B,), lat), torch.zeros(B))
+    t = torch.zeros(B)
+    inputs["location"] = ModalityInput(
+        t, torch.ones(B, dtype=torch.bool), vector=_three(v, False, None)
+    )
+    return inputs
+
+
+@needs_data
+def test_each_sample_takes_one_neighbours_level(config):
+    model = _mixture_model(config)
+    inputs = _inputs(config, torch.Generator().manual_seed(3), ["dem"], ["s1grd"])
+    with torch.no_grad():
+        mean, samples = model(inputs, GSD, members=24, generator=torch.Generator().manual_seed(0))
+    offsets = set()
+    for s in samples:
+        dev = s["dem"]["r30m"] - mean["dem"]["r30m"]  # (B, C, H, W)
+        per_chip = dev[..., :1, :1]
+        assert torch.allclose(dev, per_chip.expand_as(dev), atol=1e-5)  # one level per chip
+        offsets.add(round(float(per_chip[0, 0]), 3))
+    # no place given: the three neighbours weigh alike; their levels differ by whole numbers
+    # around their mean, and the 24 samples take more than one of them
+    assert len(offsets) > 1
+    frac = {round(o - min(offsets), 3) % 1 for o in offsets}
+    assert frac == {0.0}
+
+
+@needs_data
+def test_the_nearer_neighbours_weigh_more_when_the_place_is_known(config):
+    model = _mixture_model(config)
+    with torch.no_grad():
+        model.nearness_rate["dem"].fill_(50.0)  # the nearest neighbour takes all the weight
+    near = _given_location(
+        _inputs(config, torch.Generator().manual_seed(3), ["dem"], ["s1grd"]), 2.3
+    )
+    blind = _inputs(config, torch.Generator().manual_seed(3), ["dem"], ["s1grd"])
+    blind.pop("location", None)
+    with torch.no_grad():
+        idx, _ = model.retrieval.neighbours("dem", {"s1grd": _s1_query(model, near)}, k=3)
+        retrieved, neighbours = model._retrieve(near, ["dem"], None)
+    levels, weight = neighbours["dem"]
+    nearest = int(torch.argmin(model.retrieval.distance_km(_place(near), idx)[0]))
+    assert weight[0, nearest] > 0.99
+    _, uniform = model._retrieve(blind, ["dem"], None)[1]["dem"]
+    assert torch.allclose(uniform, torch.full_like(uniform, 1 / 3))
+
+
+@needs_data
+@pytest.mark.parametrize("radius, found", [(0.0, True), (3e7, False)])
+def test_training_hides_neighbours_within_the_configured_radius(config, radius, found):
+    model = _mixture_model(config)
+    model.config.retrieval_exclusion_m = [radius]  # 30,000 km: the whole Earth
+    inputs = _inputs(config, torch.Generator().manual_seed(3), ["dem"], ["s1grd"])
+    here = location_vector(torch.full((B,), 2.3), torch.zeros(B))
+    retrieved, _ = model._retrieve(inputs, ["dem"], here, torch.Generator().manual_seed(0))
+    found_col = -1 - len(DISTANCE_FEATURES)  # the found flag, before the distance features
+    assert bool((retrieved["dem"][:, found_col] == 1).all()) is found
+
+
+def _place(inputs: dict) -> torch.Tensor:
+    v = inputs["location"].vector
+    return v[:, 3:6]
+
+
+def _s1_query(model: ConvGenerator, inputs: dict) -> torch.Tensor:
+    from terrasynth.models.retrieval import summarise
+
+    mod = model.config.registry["s1grd"]
+    values = {
+        g: x[:, x.shape[1] // 3 : 2 * x.shape[1] // 3] for g, x in inputs["s1grd"].groups.items()
+    }
+    known = {g: x[:, 2 * x.shape[1] // 3 :] for g, x in inputs["s1grd"].groups.items()}
+    return summarise(mod, values, known)
 
 
 @needs_data

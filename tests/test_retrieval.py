@@ -204,3 +204,34 @@ def test_index_of_a_real_store_travels_with_the_model(small_store, tmp_path):
 def test_no_given_modality_at_all_finds_nothing_for_each_sample():
     idx, found = _index().neighbours("t", {}, k=2, batch=3)
     assert idx.shape == (3, 2) and not bool(found.any())
+
+
+# -- the mixture's extras: per-chip exclusion radii, distances, levels -----------------------
+def test_each_chip_hides_neighbours_within_its_own_radius():
+    index = _index()
+    here = location_vector(torch.tensor([3.0, 3.0]), torch.tensor([0.0, 0.0]))
+    q = {"a": torch.tensor([[3.0, 3.0, 1.0, 1.0]] * 2)}
+    # chip 3 is at the place itself, chip 1 two degrees (222 km) away, chip 0 three
+    radii = torch.tensor([1000.0, 250_000.0])
+    idx, _ = index.neighbours("t", q, k=1, places=here, exclude_m=radii)
+    assert idx[0].item() != 3  # the place itself hidden
+    assert idx[1].item() == 0  # everything within 250 km hidden: chip 0 (333 km) is left
+
+
+def test_distance_to_neighbours_in_km_and_nan_for_an_unknown_place():
+    index = _index()
+    here = torch.cat(
+        [location_vector(torch.tensor([0.0]), torch.tensor([0.0])), torch.full((1, 3), math.nan)]
+    )
+    km = index.distance_km(here, torch.tensor([[0, 1], [0, 1]]))
+    degree_km = 2 * math.pi * EARTH_RADIUS_M / 360 / 1000  # 111.2 km
+    assert torch.allclose(km[0], torch.tensor([0.0, degree_km]), atol=0.01)
+    assert bool(torch.isnan(km[1]).all())
+
+
+def test_each_neighbours_level_is_its_mean_per_band():
+    index = _index()
+    levels = index.neighbour_levels(_mod("t", bands=1), torch.tensor([[0, 3, 2]]))
+    assert levels.shape == (1, 3, 1)
+    assert levels[0, :2, 0].tolist() == [10.0, 13.0]
+    assert bool(torch.isnan(levels[0, 2, 0]))  # chip 2 lacks the target

@@ -61,6 +61,12 @@ class ModelConfig:
     spread_scale: dict[str, float] = field(default_factory=dict)  # calibration per modality
     retrieval_k: int = 0  # training chips looked up per window as conditioning (0: none)
     relief_smoothing: float = 0.0  # Gaussian sigma (px) on elevation targets' residual
+    # each sample takes the level of one retrieved neighbour (a mixture, as kNN's ensemble
+    # is), weighted by how near the neighbours are on the ground; training hides neighbours
+    # nearer than one of these radii (m), drawn per chip, so the model learns both near
+    # and far neighbours (a place far from every training chip)
+    retrieval_mixture: bool = False
+    retrieval_exclusion_m: list[float] = field(default_factory=lambda: [2560.0])
     # sampling windows (0: the training crop, half-window stride); a fully convolutional
     # model can also slide with a smaller overlap
     window: int = 0
@@ -112,6 +118,8 @@ class ModelConfig:
                 raise TerrasynthError("retrieval_k must be 0 (no retrieval) or more")
             if self.ensemble < 2:
                 raise TerrasynthError("ensemble must be at least 2 (fair CRPS needs pairs)")
+            if not self.retrieval_exclusion_m or min(self.retrieval_exclusion_m) < 0:
+                raise TerrasynthError("retrieval_exclusion_m: one or more radii of 0 m or more")
             return
         if self.backbone == "unet":
             multiple = 2 ** (len(self.widths) - 1)

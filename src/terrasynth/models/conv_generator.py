@@ -43,6 +43,8 @@ from terrasynth.models.retrieval import RetrievalIndex, summarise, summary_size
 from terrasynth.models.scene_model import ModalityInput
 
 NOISE_CHANNELS = 4  # noise maps per blur width
+# how near the retrieved neighbours are (mixture): mean and nearest log distance, place known
+DISTANCE_FEATURES = ("mean_log_km", "nearest_log_km", "place_known")
 RANK = 3  # spectral rank of the residual: each pixel's residual spectrum mixes RANK loadings
 NOISE_SIGMAS = (0.0, 1.5, 4.0)  # fine and low-resolution noise maps (Gaussian, base-grid px)
 LATENT_SIGMA = 8.0  # the near-constant latent
@@ -107,6 +109,25 @@ def smooth_noise(noise: torch.Tensor, sigma: float) -> torch.Tensor:
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     gain = float(((k / k.sum()) ** 2).sum())  # variance of white noise after one 1-D pass
     return gaussian_blur(noise, sigma) / gain
+
+
+def _uniform_from_noise(noise: torch.Tensor) -> torch.Tensor:
+    """(B,) uniform in [0, 1) from a window of unit-variance white noise (B, C, S, S): the
+    first channel's mean, rescaled to unit variance, through the normal CDF. Taken from the
+    sample's own noise, so a seed decides it and overlapping windows of one scene agree
+    the more, the more they overlap."""
+    z = noise[:, 0].float().mean((-2, -1)) * math.sqrt(noise[0, 0].numel())
+    return (0.5 * (1 + torch.erf(z / math.sqrt(2)))).clamp(0, 1 - 1e-6)
+
+
+def _given_place(inp: ModalityInput | None) -> torch.Tensor | None:
+    """(B, 3) unit vectors of a given location input (NaN rows where it is not given)."""
+    if inp is None or inp.vector is None:
+        return None
+    c = inp.vector.shape[1] // 3
+    shown = (inp.present.bool() & (inp.t == 0))[:, None]
+    v = inp.vector[:, c : 2 * c].float()
+    return torch.where(shown, v, torch.full_like(v, math.nan))
 
 
 def radius_of(sigma: float) -> int:
@@ -211,11 +232,23 @@ class ConvGenerator(PretrainedMixin, nn.Module):
         # is set by the trainer (set_retrieval) and saved with the weights
         self.retrieval: RetrievalIndex | None = None
         self.retrieval_embed = nn.ModuleDict()
+        # mixture (config.retrieval_mixture): how near the neighbours are is conditioning
+        # too; the level is their mean weighted by nearness (a learned rate per modality);
+        # each sample adds a gated share of one neighbour's deviation from that mean
+        self.mixture = config.retrieval_k > 0 and config.retrieval_mixture
+        self.nearness_rate = nn.ParameterDict()
         if config.retrieval_k > 0:
             for mod in self.rasters:
                 n = summary_size(mod)
                 n = n if mod.kind == "categorical" else 3 * n // 2
-                self.retrieval_embed[_k(mod.name)] = nn.Linear(n + 1, cd)
+                extra = len(DISTANCE_FEATURES) if self.mixture else 0
+                self.retrieval_embed[_k(mod.name)] = nn.Linear(n + 1 + extra, cd)
+                if self.mixture:
+                    self.nearness_rate[_k(mod.name)] = nn.Parameter(torch.zeros(1))
+        if self.mixture:
+            self.level_gate = nn.Linear(cd, 1)  # share of a neighbour's deviation, 0.5 at start
+            nn.init.zeros_(self.level_gate.weight)
+            nn.init.zeros_(self.level_gate.bias)
 
     def set_retrieval(self, index: RetrievalIndex | None) -> None:
         """Use ``index`` (training chips' summaries) as conditioning from now on."""
@@ -250,7 +283,7 @@ class ConvGenerator(PretrainedMixin, nn.Module):
         """
         targets = [n for n, inp in inputs.items() if bool((inp.t > 0).any())]
         feats, deep, cond = self._trunk(inputs, gsd)
-        retrieved = self._retrieve(inputs, targets, places)
+        retrieved, neighbours = self._retrieve(inputs, targets, places, generator)
         continuous = [
             n
             for n in targets
@@ -258,10 +291,11 @@ class ConvGenerator(PretrainedMixin, nn.Module):
         ]
         # One generator pass per member serves every generated modality: its noise is the
         # sum of theirs (rescaled), so jointly generated modalities vary together.
-        gen_feats = []
+        gen_feats, picks = [], []
         for i in range(members if continuous else 0):
             noise = self._joint_noise(inputs, continuous, fresh=i > 0, generator=generator)
             gen_feats.append(self._residual(feats, noise, cond))
+            picks.append(_uniform_from_noise(noise))
         mean: dict = {}
         samples: list[dict] = [{} for _ in range(members)]
         for name in targets:
@@ -274,11 +308,12 @@ class ConvGenerator(PretrainedMixin, nn.Module):
                 continue
             mod = self.config.registry[name]
             ret = retrieved.get(name)
-            film = self._target_film(name, cond, ret)
+            film, e = self._target_film(name, cond, ret)
             f = _modulate(feats, film[0])
             mu = self._head(mod, f)
+            near = neighbours.get(name)
             if ret is not None:
-                mu = self._add_retrieved(mod, mu, ret)
+                mu = self._add_retrieved(mod, mu, ret, near)
             mean[name] = mu
             if mod.kind == "categorical":
                 for s in samples:
@@ -287,10 +322,14 @@ class ConvGenerator(PretrainedMixin, nn.Module):
             scale = float(self.config.spread_scale.get(name, 1.0))
             loadings = self._band_loadings(mod, f)
             smooth = self.config.relief_smoothing if mod.units == "m" else 0.0
-            for s, h in zip(samples, gen_feats, strict=True):
+            gate = torch.sigmoid(self.level_gate(e)) if near is not None else None
+            for s, h, u in zip(samples, gen_feats, picks, strict=True):
                 res = self._residual_head(mod, loadings, self.coef(_modulate(h, film[1])))
                 if smooth > 0:  # elevation varies smoothly at the pixel scale
                     res = {g: gaussian_blur(r, smooth) for g, r in res.items()}
+                if near is not None:  # this sample's neighbour: its level, gated
+                    dev = self._level_deviation(mod, mu, near, u)
+                    res = {g: res[g] + gate[:, :, None, None] * dev[g] for g in res}
                 s[name] = {g: mu[g] + scale * res[g] for g in mu}
         if members == 1:
             return samples[0]
@@ -375,11 +414,16 @@ class ConvGenerator(PretrainedMixin, nn.Module):
         inputs: dict[str, ModalityInput],
         targets: list[str],
         places: torch.Tensor | None,
-    ) -> dict[str, torch.Tensor]:
+        generator: torch.Generator | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Per generated raster modality (B, R + 1): what its retrieved neighbours looked
-        like (:meth:`RetrievalIndex.retrieved`) and whether any were found."""
+        like (:meth:`RetrievalIndex.retrieved`) and whether any were found (with the
+        mixture, then how near they are: :data:`DISTANCE_FEATURES`); and, with the
+        mixture, per continuous modality each neighbour's level (B, k, C) and nearness
+        weight (B, k). ``places`` (training): the chips' own places, hidden from
+        retrieval within a radius drawn per chip from ``config.retrieval_exclusion_m``."""
         if self.retrieval is None or self.config.retrieval_k <= 0:
-            return {}
+            return {}, {}
         queries = {}
         for mod in self.rasters:
             inp = inputs.get(mod.name)
@@ -400,46 +444,113 @@ class ConvGenerator(PretrainedMixin, nn.Module):
             q[~given] = math.nan
             if bool(torch.isfinite(q).any()):
                 queries[mod.name] = q
-        out = {}
+        out, near = {}, {}
         rasters = {m.name: m for m in self.rasters}
+        exclude, here = None, places
+        if self.mixture:
+            if places is not None:  # training: how much of the neighbourhood is hidden
+                radii = torch.tensor(self.config.retrieval_exclusion_m)
+                pick = torch.randint(len(radii), (places.shape[0],), generator=generator)
+                exclude = radii[pick]
+            else:  # generation: the window's place, when the location is given
+                here = _given_place(inputs.get("location"))
+        param = next(self.parameters())
         for name in targets:
             mod = rasters.get(name)
             if mod is None or name not in self.retrieval.names:
                 continue
             b = inputs[name].t.shape[0]
             k = self.config.retrieval_k
-            idx, found = self.retrieval.neighbours(name, queries, k, places, batch=b)
-            r = self.retrieval.retrieved(mod, idx.to(self.retrieval.places.device), found)
-            out[name] = torch.cat([r, found[:, None].float()], 1).to(next(self.parameters()))
-        return out
+            idx, found = self.retrieval.neighbours(
+                name, queries, k, places, batch=b, exclude_m=exclude
+            )
+            idx = idx.to(self.retrieval.places.device)
+            r = self.retrieval.retrieved(mod, idx, found)
+            parts = [r, found[:, None].float()]
+            if self.mixture:
+                km = (
+                    self.retrieval.distance_km(here, idx)
+                    if here is not None
+                    else torch.full(idx.shape, math.nan)
+                )
+                logd = torch.log10(1 + km) / 4  # 0 at the place, 1 at 10,000 km
+                known = torch.isfinite(logd[:, 0])
+                logd = torch.nan_to_num(logd) * found[:, None].float()
+                parts += [logd.mean(1, keepdim=True), logd[:, :1], known[:, None].float()]
+                if mod.kind != "categorical":
+                    rate = self.nearness_rate[_k(name)]
+                    weight = torch.softmax(-rate.to(logd) * 4 * logd.to(param), 1)
+                    levels = self.retrieval.neighbour_levels(mod, idx).to(param)
+                    near[name] = (levels * found[:, None, None].to(param), weight)
+            out[name] = torch.cat(parts, 1).to(param)
+        return out, near
 
     def _add_retrieved(
-        self, mod: Modality, mu: dict[str, torch.Tensor], ret: torch.Tensor
+        self,
+        mod: Modality,
+        mu: dict[str, torch.Tensor],
+        ret: torch.Tensor,
+        near: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The mean head predicts the difference from the neighbours' level: their mean
-        per band (continuous) or the log of their class frequencies (class maps)."""
+        per band (continuous; weighted by nearness with the mixture) or the log of their
+        class frequencies (class maps)."""
         found = ret[:, -1:]
+        if near is not None:
+            levels, weight = near
+            ok = torch.isfinite(levels)
+            w = weight[:, :, None] * ok
+            mean = (torch.nan_to_num(levels) * w).sum(1) / w.sum(1).clamp_min(1e-6)
         out, offset = {}, 0
         for g in mod.groups:
             if mod.kind == "categorical":
                 level = torch.log(ret[:, : mod.num_classes] + 0.02) * found
+            elif near is not None:
+                level = mean[:, offset : offset + len(g.bands)]
+                offset += len(g.bands)
             else:
                 level = ret[:, offset : offset + len(g.bands)]
                 offset += len(g.bands)
             out[g.name] = mu[g.name] + level[:, :, None, None].to(mu[g.name].dtype)
         return out
 
+    def _level_deviation(
+        self,
+        mod: Modality,
+        mu: dict[str, torch.Tensor],
+        near: tuple[torch.Tensor, torch.Tensor],
+        u: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Per band group (B, C, 1, 1): one neighbour's level minus the weighted mean of all,
+        the neighbour drawn by the nearness weights with ``u`` (B,) uniform in [0, 1)."""
+        levels, weight = near
+        ok = torch.isfinite(levels)
+        w = weight[:, :, None] * ok
+        mean = (torch.nan_to_num(levels) * w).sum(1) / w.sum(1).clamp_min(1e-6)
+        cdf = weight.detach().cumsum(1)
+        j = torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1])[:, None].contiguous())
+        j = j.clamp(max=levels.shape[1] - 1)[:, 0]
+        pick = levels[torch.arange(levels.shape[0], device=levels.device), j]  # (B, C)
+        dev = torch.where(torch.isfinite(pick), pick - mean, torch.zeros_like(mean))
+        out, offset = {}, 0
+        for g in mod.groups:
+            d = dev[:, offset : offset + len(g.bands), None, None]
+            offset += len(g.bands)
+            out[g.name] = d.to(mu[g.name].dtype)
+        return out
+
     def _target_film(
         self, name: str, cond: torch.Tensor, retrieved: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """FiLM (scale, shift) of the generated sensor for the trunk and generator features."""
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """FiLM (scale, shift) of the generated sensor for the trunk and generator features,
+        and the target's conditioning vector they come from."""
         idx = [m.name for m in self.rasters].index(name)
         e = self.sensor_out.weight[idx][None] + cond
         if retrieved is not None:
             e = e + self.retrieval_embed[_k(name)](retrieved)
         f0 = self.config.widths[0]
         film = self.target_film(e)[:, :, None, None]
-        return (film[:, : 2 * f0], film[:, 2 * f0 :])
+        return (film[:, : 2 * f0], film[:, 2 * f0 :]), e
 
     def _band_loadings(self, mod: Modality, f: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per band group (B, RANK, C, H, W) on the base grid: the spectral loadings the

@@ -124,11 +124,13 @@ class RetrievalIndex(nn.Module):
         k: int,
         places: torch.Tensor | None = None,
         batch: int | None = None,
+        exclude_m: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices (B, k) of the ``k`` nearest chips having ``target`` and whether each
         sample found any (B,). ``queries``: per given modality (B, summary) with NaN rows
         where a sample does not give it. ``places`` (B, 3): ignore chips nearer than
-        ``EXCLUDE_M`` (training). ``batch``: B when ``queries`` may be empty."""
+        ``exclude_m`` (B,) metres, ``EXCLUDE_M`` if not given (training). ``batch``: B when
+        ``queries`` may be empty."""
         rows_t = self.rows(target)
         b = next(iter(queries.values())).shape[0] if queries else int(batch or 0)
         if rows_t is None or not queries or b == 0:
@@ -154,7 +156,8 @@ class RetrievalIndex(nn.Module):
         dist = dist.masked_fill(~has_t[None], math.inf)
         if places is not None:
             chord = torch.cdist(places.float().to(self.places.device), self.places)
-            dist = dist.masked_fill(chord < EXCLUDE_M / EARTH_RADIUS_M, math.inf)
+            radius = EXCLUDE_M if exclude_m is None else exclude_m.to(chord)[:, None]
+            dist = dist.masked_fill(chord < radius / EARTH_RADIUS_M, math.inf)
         kk = min(k, len(self))
         d, idx = dist.topk(kk, dim=1, largest=False)
         found = (count[:, 0] > 0) & torch.isfinite(d[:, 0])
@@ -183,6 +186,20 @@ class RetrievalIndex(nn.Module):
             within = (torch.nan_to_num(stds) * ok).sum(1) / n
             out = torch.cat([m, between.sqrt(), within], 1)
         return out * found[:, None].float()
+
+    def neighbour_levels(self, mod: Modality, idx: torch.Tensor) -> torch.Tensor:
+        """(B, k, C) each neighbour's mean per band of continuous ``mod`` (NaN: unknown)."""
+        r = self.rows(mod.name)[idx]
+        return r[..., : r.shape[-1] // 2]
+
+    def distance_km(self, places: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(B, k) ground distance in km from ``places`` (B, 3 unit vectors) to neighbours
+        ``idx`` (B, k); NaN where a place is unknown (not a unit vector)."""
+        p = places.float().to(self.places.device)
+        chord = (p[:, None] - self.places[idx]).norm(dim=-1).clamp(max=2.0)
+        km = 2 * EARTH_RADIUS_M * torch.asin(chord / 2) / 1000
+        unit = (p.norm(dim=-1) - 1).abs() < 1e-3
+        return torch.where(unit[:, None], km, torch.full_like(km, math.nan))
 
 
 def _key(name: str, part: str = "rows") -> str:
