@@ -149,6 +149,17 @@ def test_a_work_folder_is_not_resumed_with_other_weights(s1_utm, tmp_path):
         SceneJob(Pipeline.from_pretrained(model), spec_for(s1_utm), tmp_path / "w").open()
 
 
+def test_a_work_folder_is_not_resumed_after_the_model_is_calibrated_again(s1_utm, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(default_model_path(), model)
+    SceneJob(Pipeline.from_pretrained(model), spec_for(s1_utm), tmp_path / "w").open()
+    config = json.loads((model / "config.json").read_text())
+    config["spread_scale"] = {"s2l2a": 0.5}  # what terrasynth calibrate rewrites in place
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TerrasynthError, match="different job"):
+        SceneJob(Pipeline.from_pretrained(model), spec_for(s1_utm), tmp_path / "w").open()
+
+
 def test_generation_json_records_versions_and_the_weights_hash(pipe, s1_utm, tmp_path):
     weights = default_model_path() / "model.safetensors"
     expected = {"model.safetensors": hashlib.sha256(weights.read_bytes()).hexdigest()}
@@ -158,7 +169,8 @@ def test_generation_json_records_versions_and_the_weights_hash(pipe, s1_utm, tmp
     for out in ("whole", "mem"):
         info = json.loads((tmp_path / out / "generation.json").read_text())
         assert info["weights_sha256"] == expected
-        assert set(info["versions"]) == {"terrasynth", "torch", "numpy", "rasterio"}
+        assert set(info["versions"]) == {"terrasynth", "torch", "numpy", "rasterio", "zarr", "gdal"}
+        assert info["config_sha256"] == pipe.config_sha256
         assert info["versions"]["terrasynth"] == __version__
 
 

@@ -67,7 +67,8 @@ def package_versions() -> dict[str, str]:
 
     from terrasynth import __version__
 
-    return {"terrasynth": __version__, **{n: version(n) for n in ("torch", "numpy", "rasterio")}}
+    packages = {n: version(n) for n in ("torch", "numpy", "rasterio", "zarr")}
+    return {"terrasynth": __version__, **packages, "gdal": rasterio.__gdal_version__}
 
 
 def file_sha256(path: Path) -> str:
@@ -249,6 +250,13 @@ class Pipeline:
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return {"state_dict": h.hexdigest()}
+
+    @cached_property
+    def config_sha256(self) -> str:
+        """sha256 of the model's config as loaded (its calibration included: ``terrasynth
+        calibrate`` rewrites ``spread_scale`` in place, and it changes the samples)."""
+        text = json.dumps(self.model.config.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def read_onto(
         self,
@@ -443,6 +451,7 @@ class Pipeline:
             "model": self.source,
             "backbone": cfg.backbone,
             "weights_sha256": self.weights_sha256,
+            "config_sha256": self.config_sha256,
             "versions": package_versions(),
             "inputs": [[k, describe_input(v)] for k, v in items],
             "targets": targets,

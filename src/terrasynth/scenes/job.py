@@ -203,7 +203,7 @@ class SceneJob:
 
     def signature(self) -> dict[str, Any]:
         """What must match for a work folder to be resumed: settings, files, model (its
-        folder and the sha256 of its weights)."""
+        folder and the sha256 of its weights and of its config)."""
 
         def grid_json(g: Grid) -> dict[str, Any]:
             return {
@@ -223,6 +223,7 @@ class SceneJob:
             ],
             "model": self.pipe.source,
             "weights_sha256": self.pipe.weights_sha256,
+            "config_sha256": self.pipe.config_sha256,
             "grid": grid_json(self.work),
         }
 
