@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -96,18 +100,48 @@ def test_an_error_leaves_the_folder_as_it_was(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def killed_while_writing(out):
+    """The temporary folder a run killed (SIGKILL) while writing ``out`` leaves."""
+    code = (
+        "import os, signal, sys; from terrasynth.atomic import start_folder; "
+        "tmp = start_folder(sys.argv[1], 'test'); (tmp / 'half.txt').write_text('half'); "
+        "print(tmp, flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    return Path(res.stdout.strip())
+
+
 def test_leftovers_of_a_killed_run_are_cleared_but_not_a_users_folder(tmp_path):
     out = tmp_path / "out"
-    earlier_output(tmp_path / ".out.partial")  # killed while writing
-    earlier_output(tmp_path / ".out.old")  # killed between the two renames
+    leftover = killed_while_writing(out)
+    assert leftover.parent == tmp_path and (leftover / "half.txt").exists()
     with atomic_folder(out) as tmp:
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    (tmp_path / ".out.partial").mkdir()
-    (tmp_path / ".out.partial" / "mine.txt").write_text("mine")
-    with pytest.raises(TerrasynthError, match="in the way"), atomic_folder(out, True):
-        pass
-    assert (tmp_path / ".out.partial" / "mine.txt").exists()
+    mine = tmp_path / ".out.partial"  # a name earlier versions used, holding a user's file
+    mine.mkdir()
+    (mine / "mine.txt").write_text("mine")
+    with atomic_folder(out, True) as tmp:
+        (tmp / "newer.txt").write_text("newer")
+    assert (mine / "mine.txt").exists()
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "newer.txt"]
+
+
+def test_two_runs_writing_one_output_keep_their_own_temporary_folders(tmp_path):
+    out = tmp_path / "out"
+    first = atomic.start_folder(out, "test")
+    (first / "first.txt").write_text("first")
+    with atomic_folder(out) as second:
+        assert second != first
+        (second / "second.txt").write_text("second")
+    assert (first / "first.txt").read_text() == "first"  # not the second run's to delete
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "second.txt"]
+    with pytest.raises(TerrasynthError, match="use --overwrite"):
+        atomic.finish_folder(first, out)
+    atomic.discard_folder(first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "second.txt"]
 
 
 def test_a_locked_work_folder_refuses_a_second_holder(tmp_path):

@@ -30,7 +30,10 @@ def assert_one_line_error(res: subprocess.CompletedProcess, pattern: str) -> Non
 
 
 def nothing_left(folder: Path, name: str) -> bool:
-    return not any(p.name in (name, f".{name}.partial") for p in folder.iterdir())
+    return not any(
+        p.name == name or (p.name.startswith(f".{name}.") and p.name.endswith(".partial"))
+        for p in folder.iterdir()
+    )
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,11 @@
 Every folder a command creates holds a small marker, ``.terrasynth-output`` (JSON: the
 command, the terrasynth version, the time). A command refuses a non-empty folder unless
 ``--overwrite``, and ``--overwrite`` replaces only a folder holding that marker
-(:func:`check_output`). A new folder is built under a temporary sibling and swapped in at
-the end (:func:`atomic_folder`): the old folder is renamed aside, the new one renamed in,
-then the old one deleted, so there is no moment with neither. Work folders that one run at a
-time may write are locked (:func:`locked_folder`).
+(:func:`check_output`). A new folder is built under a temporary sibling unique to the run
+(``.NAME.XXXXXXXX.partial``) and swapped in at the end (:func:`atomic_folder`): the old
+folder is renamed aside, the new one renamed in, then the old one deleted, so there is no
+moment with neither. Work folders that one run at a time may write are locked
+(:func:`locked_folder`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -62,14 +65,18 @@ def output_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.name != MARKER)
 
 
-def write_marker(folder: str | Path, command: str) -> Path:
-    """Mark ``folder`` as an output of ``command`` (see the module docstring)."""
+def _marker_text(command: str) -> str:
     info = {
         "command": command,
         "version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    return write_text(Path(folder) / MARKER, json.dumps(info, indent=2))
+    return json.dumps(info, indent=2)
+
+
+def write_marker(folder: str | Path, command: str) -> Path:
+    """Mark ``folder`` as an output of ``command`` (see the module docstring)."""
+    return write_text(Path(folder) / MARKER, _marker_text(command))
 
 
 def remove_folder(path: str | Path) -> None:
@@ -94,26 +101,77 @@ def remove_folder(path: str | Path) -> None:
     path.rmdir()
 
 
-_remove_leftover = remove_folder  # a temporary folder an interrupted run left
+_writers: dict[Path, int] = {}  # temporary folders this process writes: their locked marker
 
 
 def start_folder(folder: str | Path, command: str) -> Path:
-    """A new, marked temporary sibling of ``folder`` to build the output in."""
+    """A new, marked temporary sibling ``.NAME.XXXXXXXX.partial`` of ``folder`` to build the
+    output in, unique to this run.
+
+    Its marker stays locked (``flock``) until :func:`finish_folder` or
+    :func:`discard_folder`; the lock goes with the process, so the partial folders of killed
+    runs are told from those of live ones, and only the former are removed here."""
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.partial")
-    _remove_leftover(tmp)
-    tmp.mkdir(parents=True)
-    write_marker(tmp, command)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    # the marker is locked before it takes its name, so no marked partial is ever unlocked
+    # while its writer lives
+    staged = tmp / f"{MARKER}.tmp"
+    fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, _marker_text(command).encode())
+    staged.rename(tmp / MARKER)
+    _writers[tmp] = fd
     return tmp
 
 
+def _remove_abandoned(folder: Path) -> None:
+    """Remove the partial folders of ``folder`` whose writer is gone (its lock with it).
+
+    A partial folder without a marker is left alone: it may be a run's that is just being
+    created, or not terrasynth's at all."""
+    pattern = re.compile(rf"\.{re.escape(folder.name)}\.(?:[a-z0-9_]{{8}}\.)?partial")
+    for path in folder.parent.iterdir():
+        if not pattern.fullmatch(path.name) or path.is_symlink() or not is_output(path):
+            continue
+        try:
+            fd = os.open(path / MARKER, os.O_RDONLY)
+        except FileNotFoundError:  # finished or removed by its writer meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live run's
+            continue
+        else:
+            if path.exists():
+                remove_folder(path)
+        finally:
+            os.close(fd)
+
+
+def _release(tmp: Path) -> None:
+    fd = _writers.pop(Path(tmp), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def discard_folder(tmp: str | Path) -> None:
+    """Remove a temporary folder of :func:`start_folder` that will not be finished."""
+    tmp = Path(tmp)
+    _release(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def finish_folder(tmp: str | Path, folder: str | Path, overwrite: bool = False) -> Path:
-    """Swap the finished ``tmp`` in as ``folder``: the old folder (if any) is renamed aside,
-    ``tmp`` renamed in, then the old folder deleted; either is in place at every moment."""
+    """Swap the finished ``tmp`` in as ``folder``: the old folder (if any) is renamed aside
+    to ``.NAME.old``, ``tmp`` renamed in, then the old folder deleted; either is in place
+    at every moment."""
     tmp, folder = Path(tmp), Path(folder)
     check_output(folder, overwrite)  # again: it may have been filled since the start
     old = folder.with_name(f".{folder.name}.old")
-    _remove_leftover(old)
+    if os.path.lexists(old):  # superseded by a run killed before it removed it
+        remove_folder(old)
     if folder.exists():
         folder.rename(old)
     try:
@@ -122,6 +180,7 @@ def finish_folder(tmp: str | Path, folder: str | Path, overwrite: bool = False) 
         if old.exists():
             old.rename(folder)
         raise
+    _release(tmp)
     remove_folder(old)
     return folder
 
@@ -140,7 +199,7 @@ def atomic_folder(
         yield tmp
         finish_folder(tmp, folder, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_folder(tmp)
         raise
 
 

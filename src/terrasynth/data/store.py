@@ -20,7 +20,6 @@ next to the target and renamed into place only when complete.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -31,7 +30,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from terrasynth.atomic import check_output, finish_folder, start_folder
+from terrasynth.atomic import check_output, discard_folder, finish_folder, start_folder
 from terrasynth.data.chips import Chip
 from terrasynth.data.raster_io import first_line
 from terrasynth.data.scene import Scene
@@ -245,7 +244,7 @@ class StoreWriter:
 
     def abort(self) -> None:
         """Remove the partial store."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        discard_folder(self.tmp)
 
 
 def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> float:
