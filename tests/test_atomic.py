@@ -144,6 +144,32 @@ def test_two_runs_writing_one_output_keep_their_own_temporary_folders(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "second.txt"]
 
 
+def killed_between_the_renames(out):
+    """What a run replacing ``out`` leaves when killed between finish_folder's renames."""
+    out.rename(out.with_name(f".{out.name}.old"))
+
+
+def test_an_output_left_aside_by_a_killed_run_is_restored_not_deleted(tmp_path):
+    out = earlier_output(tmp_path / "out")
+    killed_between_the_renames(out)
+    with pytest.raises(TerrasynthError, match="use --overwrite"), atomic_folder(out):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_superseded_output_is_removed_only_under_overwrite(tmp_path):
+    out = earlier_output(tmp_path / "out")
+    earlier_output(tmp_path / ".out.old")  # killed after the second rename, before the delete
+    with pytest.raises(TerrasynthError, match="use --overwrite"), atomic_folder(out):
+        pass
+    assert (tmp_path / ".out.old" / "old.txt").exists()
+    with atomic_folder(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "new.txt"]
+
+
 def test_a_locked_work_folder_refuses_a_second_holder(tmp_path):
     work = tmp_path / "out.work"
     with locked_folder(work):

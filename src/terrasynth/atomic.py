@@ -40,8 +40,10 @@ def check_output(folder: str | Path, overwrite: bool = False) -> None:
 
     A missing or empty folder is fine; a non-empty one needs ``overwrite`` and the marker
     of an earlier terrasynth output. Call it before any long work, so a refusal costs
-    nothing; :func:`atomic_folder` checks again before it replaces anything."""
+    nothing; :func:`atomic_folder` checks again before it replaces anything. An output a
+    killed run left aside (see :func:`finish_folder`) is put back first."""
     folder = Path(folder)
+    _restore_aside(folder)
     if not folder.exists() and not folder.is_symlink():
         return
     if not folder.is_dir():
@@ -163,10 +165,24 @@ def discard_folder(tmp: str | Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _restore_aside(folder: Path) -> None:
+    """Put back an output a killed run left at ``.NAME.old``, if ``NAME`` is missing."""
+    old = folder.with_name(f".{folder.name}.old")
+    if is_output(old) and not old.is_symlink() and not os.path.lexists(folder):
+        old.rename(folder)
+
+
 def finish_folder(tmp: str | Path, folder: str | Path, overwrite: bool = False) -> Path:
     """Swap the finished ``tmp`` in as ``folder``: the old folder (if any) is renamed aside
     to ``.NAME.old``, ``tmp`` renamed in, then the old folder deleted; either is in place
-    at every moment."""
+    at every moment.
+
+    A kill between the two renames leaves the old output at ``.NAME.old`` and no ``NAME``:
+    the next run puts it back first (:func:`check_output`), so it refuses or needs
+    ``--overwrite`` just as if nothing had happened. A kill after them leaves both: the
+    ``.NAME.old`` then is a superseded output that run was allowed to replace, and is
+    removed here by the next run that may itself replace ``NAME`` (``--overwrite``, or an
+    empty ``NAME``); any other run refuses the non-empty ``NAME`` before reaching it."""
     tmp, folder = Path(tmp), Path(folder)
     check_output(folder, overwrite)  # again: it may have been filled since the start
     old = folder.with_name(f".{folder.name}.old")
