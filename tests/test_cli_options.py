@@ -64,6 +64,17 @@ TRAIN = ["train", "-d", ".", "-o", "never"]
         (["data", "build", "-o", "s", "--block-size", "0"], "--block-size must be greater"),
         (["data", "build", "no-such-folder", "-o", "s"], "must be an existing file or folder"),
         (["data", "preview", ".", "-n", "0"], "--chips must be at least 1"),
+        ([*GEN, "--scale", "dem=nan"], "--scale expects MOD=NUMBER (a finite number)"),
+        ([*GEN, "--offset", "dem=-inf"], "--offset expects MOD=NUMBER (a finite number)"),
+        ([*GEN, "--scale", "=2"], "--scale expects MOD=NUMBER"),
+        ([*GEN, "--scale", "dem"], "--scale expects MOD=NUMBER"),
+        ([*GEN, "-i", "s1grd"], "--input expects MOD=FILE, got 's1grd'"),
+        ([*GEN, "-i", "=x.tif"], "--input expects MOD=FILE, got '=x.tif'"),
+        ([*GEN, "-i", "s1grd="], "--input expects MOD=FILE, got 's1grd='"),
+        ([*EVAL, "--seam-input", "s1grd="], "--seam-input expects MOD=FILE"),
+        (["data", "build", "-o", "s", "--scale", "x=inf"], "--scale expects MOD=NUMBER"),
+        (["data", "build", "-o", "s", "--offset", "x=nan"], "--offset expects MOD=NUMBER"),
+        (["data", "build", "-o", "s", "--input", "=x.tif"], "--input expects MOD=FILE"),
     ],
 )
 def test_a_bad_option_is_one_error_line(args, message, capsys, tmp_path, monkeypatch):

@@ -35,20 +35,21 @@ def _rule(ok: Callable[[Any], bool], rule: str) -> Check:
     return check
 
 
-def _finite(v: Any) -> bool:
+def finite(v: Any) -> bool:
+    """False for a NaN or infinite float, true for anything else."""
     return not isinstance(v, float) or math.isfinite(v)
 
 
 def at_least(low: float) -> Check:
-    return _rule(lambda v: _finite(v) and v >= low, f"at least {low}")
+    return _rule(lambda v: finite(v) and v >= low, f"at least {low}")
 
 
 def above(low: float) -> Check:
-    return _rule(lambda v: _finite(v) and v > low, f"greater than {low}")
+    return _rule(lambda v: finite(v) and v > low, f"greater than {low}")
 
 
 def between(low: float, high: float) -> Check:
-    return _rule(lambda v: _finite(v) and low <= v <= high, f"between {low} and {high}")
+    return _rule(lambda v: finite(v) and low <= v <= high, f"between {low} and {high}")
 
 
 def one_of(*choices: str) -> Check:

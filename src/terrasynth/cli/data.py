@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,15 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from terrasynth.cli.checks import SEED, above, at_least, count_option, existing, fraction
+from terrasynth.cli.checks import (
+    SEED,
+    above,
+    at_least,
+    count_option,
+    existing,
+    finite,
+    fraction,
+)
 from terrasynth.errors import TerrasynthError
 from terrasynth.modalities import default_registry
 
@@ -20,26 +29,46 @@ console = Console(stderr=True)
 
 
 def parse_numbers(values: list[str], option: str) -> dict[str, float]:
+    """``MOD=NUMBER`` values of ``option`` as a dict; anything else (a missing name, NaN,
+    infinity) is refused naming the option."""
     out: dict[str, float] = {}
     for v in values:
         mod, sep, num = v.partition("=")
         try:
-            out[mod.strip()] = float(num)
+            number = float(num)
         except ValueError:
-            sep = ""
-        if not sep:
-            raise TerrasynthError(f"{option} expects MOD=NUMBER, got '{v}'")
+            number = math.nan
+        if not (sep and mod.strip() and finite(number)):
+            raise TerrasynthError(f"{option} expects MOD=NUMBER (a finite number), got '{v}'")
+        out[mod.strip()] = number
     return out
 
 
-def parse_inputs(values: list[str]) -> list[tuple[str, str]]:
+def parse_inputs(values: list[str], option: str = "--input") -> list[tuple[str, str]]:
+    """``MOD=FILE`` values of ``option`` as pairs; a missing name or file is refused."""
     out: list[tuple[str, str]] = []
     for v in values:
-        if "=" not in v:
-            raise TerrasynthError(f"--input expects MOD=FILE, got '{v}'")
-        mod, path = v.split("=", 1)
-        out.append((mod.strip(), path.strip()))
+        mod, _, path = (part.strip() for part in v.partition("="))
+        if not (mod and path):
+            raise TerrasynthError(f"{option} expects MOD=FILE, got '{v}'")
+        out.append((mod, path))
     return out
+
+
+def _option_name(param: typer.CallbackParam) -> str:
+    return max(param.opts, key=len) if param.opts else str(param.name)
+
+
+def numbers_check(param: typer.CallbackParam, value: list[str] | None) -> list[str] | None:
+    """Typer callback: :func:`parse_numbers` before any work."""
+    parse_numbers(value or [], _option_name(param))
+    return value
+
+
+def inputs_check(param: typer.CallbackParam, value: list[str] | None) -> list[str] | None:
+    """Typer callback: :func:`parse_inputs` before any work."""
+    parse_inputs(value or [], _option_name(param))
+    return value
 
 
 @app.command()
@@ -54,15 +83,24 @@ def build(
     input_: Annotated[
         list[str] | None,
         typer.Option(
-            "--input", help="Generic mode: MOD=FILE, a GeoTIFF of modality MOD (repeatable)."
+            "--input",
+            help="Generic mode: MOD=FILE, a GeoTIFF of modality MOD (repeatable).",
+            callback=inputs_check,
         ),
     ] = None,
     scale: Annotated[
         list[str] | None,
-        typer.Option("--scale", help="Generic mode: MOD=FACTOR; physical = raw * FACTOR + OFFSET."),
+        typer.Option(
+            "--scale",
+            help="Generic mode: MOD=FACTOR; physical = raw * FACTOR + OFFSET.",
+            callback=numbers_check,
+        ),
     ] = None,
     offset: Annotated[
-        list[str] | None, typer.Option("--offset", help="Generic mode: MOD=OFFSET (see --scale).")
+        list[str] | None,
+        typer.Option(
+            "--offset", help="Generic mode: MOD=OFFSET (see --scale).", callback=numbers_check
+        ),
     ] = None,
     modalities: Annotated[
         list[Path] | None,

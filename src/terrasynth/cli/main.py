@@ -33,7 +33,7 @@ from terrasynth.cli.checks import (
     one_of_lazy,
 )
 from terrasynth.cli.data import app as data_app
-from terrasynth.cli.data import parse_inputs, parse_numbers
+from terrasynth.cli.data import inputs_check, numbers_check, parse_inputs, parse_numbers
 from terrasynth.data.split import SPLITS
 from terrasynth.errors import TerrasynthError
 from terrasynth.models.config import BACKBONES, PRESETS
@@ -212,7 +212,10 @@ def generate(
     inputs: Annotated[
         list[str] | None,
         typer.Option(
-            "-i", "--input", help="MOD[:B1,B2]=FILE GeoTIFF to condition on (repeatable)."
+            "-i",
+            "--input",
+            help="MOD[:B1,B2]=FILE GeoTIFF to condition on (repeatable).",
+            callback=inputs_check,
         ),
     ] = None,
     model: Annotated[
@@ -226,9 +229,12 @@ def generate(
         float, typer.Option(help="Classifier-free guidance scale.", callback=at_least(0))
     ] = 1.0,
     scale: Annotated[
-        list[str] | None, typer.Option(help="MOD=FACTOR: physical = raw * FACTOR + offset.")
+        list[str] | None,
+        typer.Option(help="MOD=FACTOR: physical = raw * FACTOR + offset.", callback=numbers_check),
     ] = None,
-    offset: Annotated[list[str] | None, typer.Option(help="MOD=OFFSET (see --scale).")] = None,
+    offset: Annotated[
+        list[str] | None, typer.Option(help="MOD=OFFSET (see --scale).", callback=numbers_check)
+    ] = None,
     size: Annotated[int | None, count_option("Joint generation: pixels per side.")] = None,
     gsd: Annotated[
         float | None,
@@ -459,7 +465,10 @@ def evaluate(
     ] = None,
     seam_input: Annotated[
         list[str] | None,
-        typer.Option(help="MOD=FILE: also measure seams of this scene (shared vs independent)."),
+        typer.Option(
+            help="MOD=FILE: also measure seams of this scene (shared vs independent).",
+            callback=inputs_check,
+        ),
     ] = None,
     seam_target: Annotated[
         list[str] | None, typer.Option(help="Targets of the seam scene (default s2l2a).")
@@ -563,7 +572,8 @@ def evaluate(
         from terrasynth.evaluation.seams import scene_seams
 
         typer.echo("seams: generating the scene with shared noise and independent tiles")
-        seams = scene_seams(pipe, parse_inputs(seam_input), seam_target or ["s2l2a"], seed, steps)
+        seam_inputs = parse_inputs(seam_input, "--seam-input")
+        seams = scene_seams(pipe, seam_inputs, seam_target or ["s2l2a"], seed, steps)
         settings["seam_input"] = list(seam_input)
     report = write_report(
         results, output, settings, protocol_of(results, settings), seams, overwrite=overwrite
