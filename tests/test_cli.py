@@ -102,6 +102,13 @@ def test_build_info_preview_from_several_sources(tmp_path):
     assert res.returncode == 0, res.stderr
     img = __import__("matplotlib.image", fromlist=["imread"]).imread(png)
     assert img.shape[0] > 300 and img.std() > 0.05
+    before = png.read_bytes()
+    again = cli("data", "preview", str(store), "-o", str(png), "-n", "2")
+    assert_one_line_error(again, "use --overwrite")
+    assert png.read_bytes() == before
+    res = cli("data", "preview", str(store), "-o", str(png), "-n", "2", "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert png.read_bytes() != before
 
 
 def test_generic_mode_epsg4326_with_nodata(tmp_path, landsat_4326):

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+
 import matplotlib.image as mpimg
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from matplotlib.colors import to_rgb
 
 from terrasynth.data.preview import render_chip, render_preview
 from terrasynth.data.store import ChipStore
+from terrasynth.errors import TerrasynthError
 from terrasynth.modalities import default_registry
+from tests.conftest import ZION
 
 pytestmark = pytest.mark.needs_data
 
@@ -135,10 +140,38 @@ def test_render_preview_is_atomic(preview):
     store, out, _ = preview
     assert sorted(p.name for p in out.parent.iterdir()) == ["preview.png"]
     wide = mpimg.imread(out).shape
-    render_preview(store, out, chips_per_modality=1, seed=0)  # replaces the existing file
+    render_preview(store, out, chips_per_modality=1, seed=0, overwrite=True)  # its own file
     assert sorted(p.name for p in out.parent.iterdir()) == ["preview.png"]
     narrow = mpimg.imread(out).shape
     assert narrow[0] == wide[0] and narrow[1] == round((1.9 + 2.6) * 110)
+
+
+def test_an_earlier_preview_is_replaced_only_with_overwrite(store, tmp_path):
+    out = render_preview(store, tmp_path / "p.png", chips_per_modality=1)
+    before = out.read_bytes()
+    with pytest.raises(TerrasynthError, match="use --overwrite"):
+        render_preview(store, out, chips_per_modality=2)
+    assert out.read_bytes() == before
+    render_preview(store, out, chips_per_modality=2, overwrite=True)
+    assert out.read_bytes() != before
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_file_terrasynth_did_not_write_is_never_replaced(store, tmp_path, overwrite):
+    mine = tmp_path / "mine.png"
+    plt.imsave(mine, np.linspace(0, 1, 64 * 64).reshape(64, 64))  # a PNG of one's own
+    own = tmp_path / "own.tif"
+    shutil.copy(ZION / "landsat_b2.tif", own)  # not a PNG at all
+    link = tmp_path / "link.png"
+    link.symlink_to(render_preview(store, tmp_path / "p.png", chips_per_modality=1))
+    for path in (mine, own, link):
+        before = path.read_bytes()
+        with pytest.raises(TerrasynthError, match="not written by terrasynth"):
+            render_preview(store, path, chips_per_modality=1, overwrite=overwrite)
+        assert path.read_bytes() == before
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["link.png", "mine.png", "own.tif", "p.png"]
 
 
 def test_legend_names_are_whole_and_distinct():

@@ -244,10 +244,15 @@ def preview(
     ),
     chips: Annotated[int, count_option("Chips per modality.", "-n", "--chips")] = 6,
     seed: Annotated[int, SEED] = 0,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier terrasynth preview at --output.")
+    ] = False,
 ) -> None:
     """Render a quick-look PNG of chips, one row per modality."""
-    from terrasynth.data.preview import render_preview
+    from terrasynth.data.preview import check_preview, render_preview
     from terrasynth.data.store import ChipStore
 
-    path = render_preview(ChipStore.open(store), output, chips_per_modality=chips, seed=seed)
+    check_preview(output, overwrite)  # before opening the store
+    opened = ChipStore.open(store)
+    path = render_preview(opened, output, chips_per_modality=chips, seed=seed, overwrite=overwrite)
     typer.echo(f"wrote {path}")

@@ -2,6 +2,9 @@
 
 Optical: true colour with a 2-98 % stretch. SAR (dB): greyscale of the first band.
 Elevation (m): hillshade. Categorical: legend colours. Anything else: a colour map.
+
+Every preview carries a PNG text chunk ``terrasynth``; an existing file is replaced only with
+``overwrite`` and only if it carries that chunk (:func:`check_preview`).
 """
 
 from __future__ import annotations
@@ -17,8 +20,50 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LightSource, ListedColormap, to_rgb  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from terrasynth import __version__  # noqa: E402
 from terrasynth.data.store import ChipStore  # noqa: E402
+from terrasynth.errors import TerrasynthError  # noqa: E402
 from terrasynth.modalities import Modality  # noqa: E402
+
+TEXT_KEY = "terrasynth"  # the PNG text chunk marking a preview terrasynth wrote
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_preview(path: str | Path) -> bool:
+    """Whether ``path`` is a PNG carrying terrasynth's text chunk (read from the chunks
+    before the image data only, each text chunk at most 1 KiB)."""
+    with open(path, "rb") as f:
+        if f.read(8) != PNG_SIGNATURE:
+            return False
+        for _ in range(64):
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind in (b"IDAT", b"IEND"):
+                return False
+            if kind == b"tEXt" and length <= 1024:
+                if f.read(length).startswith(TEXT_KEY.encode() + b"\0"):
+                    return True
+                f.seek(4, os.SEEK_CUR)
+            else:
+                f.seek(length + 4, os.SEEK_CUR)
+    return False
+
+
+def check_preview(output: str | Path, overwrite: bool = False) -> None:
+    """Refuse to write ``output`` over a file: one needs ``overwrite`` and must be a preview
+    terrasynth wrote (not a link)."""
+    output = Path(output)
+    if not os.path.lexists(output):
+        return
+    if output.is_symlink() or not output.is_file() or not is_preview(output):
+        raise TerrasynthError(
+            f"{output} already exists and was not written by terrasynth (not a terrasynth "
+            "preview PNG): choose another file, or move it away yourself"
+        )
+    if not overwrite:
+        raise TerrasynthError(f"{output} already exists (use --overwrite to replace it)")
 
 
 def _stretch(x: np.ndarray, valid: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
@@ -75,10 +120,19 @@ def _read_groups(store: ChipStore, mod: Modality, i: int) -> dict:
 
 
 def render_preview(
-    store: ChipStore, output: str | Path, chips_per_modality: int = 6, seed: int = 0
+    store: ChipStore,
+    output: str | Path,
+    chips_per_modality: int = 6,
+    seed: int = 0,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a PNG grid: one row per raster modality, ``chips_per_modality`` chips each."""
+    """Write a PNG grid: one row per raster modality, ``chips_per_modality`` chips each.
+
+    The PNG is written to a temporary sibling and renamed into place; an existing
+    ``output`` is replaced only as :func:`check_preview` allows (checked before rendering
+    and again before the rename)."""
     output = Path(output)
+    check_preview(output, overwrite)
     registry = store.registry
     mods = [registry[m] for m in store.modalities if registry[m].is_raster]
     rng = np.random.default_rng(seed)
@@ -120,10 +174,14 @@ def render_preview(
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(output)
+    try:
+        fig.savefig(tmp, dpi=110, metadata={TEXT_KEY: f"data preview {__version__}"})
+        check_preview(output, overwrite)  # again: it may have appeared meanwhile
+        tmp.replace(output)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return output
 
 
-__all__ = ["render_chip", "render_preview", "ListedColormap"]
+__all__ = ["check_preview", "is_preview", "render_chip", "render_preview", "ListedColormap"]
