@@ -1,0 +1,55 @@
+"""Train the convolutional generator with settings its presets do not hold (design rounds).
+
+    OMP_NUM_THREADS=1 python bench/train_conv_variant.py STORE RUN --steps 1786 \\
+        --set '{"retrieval_mixture": true, "retrieval_exclusion_m": [600, 2560, 50000]}'
+
+The ``tiny`` preset of ``conv_generator`` with the ``--set`` entries (JSON, ModelConfig
+fields) laid over it, batch 24, seed 0, the learning rate decayed over ``--steps`` (or over
+``--minutes`` with ``--schedule time``). The run folder is an ordinary run: ``terrasynth
+calibrate``, ``evaluate`` and ``train --resume`` take it. A setting that wins moves into the
+preset; this script is how it is measured first (docs/design.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from terrasynth.atomic import write_marker
+from terrasynth.models.config import CONV_PRESETS
+from terrasynth.training.trainer import TrainConfig, Trainer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("store", type=Path)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--steps", type=int, default=1786)
+    ap.add_argument("--minutes", type=float, default=0.0, help="time limit (0: none)")
+    ap.add_argument("--schedule", choices=("steps", "time"), default="steps")
+    ap.add_argument("--set", default="{}", help="JSON object of ModelConfig fields")
+    args = ap.parse_args()
+    CONV_PRESETS["tiny"].update(json.loads(args.set))
+    cfg = TrainConfig(
+        preset="tiny",
+        backbone="conv_generator",
+        steps=args.steps,
+        batch_size=24,
+        time_limit_min=args.minutes,
+        schedule=args.schedule,
+        seed=0,
+    )
+    args.run.mkdir(parents=True, exist_ok=True)
+    write_marker(args.run, "train")
+    trainer = Trainer(args.store, args.run, cfg)
+    trainer.train(
+        lambda r: (
+            print(r["step"], round(r["loss"], 4), flush=True) if r["step"] % 100 == 0 else None
+        )
+    )
+    print(f"done: {trainer.step} steps")
+
+
+if __name__ == "__main__":
+    main()
