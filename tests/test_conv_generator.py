@@ -225,11 +225,13 @@ def test_relief_smoothing_blurs_the_elevation_residual_only(config):
         assert roughness(r1) < 0.5 * roughness(r0)
 
 
-def _mixture_model(config: ModelConfig, seed: int = 0) -> ConvGenerator:
+def _mixture_model(config: ModelConfig, seed: int = 0, **change) -> ConvGenerator:
     """A model with the retrieval mixture over a made-up index of six chips whose elevation
     levels are 0..5 per band, at one degree of latitude apart; the gate fully open and the
     residual off, so a sample's deviation from the mean is its neighbour's level alone."""
-    cfg = ModelConfig.from_dict({**config.to_dict(), "retrieval_mixture": True, "retrieval_k": 3})
+    cfg = ModelConfig.from_dict(
+        {**config.to_dict(), "retrieval_mixture": True, "retrieval_k": 3, **change}
+    )
     model = _model(cfg, seed)
     rows = {}
     g = torch.Generator().manual_seed(seed)
@@ -273,6 +275,38 @@ def test_each_sample_takes_one_neighbours_level(config):
     assert len(offsets) > 1
     frac = {round(o - min(offsets), 3) % 1 for o in offsets}
     assert frac == {0.0}
+
+
+@needs_data
+def test_each_pixel_mixes_the_neighbours_levels(config):
+    model = _mixture_model(config, neighbour_pixels=True)
+    inputs = _inputs(config, torch.Generator().manual_seed(3), ["dem"], ["s1grd"])
+    with torch.no_grad():
+        mean, samples = model(inputs, GSD, members=4, generator=torch.Generator().manual_seed(0))
+        model.neighbour_logits.weight.zero_()  # as initialised (_model opens zero layers)
+        model.neighbour_logits.bias.zero_()
+        mean0, equal = model(inputs, GSD, members=2, generator=torch.Generator().manual_seed(0))
+        levels = model._retrieve(inputs, ["dem"], None)[1]["dem"][0]  # (B, k, C)
+    low = (levels - levels.mean(1, keepdim=True)).amin(1)[..., None, None]
+    high = (levels - levels.mean(1, keepdim=True)).amax(1)[..., None, None]
+    for s in samples:
+        dev = s["dem"]["r30m"] - mean["dem"]["r30m"]
+        assert bool(((dev >= low - 1e-4) & (dev <= high + 1e-4)).all())  # inside the hull
+        assert float(dev.std()) > 1e-3  # pixels mix differently
+    for s in equal:  # equal logits: every pixel at the (equally weighted) mean
+        assert float((s["dem"]["r30m"] - mean0["dem"]["r30m"]).abs().max()) < 1e-4
+    with torch.no_grad():  # logits that pick neighbour 1 everywhere: its level, per pixel
+        model.neighbour_logits.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))
+        mean, samples = model(inputs, GSD, members=2, generator=torch.Generator().manual_seed(0))
+    pick = (levels[:, 1] - levels.mean(1))[..., None, None]
+    dev = samples[0]["dem"]["r30m"] - mean["dem"]["r30m"]
+    torch.testing.assert_close(dev, pick.expand_as(dev), atol=1e-4, rtol=0)
+
+
+def test_neighbour_pixels_needs_the_mixture(config):
+    cfg = ModelConfig.from_dict({**config.to_dict(), "neighbour_pixels": True})
+    with pytest.raises(TerrasynthError, match="neighbour_pixels"):
+        cfg.validate()
 
 
 @needs_data

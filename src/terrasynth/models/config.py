@@ -67,6 +67,9 @@ class ModelConfig:
     # and far neighbours (a place far from every training chip)
     retrieval_mixture: bool = False
     retrieval_exclusion_m: list[float] = field(default_factory=lambda: [2560.0])
+    # with the mixture: each pixel's level is a convex mix of the neighbours' levels
+    # (weights from the generator), so residual spectra are mixes of real chips' spectra
+    neighbour_pixels: bool = False
     # sampling windows (0: the training crop, half-window stride); a fully convolutional
     # model can also slide with a smaller overlap
     window: int = 0
@@ -118,6 +121,8 @@ class ModelConfig:
                 raise TerrasynthError("retrieval_k must be 0 (no retrieval) or more")
             if self.ensemble < 2:
                 raise TerrasynthError("ensemble must be at least 2 (fair CRPS needs pairs)")
+            if self.neighbour_pixels and not (self.retrieval_mixture and self.retrieval_k > 0):
+                raise TerrasynthError("neighbour_pixels needs retrieval_mixture and retrieval_k")
             if not self.retrieval_exclusion_m or min(self.retrieval_exclusion_m) < 0:
                 raise TerrasynthError("retrieval_exclusion_m: one or more radii of 0 m or more")
             return

@@ -45,6 +45,7 @@ from terrasynth.models.scene_model import ModalityInput
 NOISE_CHANNELS = 4  # noise maps per blur width
 # how near the retrieved neighbours are (mixture): mean and nearest log distance, place known
 DISTANCE_FEATURES = ("mean_log_km", "nearest_log_km", "place_known")
+RATE_GAIN = 10.0  # the nearness rate's parameter is scaled up so that Adam moves it in time
 RANK = 3  # spectral rank of the residual: each pixel's residual spectrum mixes RANK loadings
 NOISE_SIGMAS = (0.0, 1.5, 4.0)  # fine and low-resolution noise maps (Gaussian, base-grid px)
 LATENT_SIGMA = 8.0  # the near-constant latent
@@ -249,6 +250,11 @@ class ConvGenerator(PretrainedMixin, nn.Module):
             self.level_gate = nn.Linear(cd, 1)  # share of a neighbour's deviation, 0.5 at start
             nn.init.zeros_(self.level_gate.weight)
             nn.init.zeros_(self.level_gate.bias)
+        self.neighbour_pixels = self.mixture and config.neighbour_pixels
+        if self.neighbour_pixels:  # per pixel: logits over the neighbours (equal at start)
+            self.neighbour_logits = nn.Conv2d(config.generator_channels, config.retrieval_k, 1)
+            nn.init.zeros_(self.neighbour_logits.weight)
+            nn.init.zeros_(self.neighbour_logits.bias)
 
     def set_retrieval(self, index: RetrievalIndex | None) -> None:
         """Use ``index`` (training chips' summaries) as conditioning from now on."""
@@ -327,7 +333,11 @@ class ConvGenerator(PretrainedMixin, nn.Module):
                 res = self._residual_head(mod, loadings, self.coef(_modulate(h, film[1])))
                 if smooth > 0:  # elevation varies smoothly at the pixel scale
                     res = {g: gaussian_blur(r, smooth) for g, r in res.items()}
-                if near is not None:  # this sample's neighbour: its level, gated
+                if near is not None and self.neighbour_pixels:  # each pixel: a mix of levels
+                    hf = _modulate(h, film[1])
+                    dev = self._pixel_levels(mod, mu, near, self.neighbour_logits(hf))
+                    res = {g: res[g] + gate[:, :, None, None] * dev[g] for g in res}
+                elif near is not None:  # this sample's neighbour: its level, gated
                     dev = self._level_deviation(mod, mu, near, u)
                     res = {g: res[g] + gate[:, :, None, None] * dev[g] for g in res}
                 s[name] = {g: mu[g] + scale * res[g] for g in mu}
@@ -478,7 +488,7 @@ class ConvGenerator(PretrainedMixin, nn.Module):
                 logd = torch.nan_to_num(logd) * found[:, None].float()
                 parts += [logd.mean(1, keepdim=True), logd[:, :1], known[:, None].float()]
                 if mod.kind != "categorical":
-                    rate = self.nearness_rate[_k(name)]
+                    rate = RATE_GAIN * self.nearness_rate[_k(name)]
                     weight = torch.softmax(-rate.to(logd) * 4 * logd.to(param), 1)
                     levels = self.retrieval.neighbour_levels(mod, idx).to(param)
                     near[name] = (levels * found[:, None, None].to(param), weight)
@@ -512,6 +522,31 @@ class ConvGenerator(PretrainedMixin, nn.Module):
                 level = ret[:, offset : offset + len(g.bands)]
                 offset += len(g.bands)
             out[g.name] = mu[g.name] + level[:, :, None, None].to(mu[g.name].dtype)
+        return out
+
+    def _pixel_levels(
+        self,
+        mod: Modality,
+        mu: dict[str, torch.Tensor],
+        near: tuple[torch.Tensor, torch.Tensor],
+        logits: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Per band group on its own grid: each pixel's convex mix of the neighbours' levels
+        (weights: ``logits`` (B, k, H, W) plus the log nearness weights) minus their
+        weighted mean. Unknown levels count as the mean (no deviation)."""
+        levels, weight = near
+        ok = torch.isfinite(levels)
+        w = weight[:, :, None] * ok
+        mean = (torch.nan_to_num(levels) * w).sum(1) / w.sum(1).clamp_min(1e-6)  # (B, C)
+        filled = torch.where(ok, levels, mean[:, None])
+        mix = torch.softmax(logits + torch.log(weight.clamp_min(1e-6))[:, :, None, None], 1)
+        dev = torch.einsum("bkhw,bkc->bchw", mix, filled - mean[:, None])
+        out, offset = {}, 0
+        for g in mod.groups:
+            d = dev[:, offset : offset + len(g.bands)]
+            offset += len(g.bands)
+            d = F.avg_pool2d(d, g.factor) if g.factor > 1 else d
+            out[g.name] = d.to(mu[g.name].dtype)
         return out
 
     def _level_deviation(
