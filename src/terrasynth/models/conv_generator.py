@@ -112,6 +112,13 @@ def smooth_noise(noise: torch.Tensor, sigma: float) -> torch.Tensor:
     return gaussian_blur(noise, sigma) / gain
 
 
+def _weighted_level(levels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(B, C) the neighbours' levels (B, k, C; NaN unknown) averaged with ``weight`` (B, k)
+    over the known ones."""
+    w = weight[:, :, None] * torch.isfinite(levels)
+    return (torch.nan_to_num(levels) * w).sum(1) / w.sum(1).clamp_min(1e-6)
+
+
 def _uniform_from_noise(noise: torch.Tensor) -> torch.Tensor:
     """(B,) uniform in [0, 1) from a window of unit-variance white noise (B, C, S, S): the
     first channel's mean, rescaled to unit variance, through the normal CDF. Taken from the
@@ -507,10 +514,7 @@ class ConvGenerator(PretrainedMixin, nn.Module):
         class frequencies (class maps)."""
         found = ret[:, -1:]
         if near is not None:
-            levels, weight = near
-            ok = torch.isfinite(levels)
-            w = weight[:, :, None] * ok
-            mean = (torch.nan_to_num(levels) * w).sum(1) / w.sum(1).clamp_min(1e-6)
+            mean = _weighted_level(*near)
         out, offset = {}, 0
         for g in mod.groups:
             if mod.kind == "categorical":
@@ -535,10 +539,8 @@ class ConvGenerator(PretrainedMixin, nn.Module):
         (weights: ``logits`` (B, k, H, W) plus the log nearness weights) minus their
         weighted mean. Unknown levels count as the mean (no deviation)."""
         levels, weight = near
-        ok = torch.isfinite(levels)
-        w = weight[:, :, None] * ok
-        mean = (torch.nan_to_num(levels) * w).sum(1) / w.sum(1).clamp_min(1e-6)  # (B, C)
-        filled = torch.where(ok, levels, mean[:, None])
+        mean = _weighted_level(levels, weight)
+        filled = torch.where(torch.isfinite(levels), levels, mean[:, None])
         mix = torch.softmax(logits + torch.log(weight.clamp_min(1e-6))[:, :, None, None], 1)
         dev = torch.einsum("bkhw,bkc->bchw", mix, filled - mean[:, None])
         out, offset = {}, 0
@@ -559,9 +561,7 @@ class ConvGenerator(PretrainedMixin, nn.Module):
         """Per band group (B, C, 1, 1): one neighbour's level minus the weighted mean of all,
         the neighbour drawn by the nearness weights with ``u`` (B,) uniform in [0, 1)."""
         levels, weight = near
-        ok = torch.isfinite(levels)
-        w = weight[:, :, None] * ok
-        mean = (torch.nan_to_num(levels) * w).sum(1) / w.sum(1).clamp_min(1e-6)
+        mean = _weighted_level(levels, weight)
         cdf = weight.detach().cumsum(1)
         j = torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1])[:, None].contiguous())
         j = j.clamp(max=levels.shape[1] - 1)[:, 0]
