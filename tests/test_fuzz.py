@@ -105,6 +105,18 @@ def test_a_truncated_lmdb_is_an_error_not_a_bus_error(tmp_path):
     assert "refused:" in res.stdout and "truncated LMDB file" in res.stdout
 
 
+def test_a_damaged_lmdb_page_is_an_error_not_a_traceback(tmp_path):
+    """Found (seed 200, case 5745): a byte flip in data.mdb's first KiB made lmdb raise its
+    own PageNotFoundError while reading a patch, past the reader's error handling."""
+    out = tmp_path / "out"
+    code = fuzz.main(
+        ["--seed", "200", "--case", "5745", "--out", str(out), "--work", str(tmp_path / "w")]
+    )
+    summary = json.loads((out / "fuzz.json").read_text())
+    assert summary["failing"] == [] and summary["cases_clean_error"] == 1, summary["failing"]
+    assert code == 0
+
+
 def test_library_warnings_are_warning_lines_and_the_error_stays_last(tmp_path):
     """Found: rasterio's NotGeoreferencedWarning printed its source line on stderr before
     the error line; a raster without a geotransform is now named as such."""

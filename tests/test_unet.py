@@ -365,7 +365,7 @@ def test_a_short_training_lowers_the_loss(trained, small_store, config):
     assert settings["backbone"] == "unet" and settings["schedule"] == "time"
     assert settings["time_limit_min"] == TRAIN_MINUTES and settings["batch_size"] == 16
     logs = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
-    assert len(logs) >= 5  # a log line every 10 steps; how many fit the budget varies
+    assert len(logs) >= 4  # a log line every 10 steps; how many fit the budget varies with load
     assert [r["step"] for r in logs] == sorted(r["step"] for r in logs)
     assert logs[-1]["elapsed_s"] >= 60 * TRAIN_MINUTES
     assert logs[-1]["lr"] < 0.5 * max(r["lr"] for r in logs)  # decayed over the budget

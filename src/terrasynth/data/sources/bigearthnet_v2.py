@@ -175,8 +175,11 @@ class BigEarthNetV2Source:
             raise InputError(f"{db}: unreadable LMDB ({exc})") from exc
         try:
             for row in meta.itertuples(index=False):
-                with env.begin() as txn:
-                    scene = self._scene(db, txn, row)
+                try:
+                    with env.begin() as txn:
+                        scene = self._scene(db, txn, row)
+                except lmdb.Error as exc:  # a damaged page or index: lmdb's own error
+                    raise InputError(f"{db}: damaged LMDB ({exc})") from exc
                 yield scene
         finally:
             env.close()
