@@ -23,6 +23,11 @@ values and a given-mask (coarser band groups repeated onto the finest grid):
   over an ensemble (``training/score_objective.py``), the residuals carry the conditional
   spread; ``spread_scale`` (per modality, fitted on the validation split) calibrates it.
 
+* **Retrieval** (``retrieval_k``): the nearest training chips' levels condition the mean
+  (``models/retrieval.py``). Options measured in docs/design.md (off by default): a mixture
+  of the neighbours' levels across samples (``retrieval_mixture``), and per pixel
+  (``neighbour_pixels``), so levels and residual spectra come from real chips.
+
 The model is a one-step sampler: it reads the target's noisy input at ``t = 1`` as its
 noise, and its output there is a sample. ``default_steps`` is 1.
 """
