@@ -3,11 +3,12 @@
     OMP_NUM_THREADS=1 python bench/train_conv_variant.py STORE RUN --steps 1786 \\
         --set '{"retrieval_mixture": true, "retrieval_exclusion_m": [600, 2560, 50000]}'
 
-The ``tiny`` preset of ``conv_generator`` with the ``--set`` entries (JSON, ModelConfig
-fields) laid over it, batch 24, seed 0, the learning rate decayed over ``--steps`` (or over
-``--minutes`` with ``--schedule time``). The run folder is an ordinary run: ``terrasynth
-calibrate``, ``evaluate`` and ``train --resume`` take it. A setting that wins moves into the
-preset; this script is how it is measured first (docs/design.md).
+A preset of ``conv_generator`` (``--preset``, default ``tiny``) with the ``--set`` entries
+(JSON, ModelConfig fields) laid over it, batch 24, seed ``--seed`` (default 0), the
+learning rate decayed over ``--steps`` (or over ``--minutes`` with ``--schedule time``).
+The run folder is an ordinary run: ``terrasynth calibrate``, ``evaluate`` and ``train
+--resume`` take it. A setting that wins moves into the preset; this script is how it is
+measured first (docs/design.md).
 """
 
 from __future__ import annotations
@@ -29,16 +30,18 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=0.0, help="time limit (0: none)")
     ap.add_argument("--schedule", choices=("steps", "time"), default="steps")
     ap.add_argument("--set", default="{}", help="JSON object of ModelConfig fields")
+    ap.add_argument("--preset", choices=sorted(CONV_PRESETS), default="tiny")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    CONV_PRESETS["tiny"].update(json.loads(args.set))
+    CONV_PRESETS[args.preset].update(json.loads(args.set))
     cfg = TrainConfig(
-        preset="tiny",
+        preset=args.preset,
         backbone="conv_generator",
         steps=args.steps,
         batch_size=24,
         time_limit_min=args.minutes,
         schedule=args.schedule,
-        seed=0,
+        seed=args.seed,
     )
     args.run.mkdir(parents=True, exist_ok=True)
     write_marker(args.run, "train")
