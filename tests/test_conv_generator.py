@@ -309,6 +309,25 @@ def test_neighbour_pixels_needs_the_mixture(config):
         cfg.validate()
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0, 1.5])
+def test_level_gate_init_is_a_share_strictly_between_0_and_1(config, share):
+    cfg = ModelConfig.from_dict({**config.to_dict(), "level_gate_init": share})
+    with pytest.raises(TerrasynthError, match="level_gate_init"):
+        cfg.validate()
+
+
+def test_level_gate_starts_at_the_configured_share(config):
+    for share in (0.5, 0.9):
+        cfg = ModelConfig.from_dict(
+            {**config.to_dict(), "retrieval_mixture": True, "retrieval_k": 3}
+            | {"level_gate_init": share}
+        )
+        cfg.validate()
+        model = ConvGenerator(cfg)
+        gate = torch.sigmoid(model.level_gate(torch.randn(4, cfg.cond_dim)))
+        torch.testing.assert_close(gate, torch.full_like(gate, share))
+
+
 @needs_data
 def test_the_nearer_neighbours_weigh_more_when_the_place_is_known(config):
     model = _mixture_model(config)

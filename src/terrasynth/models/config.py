@@ -70,6 +70,10 @@ class ModelConfig:
     # with the mixture: each pixel's level is a convex mix of the neighbours' levels
     # (weights from the generator), so residual spectra are mixes of real chips' spectra
     neighbour_pixels: bool = False
+    # with the mixture: the share of a neighbour's deviation each sample carries at the start
+    # of training (learned from the target's conditioning afterwards); near 1, samples start
+    # as kNN's ensemble does, each at one neighbour's level
+    level_gate_init: float = 0.5
     # sampling windows (0: the training crop, half-window stride); a fully convolutional
     # model can also slide with a smaller overlap
     window: int = 0
@@ -123,6 +127,8 @@ class ModelConfig:
                 raise TerrasynthError("ensemble must be at least 2 (fair CRPS needs pairs)")
             if self.neighbour_pixels and not (self.retrieval_mixture and self.retrieval_k > 0):
                 raise TerrasynthError("neighbour_pixels needs retrieval_mixture and retrieval_k")
+            if not 0.0 < self.level_gate_init < 1.0:
+                raise TerrasynthError("level_gate_init: a share between 0 and 1 (exclusive)")
             if not self.retrieval_exclusion_m or min(self.retrieval_exclusion_m) < 0:
                 raise TerrasynthError("retrieval_exclusion_m: one or more radii of 0 m or more")
             return

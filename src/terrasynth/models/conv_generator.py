@@ -259,9 +259,10 @@ class ConvGenerator(PretrainedMixin, nn.Module):
                 if self.mixture:
                     self.nearness_rate[_k(mod.name)] = nn.Parameter(torch.zeros(1))
         if self.mixture:
-            self.level_gate = nn.Linear(cd, 1)  # share of a neighbour's deviation, 0.5 at start
+            self.level_gate = nn.Linear(cd, 1)  # share of a neighbour's deviation
             nn.init.zeros_(self.level_gate.weight)
-            nn.init.zeros_(self.level_gate.bias)
+            share = config.level_gate_init
+            nn.init.constant_(self.level_gate.bias, math.log(share / (1 - share)))
         self.neighbour_pixels = self.mixture and config.neighbour_pixels
         if self.neighbour_pixels:  # per pixel: logits over the neighbours (equal at start)
             self.neighbour_logits = nn.Conv2d(config.generator_channels, config.retrieval_k, 1)
