@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import urllib.request
+from datetime import UTC, datetime
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +33,8 @@ import numpy as np
 import pytest
 import rasterio
 from conftest import DATA, run_cli
+
+from terrasynth.errors import TerrasynthError
 
 SSL4EO = DATA / "ssl4eo_s12"
 S2_DATES = {
@@ -255,7 +258,7 @@ def test_fetch_info_generate(catalogue, tmp_path):
     ]  # fmt: skip
     r = run_cli("data", "fetch", *args, "-o", str(store))
     assert r.returncode == 0, r.stderr
-    assert "4 STAC items, 4 acquisitions" in r.stderr
+    assert "4 STAC items, 4 acquisitions on 186 x 181 px of 10 m" in r.stderr
     assert "EPSG:32643" in r.stderr  # S2 in EPSG:4326 reprojected onto S1's UTM grid
     assert "sentinel-2-l2a: aot" in r.stderr  # a raster asset mapping to no band is named
     assert "28 files fetched, 0 already complete" in r.stderr  # 2 x 12 S2 + 2 x 2 S1 bands
@@ -356,3 +359,59 @@ def test_mapping_by_metadata():
     assert modality_of(item, mapping, reg) == "s2l1c"
     assert list(bands) == ["B04"] and bands["B04"].scale == 1e-4
     assert sorted(unmapped) == ["nir", "rededge1"]
+
+
+def test_an_interrupted_fetch_resumes(catalogue, tmp_path):
+    """Files are complete or absent: a rerun after an interruption fetches only the rest."""
+    from terrasynth.data.stac_fetch import Query, fetch, parse_bbox
+    from terrasynth.modalities import default_registry
+
+    url, _ = catalogue
+    query = Query(url, ("sentinel-2-l2a",), parse_bbox(BBOX), "2020-06-01/2020-06-30")
+
+    def stop_at_five(done: int, total: int, what: str) -> None:
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fetch(query, tmp_path / "dl", default_registry(), on_file=stop_at_five)
+    assert len(list((tmp_path / "dl").rglob("*.tif"))) == 5
+    (tmp_path / "dl" / "s2l2a" / "20200604_B12.tif.part").write_bytes(b"cut short")
+    result = fetch(query, tmp_path / "dl", default_registry())
+    assert (len(result.files), result.skipped) == (12, 5)
+    assert not list((tmp_path / "dl").rglob("*.part"))  # the cut-short file was redone
+    with rasterio.open(tmp_path / "dl" / "s2l2a" / "20200604_B12.tif") as f:
+        assert f.descriptions == ("B12",) and np.isfinite(f.read(1)).mean() > 0.99
+    other = Query(url, ("sentinel-2-l2a",), parse_bbox(BBOX), "2020-08-01/2020-08-30")
+    with pytest.raises(TerrasynthError, match="holds the files of another STAC query"):
+        fetch(other, tmp_path / "dl", default_registry())
+
+
+def test_without_the_stac_extra_one_line_says_what_to_install(tmp_path):
+    code = (
+        "import sys\nsys.modules['pystac_client'] = None\n"
+        "from terrasynth.cli.main import main\n"
+        f"main(['data', 'fetch', '--stac', 'http://127.0.0.1:9/', '--collections', 'x',"
+        f" '--bbox', '0,0,1,1', '-o', {str(tmp_path / 's')!r}])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        "error: STAC search: needs the optional package 'pystac_client', which is not "
+        "installed: pip install 'terrasynth[stac]'"
+    )
+
+
+def test_a_timeless_collection_joins_every_scene(tmp_path):
+    """The description pairs dated modalities by day; a 'timeless' one (a DEM) has no
+    dates, so it joins every scene, and never anchors."""
+    import yaml
+
+    from terrasynth.data.stac_fetch import Acquisition, write_description
+
+    day = datetime(2020, 6, 4, tzinfo=UTC)
+    acqs = [Acquisition("dem", "cop-dem", day, timeless=True), Acquisition("s2l2a", "s2", day)]
+    desc = yaml.safe_load(write_description(tmp_path, acqs, "n", "CC0", 5).read_text())
+    assert desc["anchor"] == "s2l2a" and desc["pair_tolerance_days"] == 5
+    layers = {layer["modality"]: layer for layer in desc["layers"]}
+    assert "dates" not in layers["dem"] and layers["s2l2a"]["dates"] == {"from_filename": True}

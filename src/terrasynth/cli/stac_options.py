@@ -104,7 +104,7 @@ def run_fetch(
     g = result.grid
     console.print(
         f"{result.items} STAC items, {len(result.acquisitions)} acquisitions on "
-        f"{g.width} x {g.height} px at {g.res[0]:g} ({g.crs.to_string()}); "
+        f"{g.width} x {g.height} px of {g.ground_resolution_m():g} m ({g.crs.to_string()}); "
         f"{len(result.files) - result.skipped} files fetched, {result.skipped} already "
         f"complete, in {result.folder}",
         soft_wrap=True,

@@ -11,7 +11,8 @@ API with pystac-client (the ``stac`` extra) for ``--collections``, ``--bbox`` (W
 * the band of an asset comes from the mapping file's ``assets`` or from its band metadata
   (STAC 1.1 ``bands`` or ``eo:bands``: a name such as ``B04`` / ``B4`` or a common name such
   as ``red`` or ``rededge1``; SAR assets by their ``sar:polarizations`` or key ``vv``/``vh``);
-  scale, offset and nodata come from ``raster:bands`` (or the mapping file).
+  scale, offset and nodata come from ``raster:bands`` (or the mapping file), and a
+  collection the mapping marks ``timeless`` (elevation, maps) joins every scene.
 
 Every mapped band is read through GDAL (``/vsicurl/`` for ``http(s)://``, ``/vsis3/`` for
 ``s3://``) with a :class:`rasterio.vrt.WarpedVRT` onto one grid covering the bbox, so only
@@ -108,6 +109,7 @@ class Acquisition:
     items: list[str] = field(default_factory=list)
     bands: dict[str, list[BandSource]] = field(default_factory=dict)
     crs: CRS | None = None  # of the first asset, when the item says
+    timeless: bool = False  # joins every scene (elevation, maps): the mapping's 'timeless'
 
 
 @dataclass
@@ -152,9 +154,12 @@ def load_mapping(path: str | Path | None) -> dict[str, dict[str, Any]]:
     if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
         raise InputError(f"{p}: a mapping file needs 'collections: {{ID: {{modality: ...}}}}'")
     for cid, entry in table.items():
-        unknown = set(entry) - {"modality", "assets", "scale", "offset", "nodata", "transform"}
+        keys = {"modality", "assets", "scale", "offset", "nodata", "transform", "timeless"}
+        unknown = set(entry) - keys
         if unknown:
             raise InputError(f"{p}: collection '{cid}': unknown key(s) {sorted(unknown)}")
+        if not isinstance(entry.get("assets", {}), dict):
+            raise InputError(f"{p}: collection '{cid}': 'assets' maps asset keys to bands")
         if entry.get("transform", "none") not in ("none", "db"):
             raise InputError(f"{p}: collection '{cid}': transform must be 'none' or 'db'")
     return {str(k): v for k, v in table.items()}
@@ -300,7 +305,10 @@ def map_assets(
     A band offered by several assets (a COG and a JPEG 2000 copy) is read from the first
     cloud-optimised one."""
     entry = _mapping_entry(str(item.collection_id or ""), mapping)
-    by_asset = {str(k): str(v) for k, v in (entry.get("assets") or {}).items()}
+    by_asset = {  # asset key -> its bands in file order
+        str(k): [str(b) for b in (v if isinstance(v, list) else [v])]
+        for k, v in (entry.get("assets") or {}).items()
+    }
     lookup = _lookup(modality)
     to_db = entry.get("transform") == "db"
     found: dict[str, BandSource] = {}
@@ -317,10 +325,11 @@ def map_assets(
         elif not _is_raster_asset(asset):
             continue
         rows = _asset_bands(key, asset)
+        given = by_asset.get(key, [])
         hit = False
         for i, row in enumerate(rows, start=1):
             if by_asset:
-                band = by_asset[key] if len(rows) == 1 else None
+                band = given[i - 1] if i <= len(given) else None
                 if band is not None:
                     modality.group_of(band)  # a clear error for a band the modality lacks
             else:
@@ -329,9 +338,9 @@ def map_assets(
                     (lookup[k] for n in names for k in (n.lower(), _band_key(n)) if k in lookup),
                     None,
                 )
+            hit = hit or band is not None  # a band another asset gives too counts as mapped
             if band is None or band in found:
                 continue
-            hit = True
             found[band] = BandSource(
                 href=asset.href,
                 index=i,
@@ -342,7 +351,7 @@ def map_assets(
                 nodata=entry.get("nodata", row["nodata"]),
                 to_db=to_db,
             )
-        if not hit and not any(b.href == asset.href for b in found.values()):
+        if not hit:
             unmapped.append(key)
     return found, unmapped
 
@@ -384,7 +393,10 @@ def plan_acquisitions(
             unknown.setdefault(collection, []).append(item.id)
             continue
         day = _item_day(item)
-        acq = acqs.setdefault((name, collection, day), Acquisition(name, collection, day))
+        timeless = bool(_mapping_entry(collection, mapping).get("timeless", False))
+        acq = acqs.setdefault(
+            (name, collection, day), Acquisition(name, collection, day, timeless=timeless)
+        )
         acq.items.append(item.id)
         acq.crs = acq.crs or _item_crs(item)
         for band, src in bands.items():
@@ -452,16 +464,15 @@ def fetch_grid(
         target = _first_crs(acqs)
         if not target.is_projected:
             target = utm_crs((bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2)
-    res = resolution or min(g.gsd for a in acqs for g in registry[a.modality].groups)
-    if target.is_geographic:
-        res = res / 111_320.0  # metres to degrees at the equator
+    metres = resolution or min(g.gsd for a in acqs for g in registry[a.modality].groups)
+    res = metres / 111_320.0 if target.is_geographic else metres  # degrees at the equator
     left, bottom, right, top = transform_bounds("EPSG:4326", target, *bbox, densify_pts=21)
     left, bottom = math.floor(left / res) * res, math.floor(bottom / res) * res
     right, top = math.ceil(right / res) * res, math.ceil(top / res) * res
     width, height = round((right - left) / res), round((top - bottom) / res)
     if max(width, height) > MAX_SIDE:
         raise TerrasynthError(
-            f"the bbox is {width} x {height} px at {res:g} (more than {MAX_SIDE} per side): "
+            f"the bbox is {width} x {height} px of {metres:g} m (more than {MAX_SIDE} per side): "
             "give a smaller --bbox or a coarser --resolution"
         )
     return Grid(target, Affine(res, 0, left, 0, -res, top), max(width, 1), max(height, 1))
@@ -564,23 +575,22 @@ def write_description(
     folder: Path, acqs: Sequence[Acquisition], name: str, licence: str, pair_days: float
 ) -> Path:
     """The source description through which ``data build`` reads the folder."""
-    modalities = list(dict.fromkeys(a.modality for a in acqs))
+    modalities = list(dict.fromkeys(a.modality for a in acqs if not a.timeless))
+    modalities += [a.modality for a in acqs if a.modality not in modalities]
+    modalities = list(dict.fromkeys(modalities))
     desc = {
         "name": name,
         "licence": licence,
         "georeference": "exact",
         "anchor": modalities[0],
         "pair_tolerance_days": pair_days,
-        "layers": [
-            {
-                "file": f"{m}/*.tif",
-                "modality": m,
-                "band_pattern": r"^(?P<band>\S+)$",
-                "dates": {"from_filename": True},
-            }
-            for m in modalities
-        ],
+        "layers": [],
     }
+    for m in modalities:
+        layer = {"file": f"{m}/*.tif", "modality": m, "band_pattern": r"^(?P<band>\S+)$"}
+        if not all(a.timeless for a in acqs if a.modality == m):
+            layer["dates"] = {"from_filename": True}
+        desc["layers"].append(layer)
     path = folder / DESCRIPTION_FILE
     tmp = path.with_name(path.name + ".part")
     header = "# written by terrasynth data fetch: one float32 file per modality/day/band\n"
