@@ -335,6 +335,8 @@ def generate(
     scales = parse_numbers(scale or [], "--scale")
     offsets = parse_numbers(offset or [], "--offset")
     scaling = {m: (scales.get(m, 1.0), offsets.get(m, 0.0)) for m in {*scales, *offsets}}
+    if stac is None and (collections or bbox or stac_datetime or mapping):
+        raise TerrasynthError("--collections, --bbox, --datetime and --mapping need --stac")
     pipe = Pipeline.from_pretrained(model)
     if stac is not None:  # the found assets on one grid become the first inputs
         stac_inputs, day = _stac_inputs(
@@ -343,8 +345,6 @@ def generate(
         )  # fmt: skip
         inputs = [f"{m}={f}" for m, f in stac_inputs] + list(inputs or [])
         date = date or f"{day:%Y-%m-%d}"
-    elif collections or bbox or stac_datetime or mapping:
-        raise TerrasynthError("--collections, --bbox, --datetime and --mapping need --stac")
     from terrasynth.models.base import sampling_steps
     from terrasynth.scenes.job import JobSpec
     from terrasynth.scenes.plan import check_tile
