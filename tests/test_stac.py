@@ -322,7 +322,7 @@ def test_errors(catalogue, tmp_path):
                 "--mapping", str(mapping), *common)  # fmt: skip
     assert r.returncode == 2
     assert "maps to a registry modality" in r.stderr, r.stderr
-    assert not (tmp_path / "s").exists()
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.fetch").exists()
 
 
 def test_mapping_by_metadata():
