@@ -10,6 +10,7 @@ from tests.conftest import run_cli
 GEN = ["generate", "-o", "out", "-t", "dem", "--size", "64", "--lon", "11", "--lat", "46"]
 EVAL = ["evaluate", "-d", ".", "-o", "report"]
 TRAIN = ["train", "-d", ".", "-o", "never"]
+FETCH = ["data", "fetch", "--stac", "http://127.0.0.1:9/", "--collections", "c", "-o", "s"]
 
 
 @pytest.mark.parametrize(
@@ -75,6 +76,15 @@ TRAIN = ["train", "-d", ".", "-o", "never"]
         (["data", "build", "-o", "s", "--scale", "x=inf"], "--scale expects MOD=NUMBER"),
         (["data", "build", "-o", "s", "--offset", "x=nan"], "--offset expects MOD=NUMBER"),
         (["data", "build", "-o", "s", "--input", "=x.tif"], "--input expects MOD=FILE"),
+        ([*FETCH, "--bbox", "1,2,3"], "--bbox expects W,S,E,N in degrees, got '1,2,3'"),
+        ([*FETCH, "--bbox", "10,0,5,1"], "must be W,S,E,N with -180 <= W < E <= 180"),
+        ([*FETCH, "--bbox", "0,0,1,nan"], "--bbox expects finite numbers"),
+        ([*FETCH, "--bbox", "0,0,1,1", "--resolution", "0"], "--resolution must be greater"),
+        ([*FETCH, "--bbox", "0,0,1,1", "--max-items", "0"], "--max-items must be at least 1"),
+        ([*FETCH, "--bbox", "0,0,1,1", "--mapping", "no.yaml"], "--mapping must be an existing"),
+        (["data", "fetch", "--stac", "http://x/", "-o", "s"], "--stac needs --collections"),
+        ([*FETCH, "--chip-size", "40"], "--chip-size must be a positive multiple of 16"),
+        ([*GEN, "--bbox", "0,0,1,1"], "--collections, --bbox, --datetime and --mapping need"),
     ],
 )
 def test_a_bad_option_is_one_error_line(args, message, capsys, tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from tests.conftest import DATA
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "terrasynth"
 # import names of the optional packages (the extras' distributions)
-OPTIONAL_MODULES = ("dask", "distributed", "lmdb", "bigearthnet_common")
+OPTIONAL_MODULES = ("dask", "distributed", "lmdb", "bigearthnet_common", "pystac_client")
 
 
 def _norm(name: str) -> str:
@@ -121,7 +121,7 @@ def test_optional_modules_are_never_imported_by_an_import_statement():
 def test_the_extras_table_matches_pyproject():
     _, extras = _declared()
     assert {e: set(map(_norm, p)) for e, p in EXTRAS.items()} == {e: extras[e] for e in EXTRAS}
-    assert extras["all"] == {"terrasynth"}  # terrasynth[dask,lmdb,demo]
+    assert extras["all"] == {"terrasynth"}  # terrasynth[dask,lmdb,demo,stac]
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     (spec,) = project["optional-dependencies"]["all"]
     assert set(spec[spec.index("[") + 1 : spec.index("]")].split(",")) == set(EXTRAS)

@@ -10,6 +10,8 @@ extra      package                       feature
                                          whole-scene results opened lazily in chunks
 ``lmdb``   ``lmdb``                      the BigEarthNet v2 LMDB reader
 ``demo``   ``bigearthnet-common``        ``terrasynth demo``: the real example patches it ships
+``stac``   ``pystac-client``             STAC search: ``data fetch --stac``,
+                                         ``generate --stac``
 ``all``    all of the above
 =========  ============================  ===================================================
 """
@@ -27,6 +29,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "dask": ("dask", "distributed"),
     "lmdb": ("lmdb",),
     "demo": ("bigearthnet-common",),
+    "stac": ("pystac-client",),
 }
 
 

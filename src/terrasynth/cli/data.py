@@ -1,4 +1,4 @@
-"""``terrasynth data build | info | preview``."""
+"""``terrasynth data build | fetch | info | preview``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from terrasynth.cli import stac_options
 from terrasynth.cli.checks import (
     SEED,
     above,
@@ -26,6 +27,15 @@ from terrasynth.modalities import default_registry
 
 app = typer.Typer(help="Build, inspect and preview chip stores.", no_args_is_help=True)
 console = Console(stderr=True)
+
+
+# options of the commands that build a store
+MODALITIES = typer.Option(
+    "--modalities", help="YAML file of extra modalities (repeatable).", callback=existing
+)
+CHIP_SIZE = typer.Option(help="Chip size in pixels (a multiple of 16).", callback=at_least(16))
+MIN_VALID = typer.Option(help="Valid-pixel fraction for a band to count.", callback=fraction)
+BLOCK_SIZE = typer.Option(help="Split block size in metres.", callback=above(0))
 
 
 def parse_numbers(values: list[str], option: str) -> dict[str, float]:
@@ -71,6 +81,48 @@ def inputs_check(param: typer.CallbackParam, value: list[str] | None) -> list[st
     return value
 
 
+def _run_build(sources: list[Path], output: Path, registry, **options) -> None:
+    """``build_store`` with a progress bar, then its report: warnings, skipped paths,
+    chips per source (``options`` as for :func:`terrasynth.data.build.build_store`)."""
+    from terrasynth.data.build import build_store
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[chips]} chips"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as progress:
+        task = progress.add_task("building", total=None, chips=0)
+
+        def on_scene(source: str, scene, n: int) -> None:
+            progress.update(
+                task,
+                description=f"{source}: {scene.scene_id}",
+                chips=progress.tasks[task].fields["chips"] + n,
+            )
+
+        report = build_store(sources, output, registry, on_scene=on_scene, **options)
+    for line in dict.fromkeys(report.warnings):
+        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True, highlight=False)
+    if report.skipped:
+        names = ", ".join(Path(p).name for p in report.skipped)
+        console.print(
+            f"[yellow]skipped {len(report.skipped)} path(s) in no recognised source "
+            f"format[/] (--strict refuses them): {names}",
+            soft_wrap=True,
+        )
+    for name, n in report.chips_per_source.items():
+        console.print(
+            f"{name}: {report.scenes_per_source[name]} scenes, {n} chips, "
+            f"{report.seconds_per_source[name]:.1f} s"
+        )
+    typer.echo(f"wrote {report.chips} chips to {report.path}")
+
+
 @app.command()
 def build(
     sources: Annotated[
@@ -102,21 +154,10 @@ def build(
             "--offset", help="Generic mode: MOD=OFFSET (see --scale).", callback=numbers_check
         ),
     ] = None,
-    modalities: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--modalities", help="YAML file of extra modalities (repeatable).", callback=existing
-        ),
-    ] = None,
-    chip_size: Annotated[
-        int, typer.Option(help="Chip size in pixels (a multiple of 16).", callback=at_least(16))
-    ] = 64,
-    min_valid: Annotated[
-        float, typer.Option(help="Valid-pixel fraction for a band to count.", callback=fraction)
-    ] = 0.5,
-    block_size: Annotated[
-        float, typer.Option(help="Split block size in metres.", callback=above(0))
-    ] = 2560.0,
+    modalities: Annotated[list[Path] | None, MODALITIES] = None,
+    chip_size: Annotated[int, CHIP_SIZE] = 64,
+    min_valid: Annotated[float, MIN_VALID] = 0.5,
+    block_size: Annotated[float, BLOCK_SIZE] = 2560.0,
     seed: Annotated[int, SEED] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
     strict: Annotated[
@@ -124,7 +165,6 @@ def build(
     ] = False,
 ) -> None:
     """Build an aligned chip store from any supported sources."""
-    from terrasynth.data.build import build_store
     from terrasynth.data.split import SplitConfig
 
     registry = default_registry(list(modalities or []))
@@ -136,53 +176,84 @@ def build(
         raise TerrasynthError("give source folders and/or --input MOD=FILE")
     if chip_size <= 0 or chip_size % 16:
         raise TerrasynthError("--chip-size must be a positive multiple of 16")
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.fields[chips]} chips"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    ) as progress:
-        task = progress.add_task("building", total=None, chips=0)
+    _run_build(
+        list(sources or []),
+        output,
+        registry,
+        inputs=inputs or None,
+        scaling=scaling,
+        chip_size=chip_size,
+        min_valid=min_valid,
+        split=SplitConfig(block_size_m=block_size, seed=seed),
+        overwrite=overwrite,
+        strict=strict,
+    )
 
-        def on_scene(source: str, scene, n: int) -> None:
-            progress.update(
-                task,
-                description=f"{source}: {scene.scene_id}",
-                chips=progress.tasks[task].fields["chips"] + n,
-            )
 
-        report = build_store(
-            sources or [],
-            output,
-            registry,
-            inputs=inputs or None,
-            scaling=scaling,
-            chip_size=chip_size,
-            min_valid=min_valid,
-            split=SplitConfig(block_size_m=block_size, seed=seed),
-            overwrite=overwrite,
-            strict=strict,
-            on_scene=on_scene,
-        )
-    for line in dict.fromkeys(report.warnings):
-        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True, highlight=False)
-    if report.skipped:
-        names = ", ".join(Path(p).name for p in report.skipped)
-        console.print(
-            f"[yellow]skipped {len(report.skipped)} path(s) in no recognised source "
-            f"format[/] (--strict refuses them): {names}",
-            soft_wrap=True,
-        )
-    for name, n in report.chips_per_source.items():
-        console.print(
-            f"{name}: {report.scenes_per_source[name]} scenes, {n} chips, "
-            f"{report.seconds_per_source[name]:.1f} s"
-        )
-    typer.echo(f"wrote {report.chips} chips to {report.path}")
+@app.command()
+def fetch(
+    stac: Annotated[str, stac_options.STAC_URL],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Store to create.")],
+    collections: Annotated[list[str] | None, stac_options.COLLECTIONS] = None,
+    bbox: Annotated[str | None, stac_options.BBOX] = None,
+    datetime: Annotated[str | None, stac_options.DATETIME] = None,
+    mapping: Annotated[Path | None, stac_options.MAPPING] = None,
+    resolution: Annotated[float | None, stac_options.RESOLUTION] = None,
+    crs: Annotated[str | None, stac_options.CRS] = None,
+    max_items: Annotated[int, stac_options.MAX_ITEMS] = 100,
+    pair_days: Annotated[float, stac_options.PAIR_DAYS] = 16.0,
+    download_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for the downloaded rasters (default: STORE.fetch beside the store); "
+            "a rerun of the same query skips complete files."
+        ),
+    ] = None,
+    modalities: Annotated[list[Path] | None, MODALITIES] = None,
+    chip_size: Annotated[int, CHIP_SIZE] = 64,
+    min_valid: Annotated[float, MIN_VALID] = 0.5,
+    block_size: Annotated[float, BLOCK_SIZE] = 2560.0,
+    seed: Annotated[int, SEED] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+    strict: Annotated[bool, typer.Option(help="Refuse inputs that look wrong.")] = False,
+) -> None:
+    """Search a STAC API and build a chip store from what it finds.
+
+    Assets become registry modalities and bands by their metadata (or --mapping), are read
+    window by window onto one grid over --bbox into --download-dir, and that folder is
+    built into the store like any described source.
+    """
+    from terrasynth.atomic import check_output
+    from terrasynth.data.split import SplitConfig
+
+    if chip_size % 16:
+        raise TerrasynthError("--chip-size must be a positive multiple of 16")
+    check_output(output, overwrite)  # before any download
+    registry = default_registry(list(modalities or []))
+    folder = download_dir or output.with_name(output.name + ".fetch")
+    stac_options.run_fetch(
+        stac,
+        collections,
+        bbox,
+        datetime,
+        folder,
+        registry,
+        mapping=mapping,
+        resolution=resolution,
+        crs=crs,
+        max_items=max_items,
+        pair_days=pair_days,
+    )
+    _run_build(
+        [folder],
+        output,
+        registry,
+        chip_size=chip_size,
+        min_valid=min_valid,
+        split=SplitConfig(block_size_m=block_size, seed=seed),
+        overwrite=overwrite,
+        strict=strict,
+    )
 
 
 def _bands_text(all_bands: tuple[str, ...], present: list[str], modality: str) -> str:

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from terrasynth.atomic import check_output, write_marker
+from terrasynth.cli import stac_options
 from terrasynth.cli.checks import (
     ETA,
     SAMPLES,
@@ -298,6 +299,22 @@ def generate(
             callback=between(0.01, 1.0),
         ),
     ] = 0.6,
+    stac: Annotated[
+        str | None, typer.Option("--stac", help="Inputs from a STAC API search (docs/stac.md).")
+    ] = None,
+    collections: Annotated[list[str] | None, stac_options.COLLECTIONS] = None,
+    bbox: Annotated[str | None, stac_options.BBOX] = None,
+    stac_datetime: Annotated[str | None, stac_options.DATETIME] = None,
+    mapping: Annotated[Path | None, stac_options.MAPPING] = None,
+    crs: Annotated[str | None, stac_options.CRS] = None,
+    max_items: Annotated[int, stac_options.MAX_ITEMS] = 100,
+    stac_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="--stac: folder for the downloads (default: OUTPUT.stac); a rerun skips "
+            "complete files."
+        ),
+    ] = None,
 ) -> None:
     """Generate modalities from GeoTIFFs (any CRS) onto the first input's grid.
 
@@ -318,7 +335,16 @@ def generate(
     scales = parse_numbers(scale or [], "--scale")
     offsets = parse_numbers(offset or [], "--offset")
     scaling = {m: (scales.get(m, 1.0), offsets.get(m, 0.0)) for m in {*scales, *offsets}}
+    if stac is None and (collections or bbox or stac_datetime or mapping):
+        raise TerrasynthError("--collections, --bbox, --datetime and --mapping need --stac")
     pipe = Pipeline.from_pretrained(model)
+    if stac is not None:  # the found assets on one grid become the first inputs
+        stac_inputs, day = _stac_inputs(
+            stac, collections, bbox, stac_datetime, mapping, crs, gsd, max_items,
+            stac_dir or output.with_name(output.name + ".stac"),
+        )  # fmt: skip
+        inputs = [f"{m}={f}" for m, f in stac_inputs] + list(inputs or [])
+        date = date or f"{day:%Y-%m-%d}"
     from terrasynth.models.base import sampling_steps
     from terrasynth.scenes.job import JobSpec
     from terrasynth.scenes.plan import check_tile
@@ -371,6 +397,22 @@ def generate(
         f"({num_samples} samples of {', '.join(result.targets)}; "
         f"{result.info['seconds']:.1f} s); quick look: {output / 'quicklook.png'}"
     )
+
+
+def _stac_inputs(url, collections, bbox, when, mapping, crs, gsd, max_items, folder: Path):
+    """``generate --stac``: search and fetch into ``folder``; per modality the day with the
+    most valid pixels as one GeoTIFF in ``folder/inputs``; (inputs, day of the first)."""
+    from terrasynth.data.stac_fetch import input_stack
+    from terrasynth.modalities import default_registry
+
+    registry = default_registry()
+    result = stac_options.run_fetch(
+        url, collections, bbox, when, folder, registry, mapping=mapping, resolution=gsd,
+        crs=crs, max_items=max_items,
+    )  # fmt: skip
+    stack, day = input_stack(result, folder / "inputs", registry)
+    typer.echo("inputs from STAC: " + ", ".join(f"{m}={f}" for m, f in stack), err=True)
+    return stack, day
 
 
 def _generate_scene(pipe, spec, output: Path, overwrite, engine, scheduler, workers) -> None:
