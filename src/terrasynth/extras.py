@@ -10,6 +10,9 @@ extra      package                       feature
                                          whole-scene results opened lazily in chunks
 ``lmdb``   ``lmdb``                      the BigEarthNet v2 LMDB reader
 ``demo``   ``bigearthnet-common``        ``terrasynth demo``: the real example patches it ships
+``serve``  ``starlette``, ``uvicorn``,   ``terrasynth serve``: the local map app
+           ``rio-tiler``,
+           ``xstatic-leaflet``
 ``all``    all of the above
 =========  ============================  ===================================================
 """
@@ -27,6 +30,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "dask": ("dask", "distributed"),
     "lmdb": ("lmdb",),
     "demo": ("bigearthnet-common",),
+    "serve": ("starlette", "uvicorn", "rio-tiler", "xstatic-leaflet"),
 }
 
 
