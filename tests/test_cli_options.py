@@ -75,6 +75,10 @@ TRAIN = ["train", "-d", ".", "-o", "never"]
         (["data", "build", "-o", "s", "--scale", "x=inf"], "--scale expects MOD=NUMBER"),
         (["data", "build", "-o", "s", "--offset", "x=nan"], "--offset expects MOD=NUMBER"),
         (["data", "build", "-o", "s", "--input", "=x.tif"], "--input expects MOD=FILE"),
+        (["serve", "--port", "0"], "--port must be between 1 and 65535"),
+        (["serve", "--folder", "no-such-folder"], "--folder must be an existing file or folder"),
+        (["serve", "--max-upload-mb", "0"], "--max-upload-mb must be greater than 0"),
+        (["serve", "--max-pixels", "0"], "--max-pixels must be at least 1"),
     ],
 )
 def test_a_bad_option_is_one_error_line(args, message, capsys, tmp_path, monkeypatch):
