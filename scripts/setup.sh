@@ -18,3 +18,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
+# The map app's browser tests (tests/test_serve.py) drive Debian's Chromium through
+# Playwright; no browser build is downloaded. test.sh asks for it (TERRASYNTH_BROWSER=1):
+# installed with apt when missing and this shell may (root, apt-get present); otherwise
+# those tests are skipped with the reason.
+if [ "${TERRASYNTH_BROWSER:-0}" = 1 ] && [ ! -x /usr/bin/chromium ] \
+  && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing chromium (apt) for the map app's browser tests" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >&2 \
+    || echo "warning: chromium could not be installed; the browser tests will be skipped" >&2
+fi

@@ -85,6 +85,10 @@ FETCH = ["data", "fetch", "--stac", "http://127.0.0.1:9/", "--collections", "c",
         (["data", "fetch", "--stac", "http://x/", "-o", "s"], "--stac needs --collections"),
         ([*FETCH, "--chip-size", "40"], "--chip-size must be a positive multiple of 16"),
         ([*GEN, "--bbox", "0,0,1,1"], "--collections, --bbox, --datetime and --mapping need"),
+        (["serve", "--port", "0"], "--port must be between 1 and 65535"),
+        (["serve", "--folder", "no-such-folder"], "--folder must be an existing file or folder"),
+        (["serve", "--max-upload-mb", "0"], "--max-upload-mb must be greater than 0"),
+        (["serve", "--max-pixels", "0"], "--max-pixels must be at least 1"),
     ],
 )
 def test_a_bad_option_is_one_error_line(args, message, capsys, tmp_path, monkeypatch):

@@ -21,7 +21,10 @@ from tests.conftest import DATA
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "terrasynth"
 # import names of the optional packages (the extras' distributions)
-OPTIONAL_MODULES = ("dask", "distributed", "lmdb", "bigearthnet_common", "pystac_client")
+OPTIONAL_MODULES = (
+    "dask", "distributed", "lmdb", "bigearthnet_common", "pystac_client",
+    "starlette", "uvicorn", "rio_tiler", "xstatic",
+)  # fmt: skip
 
 
 def _norm(name: str) -> str:

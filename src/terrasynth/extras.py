@@ -12,6 +12,9 @@ extra      package                       feature
 ``demo``   ``bigearthnet-common``        ``terrasynth demo``: the real example patches it ships
 ``stac``   ``pystac-client``             STAC search: ``data fetch --stac``,
                                          ``generate --stac``
+``serve``  ``starlette``, ``uvicorn``,   ``terrasynth serve``: the local map app
+           ``rio-tiler``,
+           ``xstatic-leaflet``
 ``all``    all of the above
 =========  ============================  ===================================================
 """
@@ -30,6 +33,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "lmdb": ("lmdb",),
     "demo": ("bigearthnet-common",),
     "stac": ("pystac-client",),
+    "serve": ("starlette", "uvicorn", "rio-tiler", "xstatic-leaflet"),
 }
 
 

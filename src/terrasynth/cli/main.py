@@ -788,6 +788,49 @@ def demo(
     typer.echo(f"open {report.resolve()}")
 
 
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.", callback=between(1, 65535))] = 8765,
+    model: Annotated[
+        Path | None, typer.Option("-m", "--model", help="Model or run folder (default: built-in).")
+    ] = None,
+    folder: Annotated[
+        Path | None,
+        typer.Option(help="Folder of GeoTIFFs the page may pick inputs from.", callback=existing),
+    ] = None,
+    workdir: Annotated[
+        Path, typer.Option(help="Where uploads and jobs (with their outputs) are kept.")
+    ] = Path("terrasynth-serve"),
+    max_upload_mb: Annotated[
+        float, typer.Option(help="Largest upload in MiB.", callback=above(0))
+    ] = 1024.0,
+    max_pixels: Annotated[int, count_option("Most pixels per band of an upload.")] = 8192 * 8192,
+    basemap: Annotated[
+        str | None,
+        typer.Option(help="Optional online basemap, a tile URL template with {z}/{x}/{y}."),
+    ] = None,
+) -> None:
+    """A local map app: upload GeoTIFFs, generate, compare samples and spread on a map."""
+    from terrasynth.extras import require
+    from terrasynth.serve.app import ServeConfig, create_app
+    from terrasynth.serve.inputs import Limits
+
+    uvicorn = require("uvicorn", "serve", "terrasynth serve")
+    if folder is not None and not folder.is_dir():
+        raise TerrasynthError(f"--folder {folder}: not a folder")
+    limits = Limits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels)
+    config = ServeConfig(workdir.resolve(), str(model) if model else None, folder, limits, basemap)
+    application = create_app(config)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: listening on {host}: whoever reaches it can use the app", err=True)
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"terrasynth serve: open http://{shown}:{port}/ (uploads and jobs in {workdir})")
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: every bad option and every user error is one line
     ``error: ...`` on stderr and exit code 2 (an interruption: 130), never a traceback.
