@@ -329,6 +329,44 @@ def test_level_gate_starts_at_the_configured_share(config):
 
 
 @needs_data
+def test_flat_neighbours_flatten_the_structure_within_the_chip(config):
+    base = _mixture_model(config)
+    amp = _mixture_model(config, retrieval_amplitude=True)
+    amp.load_state_dict(base.state_dict())
+    inputs = _inputs(config, torch.Generator().manual_seed(3), ["dem", "s2l2a"], ["s1grd"])
+    ret = amp._retrieve(inputs, ["dem"], None)[0]["dem"]
+
+    def run(model):
+        with torch.no_grad():
+            return model(inputs, GSD, members=2, generator=torch.Generator().manual_seed(0))
+
+    def anomaly(x):
+        return x - x.mean((2, 3), keepdim=True)
+
+    def expected(typical):
+        c = typical.shape[0]
+        return ((ret[:, 2 * c : 3 * c] + 0.05 * typical) / (1.05 * typical)).clamp(max=3.0)
+
+    (m0, _), (first, _) = run(base), run(amp)
+    r30 = m0["dem"]["r30m"]
+    for scale in (1.0, 10.0):  # the index's median roughness; a yardstick ten times rougher
+        amp._typical_within["dem"] = amp._typical_within["dem"] * scale
+        (m1, _) = run(amp)
+        want = expected(amp._typical_within["dem"])[:, :, None, None]
+        # the chip's level stays, the structure within it scales by the neighbours' roughness
+        torch.testing.assert_close(m1["dem"]["r30m"].mean((2, 3)), r30.mean((2, 3)))
+        torch.testing.assert_close(anomaly(m1["dem"]["r30m"]), want * anomaly(r30))
+        assert _same(first, m1, "s2l2a")  # the other modality's yardstick did not change
+    assert bool((want < 0.2).all())  # flat neighbours: a fifth of the structure or less
+
+
+def test_retrieval_amplitude_needs_retrieval(config):
+    cfg = ModelConfig.from_dict({**config.to_dict(), "retrieval_amplitude": True, "retrieval_k": 0})
+    with pytest.raises(TerrasynthError, match="retrieval_amplitude"):
+        cfg.validate()
+
+
+@needs_data
 def test_the_nearer_neighbours_weigh_more_when_the_place_is_known(config):
     model = _mixture_model(config)
     with torch.no_grad():

@@ -74,6 +74,11 @@ class ModelConfig:
     # of training (learned from the target's conditioning afterwards); near 1, samples start
     # as kNN's ensemble does, each at one neighbour's level
     level_gate_init: float = 0.5
+    # with retrieval: the structure within a generated chip (the mean head's deviation from
+    # its chip mean, and the residual) is scaled per band by how rough the neighbours were
+    # (their mean within-chip std over the index's median), so where the neighbours are
+    # flat (sea, a plain) the model does not invent relief or texture
+    retrieval_amplitude: bool = False
     # sampling windows (0: the training crop, half-window stride); a fully convolutional
     # model can also slide with a smaller overlap
     window: int = 0
@@ -127,6 +132,8 @@ class ModelConfig:
                 raise TerrasynthError("ensemble must be at least 2 (fair CRPS needs pairs)")
             if self.neighbour_pixels and not (self.retrieval_mixture and self.retrieval_k > 0):
                 raise TerrasynthError("neighbour_pixels needs retrieval_mixture and retrieval_k")
+            if self.retrieval_amplitude and self.retrieval_k <= 0:
+                raise TerrasynthError("retrieval_amplitude needs retrieval_k")
             if not 0.0 < self.level_gate_init < 1.0:
                 raise TerrasynthError("level_gate_init: a share between 0 and 1 (exclusive)")
             if not self.retrieval_exclusion_m or min(self.retrieval_exclusion_m) < 0:

@@ -50,6 +50,8 @@ from terrasynth.models.scene_model import ModalityInput
 NOISE_CHANNELS = 4  # noise maps per blur width
 # how near the retrieved neighbours are (mixture): mean and nearest log distance, place known
 DISTANCE_FEATURES = ("mean_log_km", "nearest_log_km", "place_known")
+AMPLITUDE_FLOOR = 0.05  # retrieval_amplitude: share of the typical roughness always kept
+AMPLITUDE_MAX = 3.0  # and at most this many times the typical roughness
 RATE_GAIN = 10.0  # the nearness rate's parameter is scaled up so that Adam moves it in time
 RANK = 3  # spectral rank of the residual: each pixel's residual spectrum mixes RANK loadings
 NOISE_SIGMAS = (0.0, 1.5, 4.0)  # fine and low-resolution noise maps (Gaussian, base-grid px)
@@ -244,6 +246,7 @@ class ConvGenerator(PretrainedMixin, nn.Module):
         # modality looked like, embedded into the target's conditioning; the index itself
         # is set by the trainer (set_retrieval) and saved with the weights
         self.retrieval: RetrievalIndex | None = None
+        self._typical_within: dict[str, torch.Tensor] = {}  # retrieval_amplitude's yardstick
         self.retrieval_embed = nn.ModuleDict()
         # mixture (config.retrieval_mixture): how near the neighbours are is conditioning
         # too; the level is their mean weighted by nearness (a learned rate per modality);
@@ -272,6 +275,15 @@ class ConvGenerator(PretrainedMixin, nn.Module):
     def set_retrieval(self, index: RetrievalIndex | None) -> None:
         """Use ``index`` (training chips' summaries) as conditioning from now on."""
         self.retrieval = index
+        self._typical_within = {}
+        if index is not None and self.config.retrieval_amplitude:
+            for mod in self.rasters:
+                rows = index.rows(mod.name)
+                if rows is None or mod.kind == "categorical":
+                    continue
+                c = rows.shape[1] // 2
+                within = rows[:, c:].nanmedian(0).values
+                self._typical_within[mod.name] = torch.nan_to_num(within, nan=1.0).clamp_min(1e-3)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Also restores a saved retrieval index (``retrieval.*`` tensors): the saved one
@@ -331,6 +343,10 @@ class ConvGenerator(PretrainedMixin, nn.Module):
             f = _modulate(feats, film[0])
             mu = self._head(mod, f)
             near = neighbours.get(name)
+            amp = self._amplitude(mod, ret)
+            if amp is not None:  # the head's structure within the chip, as rough as theirs
+                mu = {g: v.mean((2, 3), keepdim=True) + amp[g] * (v - v.mean((2, 3), keepdim=True))
+                      for g, v in mu.items()}  # fmt: skip
             if ret is not None:
                 mu = self._add_retrieved(mod, mu, ret, near)
             mean[name] = mu
@@ -346,6 +362,8 @@ class ConvGenerator(PretrainedMixin, nn.Module):
                 res = self._residual_head(mod, loadings, self.coef(_modulate(h, film[1])))
                 if smooth > 0:  # elevation varies smoothly at the pixel scale
                     res = {g: gaussian_blur(r, smooth) for g, r in res.items()}
+                if amp is not None:
+                    res = {g: amp[g] * r for g, r in res.items()}
                 if near is not None and self.neighbour_pixels:  # each pixel: a mix of levels
                     hf = _modulate(h, film[1])
                     dev = self._pixel_levels(mod, mu, near, self.neighbour_logits(hf))
@@ -532,6 +550,27 @@ class ConvGenerator(PretrainedMixin, nn.Module):
                 level = ret[:, offset : offset + len(g.bands)]
                 offset += len(g.bands)
             out[g.name] = mu[g.name] + level[:, :, None, None].to(mu[g.name].dtype)
+        return out
+
+    def _amplitude(self, mod: Modality, ret: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+        """Per band group (B, C, 1, 1) with ``retrieval_amplitude``: the neighbours' mean
+        within-chip std over the index's median one (at most ``AMPLITUDE_MAX``; 1 where no
+        neighbour was found). None without it or for class maps."""
+        typical = self._typical_within.get(mod.name)
+        if ret is None or typical is None:
+            return None
+        c = typical.shape[0]
+        within = ret[:, 2 * c : 3 * c]
+        found = ret[:, 3 * c : 3 * c + 1] > 0
+        typical = typical.to(within)
+        ratio = ((within + AMPLITUDE_FLOOR * typical) / ((1 + AMPLITUDE_FLOOR) * typical)).clamp(
+            max=AMPLITUDE_MAX
+        )
+        ratio = torch.where(found, ratio, torch.ones_like(ratio))
+        out, offset = {}, 0
+        for g in mod.groups:
+            out[g.name] = ratio[:, offset : offset + len(g.bands), None, None]
+            offset += len(g.bands)
         return out
 
     def _pixel_levels(
