@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import cached_property
@@ -32,16 +32,25 @@ import torch
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.warp import Resampling, calculate_default_transform
+from rasterio.windows import Window
 
 from terrasynth.arrays import VARIABLES, GeoArray, as_raster, describe_input, input_header
 from terrasynth.atomic import atomic_folder, output_files
 from terrasynth.cog import cog_options
 from terrasynth.data.align import AlignedGroup, align_scene, reference_grid, warp_to_grid
 from terrasynth.data.build import check_scene_values
-from terrasynth.data.raster_io import GDAL_ERRORS, first_line
+from terrasynth.data.raster_io import (
+    GDAL_ERRORS,
+    Header,
+    cropped_grid,
+    first_line,
+    pixel_window,
+    window_over,
+)
 from terrasynth.data.scene import Grid, Layer, Scene
 from terrasynth.data.sources.generic import generic_scene, input_layout
 from terrasynth.data.stats import denormalise, normalise
+from terrasynth.devices import model_device, resolve_device
 from terrasynth.errors import InputError, TerrasynthError, UnknownModalityError
 from terrasynth.modalities import Modality
 from terrasynth.models.base import GenerativeModel, sampling_steps
@@ -237,6 +246,20 @@ class Pipeline:
     def modalities(self) -> list[str]:
         return self.model.modality_names
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (:meth:`to`)."""
+        return model_device(self.model)
+
+    def to(self, device: str | torch.device) -> Pipeline:
+        """Run the model on ``device``: ``cpu`` (the default), ``cuda``, ``cuda:N``, ``mps``
+        or ``auto`` (a GPU if there is one). A device that is not available raises
+        :class:`TerrasynthError`. Noise is drawn on the CPU wherever the model runs, so a
+        seed gives the same starting noise on any device (a GPU's arithmetic may still
+        differ in the last bits). Returns the pipeline."""
+        self.model = self.model.to(resolve_device(device))
+        return self
+
     @cached_property
     def weights_sha256(self) -> dict[str, str]:
         """sha256 of each weights file of the model folder; for a model made in memory, of
@@ -286,36 +309,60 @@ class Pipeline:
                     f"(it knows: {', '.join(self.modalities)})"
                 )
 
+    def input_window(
+        self,
+        inputs: Iterable[tuple[str, Any]],
+        window: Sequence[int] | None = None,
+        bbox: Sequence[float] | None = None,
+    ) -> Window | None:
+        """The pixel window of the first input that ``window`` (COL, ROW, WIDTH, HEIGHT in
+        its pixels) or ``bbox`` (WEST, SOUTH, EAST, NORTH in degrees) selects, found from
+        its header; None when neither is given."""
+        items = list(inputs)
+        if window is None and bbox is None:
+            return None
+        if not items:
+            raise InputError("a window or bbox selects part of an input; there is no input")
+        key, file = items[0]
+        first = input_header(file, key)
+        return pixel_window(first.grid, first.path, window, bbox)
+
     def in_memory_refusal(
         self,
-        inputs: Iterable[tuple[str, str | Path]],
+        inputs: Iterable[tuple[str, Any]],
         gsd: float | None = None,
         size: int | None = None,
+        window: Window | None = None,
     ) -> str | None:
         """Why :meth:`generate` cannot run these inputs in memory, or None when it can.
 
         Decided from the files' headers, before any pixel is read: a working grid of more
         than :data:`MAX_SIDE` px per side, or inputs estimated at more than
-        :data:`MAX_MEMORY_BYTES` read whole. Such scenes go to the whole-scene engine."""
+        :data:`MAX_MEMORY_BYTES` read whole (with ``window``, a pixel window of the first
+        input, only that window and the parts of the others under it). Such scenes go to
+        the whole-scene engine."""
         items = list(inputs)
         self._check_inputs(items)
-        window = self.model.config.window_size
+        size_px = self.model.config.window_size
         registry = self.model.config.registry
+        headers = [input_header(file, key) for key, file in items]
         if not items:
-            side = max(window, -(-(size or 2 * window) // 4) * 4)
+            side = max(size_px, -(-(size or 2 * size_px) // 4) * 4)
             work = None
         else:
             key, file = items[0]
-            first = input_header(file, key)
+            first = headers[0]
+            region = cropped_grid(first.grid, window)
             mod, bands, _ = input_layout(key, first.path, registry, as_raster(file, key))
-            grid = header_working_grid(first.grid, mod.name, bands, registry, gsd)
-            work = padded_grid(grid, window)
+            grid = header_working_grid(region, mod.name, bands, registry, gsd)
+            work = padded_grid(grid, size_px)
             side = max(work.width, work.height)
+            if window is not None:
+                headers = [_header_part(h, region) for h in headers]
         if side > MAX_SIDE:
             shape = f"{work.width} x {work.height}" if work else f"{side} x {side}"
             gsd_m = work.ground_resolution_m() if work else gsd or 10.0
             return f"the scene is {shape} px at {gsd_m:.1f} m, more than {MAX_SIDE} px per side"
-        headers = [input_header(file, key) for key, file in items]
         need = sum(h.nbytes + h.nbytes // h.itemsize * BYTES_PER_VALUE for h in headers)
         if need > MAX_MEMORY_BYTES:
             return (
@@ -343,6 +390,8 @@ class Pipeline:
         strict: bool = False,
         progress: Callable[[int, int], None] | None = None,
         windows: str = "shared",
+        window: Sequence[int] | None = None,
+        bbox: Sequence[float] | None = None,
     ) -> Generation:
         """Generate ``targets`` from ``inputs`` (``{modality[:bands]: GeoTIFF}``; instead of
         a file, a :class:`~terrasynth.arrays.GeoArray`, an ``(array, transform, crs)`` tuple
@@ -357,7 +406,12 @@ class Pipeline:
         (lon, lat). ``time`` (ISO date) conditions any generation. ``windows="independent"``
         samples every window on its own (the usual tiling; for seam comparisons only).
         With inputs, ``gsd`` sets the working resolution (outputs still land on the first
-        input's grid).
+        input's grid). ``window`` (COL, ROW, WIDTH, HEIGHT in the first input's pixels) or
+        ``bbox`` (WEST, SOUTH, EAST, NORTH in degrees) restricts generation to that part
+        of the first input: only it (and the parts of the other inputs under it) is read,
+        and the outputs lie on its grid. Inputs may be network locations GDAL reads
+        (``https://``, ``s3://``, ``/vsicurl/``, ``/vsis3/``): only the windows needed
+        cross the network.
         """
         t_start = _now()
         cfg = self.model.config
@@ -376,7 +430,8 @@ class Pipeline:
             raise TerrasynthError("num_samples and steps must be at least 1")
         self._check_inputs(items)
         days = days_since_epoch(time)
-        refusal = self.in_memory_refusal(items, gsd, size)
+        part = self.input_window(items, window, bbox)
+        refusal = self.in_memory_refusal(items, gsd, size, part)
         if refusal is not None:
             raise InputError(
                 f"{refusal}: too large to generate in memory "
@@ -384,7 +439,7 @@ class Pipeline:
             )
         warnings: list[str] = []
         if items:
-            scene = generic_scene(items, registry=registry, scaling=scaling)
+            scene = generic_scene(items, registry=registry, scaling=scaling, window=part)
             warnings = check_scene_values(scene, registry, strict=strict)
             out_grid = scene.layers[0].grid
             work = working_grid(scene, registry, gsd)
@@ -450,6 +505,7 @@ class Pipeline:
         info = {
             "model": self.source,
             "backbone": cfg.backbone,
+            "device": str(self.device),
             "weights_sha256": self.weights_sha256,
             "config_sha256": self.config_sha256,
             "versions": package_versions(),
@@ -474,6 +530,8 @@ class Pipeline:
             "warnings": warnings,
             "seconds": round(_now() - t_start, 2),
         }
+        if part is not None:
+            info["window"] = [int(part.col_off), int(part.row_off), part.width, part.height]
         return Generation(out_grid, results, shown, info)
 
     def _stats(self, mod: Modality) -> dict:
@@ -530,6 +588,14 @@ class Pipeline:
             std=samples.std(0),
             given_bands=tuple(shown),
         )
+
+
+def _header_part(header: Header, region: Grid) -> Header:
+    """The header of the part of a raster under ``region`` (what a windowed read takes)."""
+    part = window_over(header.grid, region)
+    if part is None:
+        raise InputError(f"{header.path} does not overlap the region asked for")
+    return Header(header.path, cropped_grid(header.grid, part), header.count, header.itemsize)
 
 
 def scene_batch(

@@ -79,6 +79,63 @@ fraction = between(0.0, 1.0)
 existing = _rule(lambda v: Path(v).exists(), "an existing file or folder")
 
 
+def _numbers(text: str, count: int) -> list[float] | None:
+    """``count`` comma-separated finite numbers of ``text``, or None."""
+    parts = text.replace(" ", "").split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        return None
+    return values if len(values) == count and all(map(math.isfinite, values)) else None
+
+
+def parse_window(text: str | None) -> tuple[int, int, int, int] | None:
+    """``COL,ROW,WIDTH,HEIGHT`` (whole pixels; offsets >= 0, sizes >= 1) as a tuple."""
+    if text is None:
+        return None
+    v = _numbers(text, 4)
+    if v is None or any(x != int(x) for x in v) or min(v[:2]) < 0 or min(v[2:]) < 1:
+        raise TerrasynthError(
+            f"--window must be COL,ROW,WIDTH,HEIGHT in pixels (offsets >= 0, sizes >= 1), "
+            f"not '{text}'"
+        )
+    col, row, width, height = (int(x) for x in v)
+    return col, row, width, height
+
+
+def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
+    """``WEST,SOUTH,EAST,NORTH`` in degrees (west < east, south < north) as a tuple; the
+    one parser of ``--bbox`` (generate's window, a STAC search's area)."""
+    from terrasynth.data.stac_fetch import parse_bbox as parse
+
+    return None if text is None else parse(text)
+
+
+def window_check(value: str | None) -> str | None:
+    """Typer callback: :func:`parse_window` before any work."""
+    parse_window(value)
+    return value
+
+
+def bbox_check(value: str | None) -> str | None:
+    """Typer callback: :func:`parse_bbox` before any work."""
+    parse_bbox(value)
+    return value
+
+
+def device_check(param: typer.CallbackParam, value: str | None) -> str | None:
+    """Typer callback: the device must be available (:func:`terrasynth.devices.resolve_device`)."""
+    if value is not None:
+        from terrasynth.devices import resolve_device
+
+        name = max(param.opts, key=len) if param.opts else param.name
+        try:
+            resolve_device(value)
+        except TerrasynthError as exc:
+            raise TerrasynthError(f"{name}: {exc}") from None
+    return value
+
+
 def count_option(help: str, *names: str) -> Any:
     """An option counting something (steps, chips, samples): at least 1."""
     return typer.Option(*names, help=help, callback=at_least(1))
@@ -90,3 +147,17 @@ SAMPLES = count_option("Samples (per scene or chip).", "-n", "--num-samples")
 STEPS = count_option("Sampling steps (default: the model's own; one-step models: 1).")
 ETA = typer.Option(help="0: deterministic sampler; up to 1: stochastic.", callback=fraction)
 WORKERS = typer.Option(help="DataLoader worker processes.", callback=at_least(0))
+DEVICE = typer.Option(
+    help="Where the model runs: cpu, cuda, cuda:N, mps or auto (a GPU if there is one).",
+    callback=device_check,
+)
+WINDOW = typer.Option(
+    help="Only this part of the first input: COL,ROW,WIDTH,HEIGHT in its pixels "
+    "(only that part of each input is read).",
+    callback=window_check,
+)
+BBOX = typer.Option(
+    help="Only this part of the first input: WEST,SOUTH,EAST,NORTH in degrees "
+    "(only that part of each input is read); with --stac, the area searched and fetched.",
+    callback=bbox_check,
+)

@@ -18,20 +18,26 @@ import typer
 from terrasynth.atomic import check_output, write_marker
 from terrasynth.cli import stac_options
 from terrasynth.cli.checks import (
+    BBOX,
+    DEVICE,
     ETA,
     SAMPLES,
     SEED,
     STEPS,
+    WINDOW,
     WORKERS,
     above,
     at_least,
     between,
     count_option,
+    device_check,
     existing,
     fraction,
     iso_date,
     one_of,
     one_of_lazy,
+    parse_bbox,
+    parse_window,
 )
 from terrasynth.cli.data import app as data_app
 from terrasynth.cli.data import inputs_check, numbers_check, parse_inputs, parse_numbers
@@ -131,6 +137,14 @@ def train(
         ),
     ] = 0.6,
     resume: Annotated[bool, typer.Option(help="Continue the run in the output folder.")] = False,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Where to train: auto (a GPU if there is one; under torchrun each process's "
+            "cuda:LOCAL_RANK), cpu, cuda, cuda:N or mps.",
+            callback=device_check,
+        ),
+    ] = "auto",
 ) -> None:
     """Train the scene model on a chip store (multi-GPU/-node: launch with torchrun)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -165,7 +179,7 @@ def train(
     ]
     ChipStore.open(store)  # a clear error for a missing store, before the run folder is made
     _claim_run_folder(run, "train", resume)
-    trainer = Trainer(store, run, cfg, resume=resume, given=given)
+    trainer = Trainer(store, run, cfg, resume=resume, given=given, device=device)
     show = trainer.rank == 0
     with Progress(
         TextColumn("{task.description}"),
@@ -303,7 +317,6 @@ def generate(
         str | None, typer.Option("--stac", help="Inputs from a STAC API search (docs/stac.md).")
     ] = None,
     collections: Annotated[list[str] | None, stac_options.COLLECTIONS] = None,
-    bbox: Annotated[str | None, stac_options.BBOX] = None,
     stac_datetime: Annotated[str | None, stac_options.DATETIME] = None,
     mapping: Annotated[Path | None, stac_options.MAPPING] = None,
     crs: Annotated[str | None, stac_options.CRS] = None,
@@ -315,13 +328,18 @@ def generate(
             "complete files."
         ),
     ] = None,
+    window: Annotated[str | None, WINDOW] = None,
+    bbox: Annotated[str | None, BBOX] = None,
+    device: Annotated[str, DEVICE] = "cpu",
 ) -> None:
     """Generate modalities from GeoTIFFs (any CRS) onto the first input's grid.
 
     Translation: -i s1grd=s1.tif -t s2l2a. Band infilling: -i s2l2a:B04,B03,B02=rgb.tif
     -t s2l2a. Joint generation: no -i, -t s2l2a -t dem [--size --gsd --lon --lat].
     Scenes larger than 1024 px (or with --stream) run tile by tile with state on disk
-    (OUTPUT.work): rerun the same command after an interruption to resume.
+    (OUTPUT.work): rerun the same command after an interruption to resume. Inputs may be
+    URLs GDAL reads (https://, s3://, /vsicurl/, /vsis3/); --window or --bbox reads and
+    generates only part of the first input.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -335,22 +353,31 @@ def generate(
     scales = parse_numbers(scale or [], "--scale")
     offsets = parse_numbers(offset or [], "--offset")
     scaling = {m: (scales.get(m, 1.0), offsets.get(m, 0.0)) for m in {*scales, *offsets}}
-    if stac is None and (collections or bbox or stac_datetime or mapping):
-        raise TerrasynthError("--collections, --bbox, --datetime and --mapping need --stac")
-    pipe = Pipeline.from_pretrained(model)
-    if stac is not None:  # the found assets on one grid become the first inputs
+    if stac is None and (collections or stac_datetime or mapping):
+        raise TerrasynthError("--collections, --datetime and --mapping need --stac")
+    whole = stream or cascade or engine != "local" or scheduler is not None
+    if device != "cpu" and (engine != "local" or scheduler is not None):
+        raise TerrasynthError(
+            "--device works with --engine local; Dask workers run the model on their CPUs"
+        )
+    pipe = Pipeline.from_pretrained(model).to(device)
+    if stac is not None:  # the found assets on one grid (the bbox) become the first inputs
         stac_inputs, day = _stac_inputs(
             stac, collections, bbox, stac_datetime, mapping, crs, gsd, max_items,
             stac_dir or output.with_name(output.name + ".stac"),
         )  # fmt: skip
         inputs = [f"{m}={f}" for m, f in stac_inputs] + list(inputs or [])
         date = date or f"{day:%Y-%m-%d}"
+        bbox = None  # the fetched grid is the bbox already
     from terrasynth.models.base import sampling_steps
     from terrasynth.scenes.job import JobSpec
     from terrasynth.scenes.plan import check_tile
 
     check_tile(tile, pipe.model.config.window_size)
     steps = sampling_steps(pipe.model, steps)
+    items = parse_inputs(inputs or [])
+    part = pipe.input_window(items, parse_window(window), parse_bbox(bbox))  # from the header
+    region = (int(part.col_off), int(part.row_off), part.width, part.height) if part else None
 
     # the same settings drive in-memory generation and the whole-scene engine
     settings = dict(
@@ -359,16 +386,16 @@ def generate(
         location=(lon, lat) if lon is not None else None,
     )  # fmt: skip
     spec = JobSpec(
-        inputs=[(k, str(v)) for k, v in parse_inputs(inputs or [])],
+        inputs=[(k, str(v)) for k, v in items],
         targets=list(target),
         tile=tile,
         cascade=cascade,
         cascade_start=cascade_start,
+        window=region,
         **settings,
     )
-    whole = stream or cascade or engine != "local" or scheduler is not None
     if not whole:
-        refusal = pipe.in_memory_refusal(spec.inputs, gsd, size)  # from the headers only
+        refusal = pipe.in_memory_refusal(spec.inputs, gsd, size, part)  # from the headers only
         if refusal is not None:
             typer.echo(f"note: {refusal}: generating it with the whole-scene engine")
             whole = True
@@ -384,10 +411,11 @@ def generate(
     ) as progress:
         task = progress.add_task("gen", total=None)
         result = pipe.generate(
-            parse_inputs(inputs or []),
+            items,
             target,
             **settings,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
+            window=region,
         )
     for w in result.info["warnings"]:
         typer.echo(f"warning: {w}", err=True)
@@ -525,12 +553,15 @@ def evaluate(
     overwrite: Annotated[
         bool, typer.Option(help="Replace an earlier terrasynth report in the output folder.")
     ] = False,
+    device: Annotated[str, DEVICE] = "cpu",
 ) -> None:
     """Score generation on a store's split against baselines (JSON, CSV, report).
 
     Each modality from all others and from each other one; pointwise, distribution and
     calibration metrics.
     """
+
+    import torch
 
     from terrasynth.data.store import ChipStore
     from terrasynth.evaluation.baselines import make_baseline
@@ -565,7 +596,7 @@ def evaluate(
         steps = fixed.get("steps", steps)
         eta = fixed.get("eta", eta)
         seed = fixed.get("seed", seed)
-    pipe = Pipeline.from_pretrained(model)
+    pipe = Pipeline.from_pretrained(model).to(device)
     config = pipe.model.config
     for t in target or []:
         if t not in pipe.modalities:
@@ -578,6 +609,8 @@ def evaluate(
     predictors = [] if no_model else [ModelPredictor(pipe.model, steps=steps, eta=eta)]
     for name in baseline or []:
         predictors.append(make_baseline(name, config, store, unet))
+        if isinstance(getattr(predictors[-1], "model", None), torch.nn.Module):
+            predictors[-1].model.to(pipe.device)  # the U-Net baselines run where the model does
         for w in getattr(predictors[-1], "warnings", []):
             typer.echo(f"warning: {w}", err=True)
     if not predictors:
@@ -606,6 +639,8 @@ def evaluate(
         settings["unet"] = str(unet)
     if shuffle_conditions:
         settings["shuffle_conditions"] = True
+    if str(pipe.device) != "cpu":
+        settings["device"] = str(pipe.device)
     for p in predictors:
         if hasattr(p, "fitted"):
             settings[f"{p.name}_sigmas"] = p.fitted()

@@ -8,24 +8,17 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from terrasynth.cli.checks import above, at_least, existing
+from terrasynth.cli.checks import above, at_least, bbox_check, existing
 from terrasynth.errors import TerrasynthError
 from terrasynth.modalities import Registry
 
-
-def _bbox_check(param: typer.CallbackParam, value: str | None) -> str | None:
-    from terrasynth.data.stac_fetch import parse_bbox
-
-    if value is not None:
-        parse_bbox(value)
-    return value
-
-
+BBOX = typer.Option(
+    help="W,S,E,N in degrees (WGS 84): the area searched and fetched.", callback=bbox_check
+)
 STAC_URL = typer.Option("--stac", help="STAC API landing page to search (pystac-client).")
 COLLECTIONS = typer.Option(
     "--collections", help="STAC collection id(s) to search (repeatable, or comma-separated)."
 )
-BBOX = typer.Option(help="W,S,E,N in degrees (WGS 84).", callback=_bbox_check)
 DATETIME = typer.Option("--datetime", help="STAC datetime or interval, e.g. 2020-06-01/2020-09-30.")
 MAPPING = typer.Option(
     help="YAML mapping of collections to modalities and assets to bands (docs/stac.md).",

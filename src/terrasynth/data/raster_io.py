@@ -1,6 +1,8 @@
 """Shared reading helpers for readers: GeoTIFFs, layer stacking and JSON files.
 
 One place where rasterio and JSON errors become clear one-line :class:`InputError` s.
+A raster is a local file or a network location GDAL reads (``https://``, ``s3://``,
+``/vsicurl/``...: :mod:`terrasynth.data.remote`); :func:`open_dataset` opens either.
 Every raster is checked from its header before a pixel is read (:func:`check_header`):
 absurd sizes, degenerate georeferencing and whole-file reads beyond :data:`MAX_READ_BYTES`
 are refused, so no allocation grows with a number read from a file.
@@ -21,14 +23,21 @@ from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
 from rasterio.errors import CRSError, RasterioError
 from rasterio.warp import transform_bounds
+from rasterio.windows import Window, from_bounds
+from rasterio.windows import transform as window_transform
 
+from terrasynth.data.remote import (
+    RasterPath,
+    RemotePath,
+    gdal_name,
+    raster_env,
+    raster_path,
+)
 from terrasynth.data.scene import Grid, Layer
 from terrasynth.errors import InputError
 
 MAX_BAND_PIXELS = 2**32  # pixels per band a header may declare (65,536 px squared)
 MAX_READ_BYTES = 2 * 2**30  # largest whole-file read (raw values as stored)
-# GDAL's block cache (MB) while reading: its default grows to 5 % of the machine's memory
-GDAL_CACHE_MB = 64
 EPSG_4326 = CRS.from_epsg(4326)
 # errors GDAL raises through rasterio: its own, and GDAL's C-level errors (CPLE_*, e.g. from
 # reproject or PROJ), which rasterio exposes under no public name
@@ -42,7 +51,7 @@ READ_ERRORS = (*GDAL_ERRORS, UnicodeError)
 class Raster:
     """The raw bands of a raster file with its georeference (read once, sliced many times)."""
 
-    path: Path
+    path: RasterPath
     raw: np.ndarray  # (count, H, W) as stored; row i is file band i + 1
     crs: CRS
     transform: Affine
@@ -128,7 +137,7 @@ def check_read_size(src: Any, path: Path, count: int | None = None) -> None:
 class Header:
     """What a raster file's header says, checked (:func:`check_header`); no pixel read."""
 
-    path: Path
+    path: RasterPath
     grid: Grid
     count: int
     itemsize: int  # bytes per value of its widest band
@@ -139,13 +148,11 @@ class Header:
         return self.count * self.grid.width * self.grid.height * self.itemsize
 
 
-def read_header(path: str | Path) -> Header:
-    """The checked header of a georeferenced raster file."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
+def read_header(path: str | Path | RemotePath) -> Header:
+    """The checked header of a georeferenced raster file (or network location)."""
+    path = raster_path(path)
     try:
-        with rasterio.open(path) as src:
+        with raster_env(path), open_dataset(path) as src:
             if src.crs is None:
                 raise InputError(
                     f"{path}: raster has no CRS (not georeferenced, or a truncated header)"
@@ -160,32 +167,134 @@ def read_header(path: str | Path) -> Header:
         ) from exc
 
 
-def open_raster(path: str | Path) -> Raster:
-    """Read every band of a raster file; corrupt, truncated, CRS-less, absurd or too large
-    files are refused from their header, before their pixels are read."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
+def open_raster(path: str | Path | RemotePath, window: Window | None = None) -> Raster:
+    """Read every band of a raster file (only ``window`` of it when given); corrupt,
+    truncated, CRS-less, absurd or too large files are refused from their header, before
+    their pixels are read."""
+    path = raster_path(path)
     try:
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(path) as src:
+        with raster_env(path), open_dataset(path) as src:
             if src.crs is None:
                 raise InputError(
                     f"{path}: raster has no CRS (not georeferenced, or a truncated header)"
                 )
             check_header(src, path)
-            check_read_size(src, path)
+            if window is None:
+                check_read_size(src, path)
             try:
-                raw = src.read()
+                raw = src.read(window=window)
             except READ_ERRORS as exc:
                 raise InputError(
                     f"{path}: cannot read pixels: the file is truncated or corrupt "
                     f"({first_line(exc)})"
                 ) from exc
-            return Raster(path, raw, src.crs, src.transform, src.nodata, src.descriptions)
+            transform = src.transform if window is None else src.window_transform(window)
+            return Raster(path, raw, src.crs, transform, src.nodata, src.descriptions)
     except READ_ERRORS as exc:
         raise InputError(
             f"{path}: not a readable raster (corrupt or truncated?): {first_line(exc)}"
         ) from exc
+
+
+UNREADABLE = "not a readable raster (corrupt or truncated?)"
+
+
+def open_dataset(path: RasterPath, unreadable: str = UNREADABLE) -> Any:
+    """The open rasterio dataset of a local file or a network location (call it inside
+    :func:`~terrasynth.data.remote.raster_env`). A missing file, a location the server
+    does not have or cannot serve, or an unreadable file raises one-line :class:`InputError`;
+    ``unreadable`` words the last."""
+    if isinstance(path, Path) and not path.exists():
+        raise InputError(f"{path}: file not found")
+    try:
+        return rasterio.open(gdal_name(path))
+    except READ_ERRORS as exc:
+        if isinstance(path, RemotePath):
+            reason = _remote_reason(exc)
+            raise InputError(f"{path}: cannot open the remote raster: {reason}") from exc
+        raise InputError(f"{path}: {unreadable}: {first_line(exc)}") from exc
+
+
+def _remote_reason(exc: BaseException) -> str:
+    """GDAL's words for a failed network open, made plain."""
+    text = first_line(exc)
+    code = text.removeprefix("HTTP response code: ")
+    if code != text and code.strip().isdigit():
+        meaning = {"401": "unauthorised", "403": "access denied", "404": "not found"}
+        return f"HTTP {code.strip()} ({meaning.get(code.strip(), 'server error')})"
+    if "does not exist in the file system" in text:
+        return "not found, or the server cannot be reached"
+    return text
+
+
+def window_over(grid: Grid, region: Grid, margin: int = 2) -> Window | None:
+    """The window of a raster on ``grid`` covering ``region``'s footprint (in any CRS),
+    grown by ``margin`` px for resampling and clipped to the raster; None if the footprint
+    misses it."""
+    try:
+        left, bottom, right, top = transform_bounds(
+            region.crs, grid.crs, *region.bounds, densify_pts=21
+        )
+    except GDAL_ERRORS as exc:
+        raise InputError(f"cannot place a region in {grid.crs} ({first_line(exc)})") from exc
+    if not np.all(np.isfinite([left, bottom, right, top])):
+        return None
+    win = from_bounds(left, bottom, right, top, transform=grid.transform)
+    c0 = max(int(np.floor(win.col_off)) - margin, 0)
+    r0 = max(int(np.floor(win.row_off)) - margin, 0)
+    c1 = min(int(np.ceil(win.col_off + win.width)) + margin, grid.width)
+    r1 = min(int(np.ceil(win.row_off + win.height)) + margin, grid.height)
+    if c1 <= c0 or r1 <= r0:
+        return None
+    return Window(c0, r0, c1 - c0, r1 - r0)
+
+
+def pixel_window(
+    grid: Grid,
+    path: RasterPath,
+    window: Sequence[int] | None = None,
+    bbox: Sequence[float] | None = None,
+) -> Window | None:
+    """The part of a raster on ``grid`` to work on: ``window`` (column and row offsets,
+    width and height in its pixels) or ``bbox`` (west, south, east, north in degrees,
+    widened to whole pixels), clipped to the raster; None when neither is given. A region
+    outside the raster, or both given, raises :class:`InputError`."""
+    if window is not None and bbox is not None:
+        raise InputError("give a window or a bbox, not both")
+    if window is None and bbox is None:
+        return None
+    if window is not None:
+        if len(window) != 4 or min(window[2:]) < 1 or min(window[:2]) < 0:
+            raise InputError(
+                f"a window is COL,ROW,WIDTH,HEIGHT (offsets >= 0, sizes >= 1), not {window}"
+            )
+        col, row, width, height = (int(v) for v in window)
+        win = Window(col, row, min(width, grid.width - col), min(height, grid.height - row))
+        if win.width < 1 or win.height < 1:
+            raise InputError(
+                f"the window {col},{row},{width},{height} lies outside {path} "
+                f"({grid.width} x {grid.height} px)"
+            )
+        return win
+    west, south, east, north = (float(v) for v in bbox)  # type: ignore[union-attr]
+    if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
+        raise InputError(
+            f"a bbox is WEST,SOUTH,EAST,NORTH in degrees (west < east, south < north), "
+            f"not {','.join(f'{v:g}' for v in bbox)}"  # type: ignore[union-attr]
+        )
+    region = Grid(EPSG_4326, Affine(east - west, 0, west, 0, south - north, north), 1, 1)
+    win = window_over(grid, region, margin=0)
+    if win is None:
+        raise InputError(f"the bbox {west:g},{south:g},{east:g},{north:g} does not overlap {path}")
+    return win
+
+
+def cropped_grid(grid: Grid, window: Window | None) -> Grid:
+    """The grid of ``window`` of a raster on ``grid`` (``grid`` itself for None)."""
+    if window is None:
+        return grid
+    t = window_transform(window, grid.transform)
+    return Grid(grid.crs, t, int(window.width), int(window.height))
 
 
 def layer_from_raster(

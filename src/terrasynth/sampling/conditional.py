@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from terrasynth.devices import model_device, to_device
 from terrasynth.models.base import GenerativeModel
 from terrasynth.models.scene_model import ModalityInput
 from terrasynth.models.signals import Signal
@@ -123,8 +124,15 @@ def predict(
 ) -> dict:
     """One model call: targets in their current noisy state ``x`` at level ``t``, every
     other modality of ``sigs`` clean (or all dropped: the unconditional branch of guidance).
+    A model on another device than the CPU gets its inputs there and returns its
+    prediction to the CPU, where sampling keeps its state and draws its noise.
     """
-    return model(sampling_inputs(sigs, targets, x, t, gsd, given_bands, with_conditions), gsd)
+    inputs = sampling_inputs(sigs, targets, x, t, gsd, given_bands, with_conditions)
+    device = model_device(model)
+    if device.type == "cpu":
+        return model(inputs, gsd)
+    pred = model(to_device(inputs, device), gsd.to(device))
+    return to_device(pred, torch.device("cpu"))
 
 
 def sampling_inputs(

@@ -14,20 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import rasterio
-from rasterio.warp import transform_bounds
-from rasterio.windows import Window, from_bounds
+from rasterio.windows import Window
 
 from terrasynth.data.align import AlignedGroup, align_scene
 from terrasynth.data.raster_io import (
-    GDAL_CACHE_MB,
-    GDAL_ERRORS,
     READ_ERRORS,
     Raster,
     check_header,
     first_line,
     layer_from_raster,
+    open_dataset,
+    window_over,
 )
+from terrasynth.data.remote import RasterPath, raster_env, raster_path
 from terrasynth.data.scene import Grid, Layer, Scene
 from terrasynth.data.sources.generic import input_layout, overlaps
 from terrasynth.data.validate import check_values
@@ -42,7 +41,7 @@ class InputFile:
     """One input file of a job: what it holds and where it lies."""
 
     key: str  # modality[:bands] as the user gave it
-    path: Path
+    path: RasterPath
     modality: str
     bands: tuple[str, ...]
     indexes: tuple[int, ...]
@@ -57,23 +56,30 @@ def open_inputs(
     registry: Registry,
     scaling: dict[str, tuple[float, float]] | None = None,
     strict: bool = False,
+    region: Grid | None = None,
 ) -> tuple[list[InputFile], list[str]]:
-    """Check every input from its header and a decimated read; returns the files and the
-    value-check warnings. Raises :class:`InputError` with one line for a bad input."""
+    """Check every input from its header and a decimated read (of the part under
+    ``region`` only, when given); returns the files and the value-check warnings. Raises
+    :class:`InputError` with one line for a bad input."""
     files: list[InputFile] = []
     warnings: list[str] = []
     for key, file in items:
-        path = Path(file)
+        path = raster_path(file)
         mod, bands, indexes = input_layout(key, path, registry)
         name = mod.name
         scale, offset = (scaling or {}).get(name, (1.0, 0.0))
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), _open(path) as src:
+        with raster_env(path), _open(path) as src:
             if src.crs is None:
                 raise InputError(f"{path}: raster has no CRS (not georeferenced)")
             grid = Grid(src.crs, src.transform, src.width, src.height)
-            step = max(1, max(src.width, src.height) // SAMPLE_SIDE)
-            shape = (len(indexes), -(-src.height // step), -(-src.width // step))
-            raw = _read(src, path, indexes=list(indexes), out_shape=shape)
+            window = Window(0, 0, src.width, src.height)
+            if region is not None:
+                window = window_over(grid, region)
+                if window is None:
+                    raise InputError(f"{path} does not overlap the region asked for")
+            step = max(1, max(window.width, window.height) // SAMPLE_SIDE)
+            shape = (len(indexes), -(-window.height // step), -(-window.width // step))
+            raw = _read(src, path, indexes=list(indexes), out_shape=shape, window=window)
             nodata = src.nodata
         f = InputFile(
             key, path, name, bands, indexes, scale, offset, grid, mod.kind == "categorical"
@@ -96,8 +102,8 @@ def read_region(files: list[InputFile], grid: Grid, registry: Registry):
     resampling); a file that does not reach the region contributes invalid pixels only."""
     layers = []
     for f in files:
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), _open(f.path) as src:
-            window = _window_over(src, grid)
+        with raster_env(f.path), _open(f.path) as src:
+            window = window_over(Grid(src.crs, src.transform, src.width, src.height), grid)
             if window is None:
                 continue
             raw = _read(src, f.path, indexes=list(f.indexes), window=window)
@@ -116,25 +122,6 @@ def read_region(files: list[InputFile], grid: Grid, registry: Registry):
     return groups
 
 
-def _window_over(src, grid: Grid, margin: int = 2) -> Window | None:
-    """The file window covering ``grid``'s footprint, grown by ``margin`` px; None if the
-    footprint misses the file."""
-    try:
-        left, bottom, right, top = transform_bounds(grid.crs, src.crs, *grid.bounds, densify_pts=21)
-    except GDAL_ERRORS as exc:
-        raise InputError(f"{src.name}: cannot place a tile in its CRS ({first_line(exc)})") from exc
-    win = from_bounds(left, bottom, right, top, transform=src.transform)
-    c0 = int(np.floor(win.col_off)) - margin
-    r0 = int(np.floor(win.row_off)) - margin
-    c1 = int(np.ceil(win.col_off + win.width)) + margin
-    r1 = int(np.ceil(win.row_off + win.height)) + margin
-    c0, r0 = max(c0, 0), max(r0, 0)
-    c1, r1 = min(c1, src.width), min(r1, src.height)
-    if c1 <= c0 or r1 <= r0:
-        return None
-    return Window(c0, r0, c1 - c0, r1 - r0)
-
-
 def _layer(f: InputFile, raw: np.ndarray, nodata, transform) -> Layer:
     raster = Raster(f.path, raw, f.grid.crs, transform, nodata, ())
     return layer_from_raster(
@@ -148,17 +135,10 @@ def _layer(f: InputFile, raw: np.ndarray, nodata, transform) -> Layer:
     )
 
 
-def _open(path: Path):
+def _open(path: RasterPath):
     """The open raster, its header checked (:func:`check_header`); any size is fine here,
     as only windows of it are ever read."""
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    try:
-        src = rasterio.open(path)
-    except READ_ERRORS as exc:
-        raise InputError(
-            f"{path}: not a readable raster (corrupt or truncated?): {first_line(exc)}"
-        ) from exc
+    src = open_dataset(path)
     try:
         check_header(src, path)
     except InputError:
@@ -167,7 +147,7 @@ def _open(path: Path):
     return src
 
 
-def _read(src, path: Path, **kwargs) -> np.ndarray:
+def _read(src, path: RasterPath, **kwargs) -> np.ndarray:
     try:
         return src.read(**kwargs)
     except READ_ERRORS as exc:

@@ -29,9 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from rasterio.windows import Window
 
+from terrasynth.arrays import input_header
 from terrasynth.atomic import clear_folder, write_marker, write_text
 from terrasynth.data.align import AlignedGroup
+from terrasynth.data.raster_io import cropped_grid
+from terrasynth.data.remote import RasterPath, RemotePath, raster_path
 from terrasynth.data.scene import Grid
 from terrasynth.errors import InputError, TerrasynthError, UnknownModalityError
 from terrasynth.models.base import sampling_steps
@@ -72,6 +76,7 @@ class JobSpec:
     strict: bool = False
     cascade: float | None = None  # coarse GSD (m) generated first, then refined
     cascade_start: float = 0.6  # noise level the fine level starts at from its parent
+    window: tuple[int, int, int, int] | None = None  # col, row, width, height of input 1
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> JobSpec:
@@ -80,14 +85,25 @@ class JobSpec:
         d["inputs"] = [tuple(x) for x in d["inputs"]]
         d["scaling"] = {k: tuple(v) for k, v in d["scaling"].items()}
         d["location"] = tuple(d["location"]) if d["location"] else None
+        d["window"] = tuple(d["window"]) if d.get("window") else None
         return cls(**d)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["inputs"] = [[k, str(Path(p).resolve())] for k, p in self.inputs]
+        d["inputs"] = [[k, str(raster_path(p).resolve())] for k, p in self.inputs]
         d["scaling"] = {k: list(v) for k, v in sorted(self.scaling.items())}
         d["location"] = list(self.location) if self.location is not None else None
+        d["window"] = list(self.window) if self.window is not None else None
         return d
+
+
+def _file_signature(path: RasterPath) -> list[Any]:
+    """A local file's path, size and time; a network location's address (its server
+    keeps no time GDAL reports)."""
+    if isinstance(path, RemotePath):
+        return [path.url, None, None]
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 class SceneJob:
@@ -115,11 +131,18 @@ class SceneJob:
         self.files: list[InputFile] = []
         self.warnings: list[str] = []
         if spec.inputs:
-            self.files, self.warnings = open_inputs(spec.inputs, reg, spec.scaling, spec.strict)
+            region = None
+            if spec.window is not None:  # only this part of the first input
+                first_grid = input_header(spec.inputs[0][1], spec.inputs[0][0]).grid
+                region = cropped_grid(first_grid, Window(*spec.window))
+            self.files, self.warnings = open_inputs(
+                spec.inputs, reg, spec.scaling, spec.strict, region
+            )
             first = self.files[0]
             # only the first input's grid and bands decide the working grid; its pixels are
             # read tile by tile later
-            self.grid = header_working_grid(first.grid, first.modality, first.bands, reg, spec.gsd)
+            part = region if region is not None else first.grid
+            self.grid = header_working_grid(part, first.modality, first.bands, reg, spec.gsd)
         else:
             if spec.location is None:
                 raise InputError("whole-scene joint generation needs a place (--lon/--lat)")
@@ -217,10 +240,7 @@ class SceneJob:
             "spec": self.spec.to_json(),
             "grid_override": grid_json(self.grid_override) if self.grid_override else None,
             "parent": str(self.parent.folder.resolve()) if self.parent is not None else None,
-            "files": [
-                [str(f.path.resolve()), f.path.stat().st_size, f.path.stat().st_mtime_ns]
-                for f in self.files
-            ],
+            "files": [_file_signature(f.path) for f in self.files],
             "model": self.pipe.source,
             "weights_sha256": self.pipe.weights_sha256,
             "config_sha256": self.pipe.config_sha256,

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from terrasynth.atomic import write_text
 from terrasynth.data.dataset import ChipDataset, ChunkShuffleSampler, RandomCropFlip, collate_chips
+from terrasynth.devices import resolve_device
 from terrasynth.errors import TerrasynthError
 from terrasynth.models.config import ModelConfig, preset_config
 from terrasynth.models.factory import build_model
@@ -220,12 +221,23 @@ def _lr_lambda(
     return f
 
 
-def _dist() -> tuple[int, int]:
-    """(rank, world size); initialises the process group under torchrun."""
+def _dist(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun (NCCL when the
+    processes train on CUDA devices, else Gloo)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _train_device(name: str | torch.device) -> torch.device:
+    """The device one training process uses: ``name`` checked (``resolve_device``); under
+    torchrun a bare ``cuda`` (or ``auto`` finding CUDA) is this process's
+    ``cuda:LOCAL_RANK``."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -362,12 +374,11 @@ class Trainer:
         resume: bool = False,
         model_config: ModelConfig | None = None,
         given: Collection[str] | None = None,
+        device: str | torch.device = "auto",
     ) -> None:
         self.run = Path(run)
-        self.rank, self.world = _dist()
-        self.device = torch.device(
-            f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        )
+        self.device = _train_device(device)
+        self.rank, self.world = _dist(self.device)
         latest = self.run / "latest"
         if resume and not latest.exists():
             raise TerrasynthError(f"{self.run}: nothing to resume (no checkpoint yet)")

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
-import rasterio
 from rasterio.warp import transform_bounds
+from rasterio.windows import Window
 
 from terrasynth.arrays import as_raster
 from terrasynth.data.align import reference_grid
@@ -26,24 +26,26 @@ from terrasynth.data.raster_io import (
     GDAL_ERRORS,
     READ_ERRORS,
     Raster,
+    cropped_grid,
     first_line,
     layer_from_raster,
+    open_dataset,
     open_raster,
+    window_over,
 )
+from terrasynth.data.remote import RasterPath, raster_env, raster_path
 from terrasynth.data.scene import Grid, Layer, Scene
 from terrasynth.errors import InputError
 from terrasynth.modalities import Modality, Registry, default_registry
 
 
 def band_layout(
-    path: Path, modality: Modality, given: tuple[str, ...] = ()
+    path: RasterPath, modality: Modality, given: tuple[str, ...] = ()
 ) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """Band names and 1-based file indexes: as given, by band descriptions, else registry
     order."""
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
     try:
-        with rasterio.open(path) as src:
+        with raster_env(path), open_dataset(path, "unreadable raster") as src:
             count, descriptions, crs = src.count, src.descriptions, src.crs
     except READ_ERRORS as exc:
         raise InputError(f"{path}: unreadable raster ({first_line(exc)})") from exc
@@ -84,7 +86,7 @@ def bands_by_description(
 
 
 def input_layout(
-    key: str, path: Path, registry: Registry, raster: Raster | None = None
+    key: str, path: RasterPath, registry: Registry, raster: Raster | None = None
 ) -> tuple[Modality, tuple[str, ...], tuple[int, ...]]:
     """Modality, band names and 1-based file band indexes of one ``MOD[:BANDS]=FILE`` input
     (of the in-memory ``raster`` when given: ``terrasynth.arrays``)."""
@@ -127,28 +129,37 @@ def generic_scene(
     registry: Registry | None = None,
     scene_id: str | None = None,
     scaling: dict[str, tuple[float, float]] | None = None,
+    window: Window | None = None,
 ) -> Scene:
     """One scene from ``{modality: file}`` (or ``(modality, file)`` pairs, so one modality
     may come in several files, e.g. one per resolution); the first file's grid is the
-    reference grid.
+    reference grid. A file is a local path or a network location GDAL reads
+    (``https://``, ``s3://``, ``/vsicurl/``...).
 
     ``scaling`` maps a modality to ``(scale, offset)``: physical = raw * scale + offset
     (e.g. ``(1e-4, -0.1)`` for Sentinel-2 L2A DN of processing baseline 04.00 and later).
+    ``window``: only this pixel window of the first input is the scene, and of every other
+    input only the part under it is read.
     """
     items = list(inputs.items() if isinstance(inputs, Mapping) else inputs)
     if not items:
         raise InputError("no input files given (use --input MOD=FILE)")
     registry = registry if registry is not None else default_registry()
     rasters = [as_raster(file, key) for key, file in items]  # in-memory inputs; None: files
-    first = rasters[0].path if rasters[0] is not None else Path(items[0][1])
+    first = rasters[0].path if rasters[0] is not None else raster_path(items[0][1])
     layers: list[Layer] = []
+    region: Grid | None = None
     for (key, file), raster in zip(items, rasters, strict=True):
-        path = raster.path if raster is not None else Path(file)
+        path = raster.path if raster is not None else raster_path(file)
         modality, bands, indexes = input_layout(key, path, registry, raster)
         name = modality.name
         scale, offset = (scaling or {}).get(name, (1.0, 0.0))
+        if raster is None:
+            raster = open_raster(path, _part(path, window, region))
+        elif window is not None:
+            raster = crop_raster(raster, window if region is None else None, region)
         layer = layer_from_raster(
-            raster if raster is not None else open_raster(path),
+            raster,
             name,
             bands,
             indexes=indexes,
@@ -158,6 +169,8 @@ def generic_scene(
         )
         if layers and not overlaps(layer.grid, layers[0].grid, path):
             raise InputError(f"{path} does not overlap {first}")
+        if window is not None and region is None:
+            region = layer.grid
         layers.append(layer)
     return Scene(
         scene_id=scene_id or first.stem,
@@ -166,4 +179,38 @@ def generic_scene(
         grid=reference_grid(layers[:1], registry),
         layers=layers,
         time=None,
+    )
+
+
+def _part(path: RasterPath, window: Window | None, region: Grid | None) -> Window | None:
+    """The window of input ``path`` to read: ``window`` for the first input, the part under
+    the first input's ``region`` for the others, everything without a window."""
+    if window is None or region is None:
+        return window
+    with raster_env(path), open_dataset(path) as src:
+        grid = Grid(src.crs, src.transform, src.width, src.height)
+    part = window_over(grid, region)
+    if part is None:
+        raise InputError(f"{path} does not overlap the region asked for")
+    return part
+
+
+def crop_raster(raster: Raster, window: Window | None, region: Grid | None = None) -> Raster:
+    """An in-memory raster cut to ``window``, or to the part under ``region``."""
+    _, height, width = raster.raw.shape
+    grid = Grid(raster.crs, raster.transform, width, height)
+    if window is None and region is not None:
+        window = window_over(grid, region)
+        if window is None:
+            raise InputError(f"{raster.path} does not overlap the region asked for")
+    if window is None:
+        return raster
+    (r0, r1), (c0, c1) = window.toranges()
+    return Raster(
+        raster.path,
+        raster.raw[:, r0:r1, c0:c1],
+        raster.crs,
+        cropped_grid(grid, window).transform,
+        raster.nodata,
+        raster.descriptions,
     )
