@@ -1,6 +1,6 @@
 """Tile latency of ``terrasynth serve`` on a 4096 x 4096 scene: cold and warm, per zoom.
 
-    python bench/serve_tiles.py [--size 4096] [--warm 20] [--keep DIR]
+    python bench/serve_tiles.py [--size 4096] [--warm 20] [--keep DIR] [--scene FILE]
 
 Writes a 4096 x 4096 px, 12-band Sentinel-2 L2A result (float32 reflectance on a 10 m UTM
 grid) as the generator writes its outputs: a cloud-optimised GeoTIFF with internal
@@ -16,6 +16,10 @@ endpoint (Starlette's test client: routing, reading by rio-tiler, stretch, PNG e
 
 at the native zoom (one tile pixel about one scene pixel), two levels out (overviews) and
 at the zoom where the whole scene is about one tile. Target: under 0.3 s a tile.
+
+``--scene FILE``: time the tiles of a scene the model generated instead (an output GeoTIFF
+of ``terrasynth generate``, e.g. ``s2l2a_mean.tif`` of a whole-scene run), copied into the
+fake job; its modality is read from the file's tags.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -68,7 +73,7 @@ def write_scene(folder: Path, size: int) -> Path:
     return out
 
 
-def fake_job(workdir: Path, scene: Path) -> str:
+def fake_job(workdir: Path, scene: Path, modality: str = "s2l2a") -> str:
     """A finished job of the app whose outputs are ``scene`` (mean and sample 0)."""
     from terrasynth.serve.inputs import new_id
     from terrasynth.serve.jobs import write_json
@@ -76,12 +81,12 @@ def fake_job(workdir: Path, scene: Path) -> str:
     job_id = new_id()
     output = workdir / "jobs" / job_id / "output"
     output.mkdir(parents=True)
-    os.replace(scene, output / "s2l2a_mean.tif")
-    os.link(output / "s2l2a_mean.tif", output / "s2l2a_sample0.tif")
-    job = {"id": job_id, "targets": ["s2l2a"], "inputs": [], "num_samples": 1, "steps": None,
+    os.replace(scene, output / f"{modality}_mean.tif")
+    os.link(output / f"{modality}_mean.tif", output / f"{modality}_sample0.tif")
+    job = {"id": job_id, "targets": [modality], "inputs": [], "num_samples": 1, "steps": None,
            "seed": 0, "model": None}  # fmt: skip
     write_json(output.parent / "job.json", job)
-    files = ["s2l2a_mean.tif", "s2l2a_sample0.tif"]
+    files = [f"{modality}_mean.tif", f"{modality}_sample0.tif"]
     write_json(output.parent / "state.json", {"status": "done", "files": files})
     return job_id
 
@@ -106,6 +111,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--warm", type=int, default=20, help="warm tiles per zoom")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
+    parser.add_argument("--scene", type=Path, help="a generated GeoTIFF to serve instead")
     args = parser.parse_args()
     from starlette.testclient import TestClient
 
@@ -115,16 +121,23 @@ def main() -> None:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        scene = write_scene(workdir, args.size)
+        if args.scene is not None:  # a generated scene: copied, its modality from its tags
+            scene = workdir / "scene.tif"
+            shutil.copyfile(args.scene, scene)
+        else:
+            scene = write_scene(workdir, args.size)
         written = time.perf_counter() - t0
         with rasterio.open(scene) as f:
             bounds = transform_bounds(f.crs, "EPSG:4326", *f.bounds)
             overviews = f.overviews(1)
+            args.size, count, dtype = f.width, f.count, f.dtypes[0]
+            modality = f.tags().get("modality", "s2l2a")
+            res_m = abs(f.transform.a)
         size_mb = scene.stat().st_size / 2**20
-        job_id = fake_job(workdir, scene)
+        job_id = fake_job(workdir, scene, modality)
         # native zoom: a tile pixel about a scene pixel (10 m) at this latitude
         lat = (bounds[1] + bounds[3]) / 2
-        native = round(math.log2(40075016.686 * math.cos(math.radians(lat)) / (256 * 10)))
+        native = round(math.log2(40075016.686 * math.cos(math.radians(lat)) / (256 * res_m)))
         whole = native - round(math.log2(args.size / 256))
         results = {}
         with TestClient(create_app(ServeConfig(workdir))) as client:
@@ -134,7 +147,7 @@ def main() -> None:
                 times = []
                 for x, y in inner[: args.warm + 1]:
                     t = time.perf_counter()
-                    res = client.get(f"/api/jobs/{job_id}/tiles/s2l2a_mean/{z}/{x}/{y}.png")
+                    res = client.get(f"/api/jobs/{job_id}/tiles/{modality}_mean/{z}/{x}/{y}.png")
                     times.append(time.perf_counter() - t)
                     assert res.status_code == 200 and res.headers["content-type"] == "image/png"
                 warm = times[1:] or times
@@ -144,8 +157,9 @@ def main() -> None:
                     "warm_max_s": round(max(warm), 3),
                     "warm_tiles": len(warm),
                 }
-    print(f"scene: {args.size} x {args.size} px x 12 bands float32 COG, {size_mb:.0f} MiB, "
-          f"overviews {overviews}, written in {written:.1f} s")  # fmt: skip
+    what = f"generated {modality}, {args.scene}" if args.scene else "smooth random field"
+    print(f"scene ({what}): {args.size} x {args.size} px x {count} bands {dtype} COG, "
+          f"{size_mb:.0f} MiB, overviews {overviews}, ready in {written:.1f} s")  # fmt: skip
     print(f"{'zoom':>4} {'cold s':>7} {'warm median s':>14} {'warm max s':>11} {'tiles':>6}")
     for z, r in results.items():
         print(f"{z:>4} {r['cold_s']:>7.3f} {r['warm_median_s']:>14.3f} {r['warm_max_s']:>11.3f} "
