@@ -368,7 +368,15 @@ def test_a_short_training_lowers_the_loss(trained, small_store, config):
     assert len(logs) >= 4  # a log line every 10 steps; how many fit the budget varies with load
     assert [r["step"] for r in logs] == sorted(r["step"] for r in logs)
     assert logs[-1]["elapsed_s"] >= 60 * TRAIN_MINUTES
-    assert logs[-1]["lr"] < 0.5 * max(r["lr"] for r in logs)  # decayed over the budget
+    # warm-up over 50 steps, then decayed over the time budget: past warm-up, the last log
+    # line (written after the budget ran out) is at the cosine's floor; a machine so loaded
+    # that the budget ended inside warm-up shows the linear ramp instead
+    peak = max(r["lr"] for r in logs)
+    if logs[-1]["step"] >= 50:
+        assert logs[-1]["lr"] < 0.5 * peak
+    else:
+        ramp = [r["lr"] / r["step"] for r in logs]
+        assert max(ramp) == pytest.approx(min(ramp), rel=0.15), logs
     first = np.mean([r["loss"] for r in logs[:2]])
     last = np.mean([r["loss"] for r in logs[-2:]])
     assert last < 0.8 * first, (first, last)
