@@ -466,17 +466,21 @@ def test_stac_search_refusals_leave_nothing(client, app_and_dir):
 
 
 @pytest.mark.needs_data
-def test_stac_search_over_the_pixel_limit_downloads_nothing(client, app_and_dir, catalogue):
+def test_stac_search_failures_download_nothing(client, app_and_dir, catalogue):
+    """No items, or a grid over the server's pixel limit: one line, before any download."""
     from stac_catalogue import BBOX
 
     url, _ = catalogue
     before = workdir_files(app_and_dir)
-    request = {"url": url, "collections": ["sentinel-1-grd"], "bbox": BBOX, "resolution": 1}
-    search_id = client.post("/api/stac", json=request).json()["id"]
-    state = wait_for(client, f"/api/stac/{search_id}", 60)
-    assert state["status"] == "failed"
-    assert "more than this server's limit of 262,144 px per band" in state["message"], state
-    assert workdir_files(app_and_dir) == before
+    request = {"url": url, "collections": ["sentinel-1-grd"], "bbox": BBOX}
+    for change, expected in [
+        ({"datetime": "2019-01-01/2019-02-01"}, "no STAC items found at"),
+        ({"resolution": 1}, "more than this server's limit of 262,144 px per band"),
+    ]:
+        search_id = client.post("/api/stac", json={**request, **change}).json()["id"]
+        state = wait_for(client, f"/api/stac/{search_id}", 60)
+        assert state["status"] == "failed" and expected in state["message"], state
+        assert workdir_files(app_and_dir) == before
 
 
 def test_without_the_stac_extra_the_search_says_what_to_install(client, monkeypatch):
