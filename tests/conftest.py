@@ -68,6 +68,16 @@ def slope_store(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def catalogue(tmp_path_factory):
+    """A real STAC API on loopback with COGs of real data (``stac_catalogue.py``): its URL
+    and the request counts of the COG server; started once per session, when asked for."""
+    from stac_catalogue import running_catalogue
+
+    with running_catalogue(tmp_path_factory.mktemp("stac")) as served:
+        yield served
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""

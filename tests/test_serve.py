@@ -372,3 +372,156 @@ def test_browser_truncated_upload_shows_the_error(page, server, tmp_path, shots)
     assert "truncated" in message.inner_text()
     assert page.locator("#input-list li").count() == 0
     page.screenshot(path=str(shots / "truncated.png"))
+
+
+# -- API: searching a STAC catalogue -----------------------------------------------------------
+def wait_for(client, path: str, seconds: float = 180) -> dict:
+    """Poll ``path`` until its status is final; its last answer (a search's state, or a
+    job's)."""
+    deadline = time.time() + seconds
+    while True:
+        answer = client.get(path).json()
+        status = answer.get("state", answer)["status"]
+        if status in ("done", "failed", "cancelled") or time.time() > deadline:
+            return answer
+        time.sleep(0.2)
+
+
+def workdir_files(app_and_dir) -> list[str]:
+    """Every file of the server's uploads, inputs and catalogue downloads."""
+    state = app_and_dir[1] / "state"
+    return sorted(
+        str(p.relative_to(state))
+        for folder in ("uploads", "inputs", "stac")
+        for p in (state / folder).rglob("*")
+    )
+
+
+@pytest.mark.needs_data
+def test_stac_search_gives_inputs_a_job_runs_from(client, app_and_dir, catalogue):
+    """Search the loopback STAC API: the stacked S2 and S1 GeoTIFFs come back as inputs
+    with the modality the fetch mapped and a CRS; a job generates from them."""
+    from stac_catalogue import BBOX
+
+    url, _ = catalogue
+    settings = client.get("/api/settings").json()
+    assert settings["stac"] == {"available": True, "missing": None}
+    request = {
+        "url": url, "collections": "sentinel-2-l2a, sentinel-1-grd", "bbox": BBOX,
+        "datetime": "2020-06-01/2020-06-30",
+    }  # fmt: skip
+    res = client.post("/api/stac", json=request)
+    assert res.status_code == 200, res.text
+    state = wait_for(client, f"/api/stac/{res.json()['id']}")
+    assert state["status"] == "done", state
+    assert "2 STAC items; 2 input(s) of 186 x 181 px of 10 m (EPSG:32643)" in state["message"]
+    records = {r["modality"]: r for r in state["inputs"]}
+    assert set(records) == {"s2l2a", "s1grd"}
+    assert records["s1grd"]["bands"] == ["VV", "VH"]
+    assert records["s2l2a"]["bands"] == settings["modalities"]["s2l2a"]["bands"]  # the model's
+    for r in records.values():
+        assert (r["crs"], r["width"], r["height"], r["source"]) == ("EPSG:32643", 186, 181, "stac")
+        assert r["guesses"][0]["reason"].startswith("from the STAC search (sentinel-")
+        assert client.get(f"/api/inputs/{r['id']}").json() == r  # listed like an upload
+        assert "path" not in r
+    assert not list((app_and_dir[1] / "state" / "stac").iterdir())  # downloads removed
+    tile = client.get(f"/api/inputs/{records['s2l2a']['id']}/tiles/14/11528/6740.png")
+    assert tile.status_code == 200 and tile.headers["content-type"] == "image/png"
+
+    job = {
+        "targets": ["dem"], "num_samples": 1, "steps": 2,
+        "inputs": [{"id": r["id"]} for r in records.values()],
+    }  # fmt: skip
+    job_id = client.post("/api/jobs", json=job).json()["id"]
+    info = wait_for(client, f"/api/jobs/{job_id}", 300)
+    assert info["state"]["status"] == "done", info["state"]
+    assert "dem_mean.tif" in info["files"]
+    mean = client.get(f"/api/jobs/{job_id}/files/dem_mean.tif")
+    with rasterio.MemoryFile(mean.content) as mem, mem.open() as f:
+        assert f.crs.to_epsg() == 32643 and (f.width, f.height) == (186, 181)
+
+
+def test_stac_search_refusals_leave_nothing(client, app_and_dir):
+    """Bad requests are refused at once; an unreachable catalogue fails in one line; neither
+    leaves a file in the workdir."""
+    before = workdir_files(app_and_dir)
+    good = {"url": "http://127.0.0.1:9/", "collections": "s2", "bbox": "10,46,10.01,46.01"}
+    for change, expected in [
+        ({"url": "file:///etc/passwd"}, "must be http:// or https://"),
+        ({"url": "s3://bucket/catalog.json"}, "must be http:// or https://"),
+        ({"collections": ""}, "give at least one collection"),
+        ({"bbox": "10,46,9,47"}, "bbox '10,46,9,47' must be W,S,E,N"),
+        ({"resolution": "fine"}, "pixel size must be a number"),
+    ]:
+        res = client.post("/api/stac", json={**good, **change})
+        assert res.status_code == 400 and expected in res.json()["error"], res.text
+    dead = f"http://127.0.0.1:{_free_port()}/"
+    search_id = client.post("/api/stac", json={**good, "url": dead}).json()["id"]
+    state = wait_for(client, f"/api/stac/{search_id}", 60)
+    assert state["status"] == "failed"
+    assert state["message"].startswith(f"STAC catalogue {dead} is unreachable"), state
+    assert "\n" not in state["message"]
+    assert workdir_files(app_and_dir) == before
+    assert client.get("/api/stac/" + "C" * 24).status_code == 404
+
+
+@pytest.mark.needs_data
+def test_stac_search_failures_download_nothing(client, app_and_dir, catalogue):
+    """No items, or a grid over the server's pixel limit: one line, before any download."""
+    from stac_catalogue import BBOX
+
+    url, _ = catalogue
+    before = workdir_files(app_and_dir)
+    request = {"url": url, "collections": ["sentinel-1-grd"], "bbox": BBOX}
+    for change, expected in [
+        ({"datetime": "2019-01-01/2019-02-01"}, "no STAC items found at"),
+        ({"resolution": 1}, "more than this server's limit of 262,144 px per band"),
+    ]:
+        search_id = client.post("/api/stac", json={**request, **change}).json()["id"]
+        state = wait_for(client, f"/api/stac/{search_id}", 60)
+        assert state["status"] == "failed" and expected in state["message"], state
+        assert workdir_files(app_and_dir) == before
+
+
+def test_without_the_stac_extra_the_search_says_what_to_install(client, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pystac_client", None)
+    res = client.post("/api/stac", json={"url": "http://127.0.0.1:9/"})
+    assert res.status_code == 400
+    assert "pip install 'terrasynth[stac]'" in res.json()["error"]
+
+
+@pytest.mark.needs_data
+def test_browser_stac_search_adds_inputs(page, server, catalogue, shots):
+    """The page's catalogue form: an unreachable catalogue is one line; a search of the
+    loopback STAC API lists its inputs with their modalities and shows them on the map."""
+    from stac_catalogue import BBOX
+
+    url, _ = catalogue
+    page.goto(server)
+    page.wait_for_selector("body[data-ready='1']")
+    page.click("#stac-box summary")
+    page.fill("#stac-url", f"http://127.0.0.1:{_free_port()}/")
+    page.fill("#stac-collections", "sentinel-2-l2a,sentinel-1-grd")
+    page.fill("#stac-bbox", BBOX)
+    page.fill("#stac-datetime", "2020-06-01/2020-06-30")
+    page.click("#stac-search")
+    page.wait_for_selector("#stac-status[data-status='failed']")
+    assert "Search failed: STAC catalogue" in page.inner_text("#message")
+    assert "unreachable" in page.inner_text("#message")
+
+    page.fill("#stac-url", url)
+    page.click("#stac-search")
+    page.wait_for_selector("#stac-status[data-status='done']", timeout=60_000)
+    items = page.locator("#input-list li.input-item")
+    assert items.count() == 2
+    modalities = [items.nth(i).locator("select.modality").input_value() for i in range(2)]
+    assert sorted(modalities) == ["s1grd", "s2l2a"]
+    assert "EPSG:32643" in items.first.inner_text()
+    assert "from the STAC search" in items.first.inner_text()
+    assert page.locator("#message").is_hidden()
+    for i in range(2):
+        wait_tiles(page, f"input-{items.nth(i).get_attribute('data-id')}")
+    page.wait_for_timeout(400)  # Leaflet fades loaded tiles in
+    page.screenshot(path=str(shots / "stac.png"))

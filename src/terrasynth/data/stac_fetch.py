@@ -609,12 +609,17 @@ def fetch(
     resolution: float | None = None,
     pair_days: float = 16.0,
     on_file: Callable[[int, int, str], None] | None = None,
+    before_download: Callable[[Grid, list[Acquisition]], None] | None = None,
 ) -> FetchResult:
-    """Search, map and download ``query`` into ``folder`` (resumable); see the module."""
+    """Search, map and download ``query`` into ``folder`` (resumable); see the module.
+    ``before_download(grid, acquisitions)``, called before anything is written, may refuse
+    the fetch by raising (a server's limits)."""
     mapping = mapping or {}
     items, licences = search(query)
     acqs, unmapped = plan_acquisitions(items, mapping, registry)
     grid = fetch_grid(query.bbox, acqs, registry, crs, resolution)
+    if before_download is not None:
+        before_download(grid, acqs)
     folder = Path(folder)
     _claim_folder(folder, _record(query, grid, mapping))
     jobs = [

@@ -26,6 +26,7 @@ import rasterio
 from terrasynth.errors import InputError, TerrasynthError
 from terrasynth.extras import require
 from terrasynth.modalities import Modality
+from terrasynth.serve.catalogue import SearchStore, missing_extra
 from terrasynth.serve.inputs import InputStore, Limits, check_bands, list_folder, new_id
 from terrasynth.serve.jobs import JobStore
 from terrasynth.serve.tiles import FEATURE, point_values, presets, render_tile
@@ -126,6 +127,8 @@ def create_app(config: ServeConfig) -> Any:
     config.workdir.mkdir(parents=True, exist_ok=True)
     inputs = InputStore(config.workdir, registry, rasters, config.limits)
     jobs = JobStore(config.workdir, inputs, pipe.source, rasters)
+    searches = SearchStore(config.workdir, inputs, registry)
+    stac_missing = missing_extra()
     static = Path(str(resources.files("terrasynth.serve") / "static"))
     empty_png = _empty_png()
 
@@ -158,6 +161,7 @@ def create_app(config: ServeConfig) -> Any:
                     "max_pixels": config.limits.max_pixels,
                 },
                 "folder": config.folder is not None,
+                "stac": {"available": stac_missing is None, "missing": stac_missing},
                 "basemap": config.basemap,
             }
         )
@@ -198,6 +202,14 @@ def create_app(config: ServeConfig) -> Any:
         finally:
             tmp.unlink(missing_ok=True)
         return JSONResponse(inputs.public(record))
+
+    async def stac_search(request):
+        body = await request.json()
+        search_id = searches.start(body if isinstance(body, dict) else {})
+        return JSONResponse({"id": search_id})
+
+    async def stac_state(request):
+        return JSONResponse(searches.state(request.path_params["search_id"]))
 
     async def input_info(request):
         return JSONResponse(inputs.public(inputs.get(request.path_params["input_id"])))
@@ -319,6 +331,8 @@ def create_app(config: ServeConfig) -> Any:
         Route("/api/folder", guarded(folder_files)),
         Route("/api/folder/pick", guarded(pick), methods=["POST"]),
         Route("/api/inputs", guarded(upload), methods=["POST"]),
+        Route("/api/stac", guarded(stac_search), methods=["POST"]),
+        Route("/api/stac/{search_id}", guarded(stac_state)),
         Route("/api/inputs/{input_id}", guarded(input_info)),
         Route("/api/inputs/{input_id}", guarded(input_delete), methods=["DELETE"]),
         Route("/api/inputs/{input_id}/tiles" + tile, guarded(input_tile)),
@@ -342,6 +356,7 @@ def create_app(config: ServeConfig) -> Any:
     app.add_middleware(_security_headers(config.basemap))
     app.state.jobs = jobs
     app.state.inputs = inputs
+    app.state.searches = searches
     return app
 
 

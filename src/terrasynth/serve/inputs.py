@@ -3,7 +3,8 @@
 Every input gets an unguessable id; its record (``inputs/ID.json``) holds the server-side
 path, which is never taken from the client: an upload is stored as ``uploads/ID.tif`` (the
 client's file name is only shown, after :func:`display_name` cleaned it), a folder pick must
-be one of the files :func:`list_folder` lists. An upload is checked whole before it is
+be one of the files :func:`list_folder` lists; a catalogue search's GeoTIFF
+(:mod:`terrasynth.serve.catalogue`) is kept like an upload. An upload is checked whole before it is
 kept (a TIFF, georeferenced, within the size and pixel limits, every block readable); a
 refused one leaves nothing behind.
 """
@@ -27,11 +28,12 @@ from rasterio.warp import transform_bounds
 from terrasynth.data.raster_io import READ_ERRORS, check_header, first_line
 from terrasynth.errors import InputError
 from terrasynth.modalities import Registry
-from terrasynth.modalities.guess import guess_modality, summarise
+from terrasynth.modalities.guess import Guess, guess_modality, summarise
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{24}$")
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 MAX_BANDS = 64
+OWNED = ("upload", "stac")  # sources whose file the server keeps (and removes with the input)
 FOLDER_FILES = 500  # at most this many files listed from --folder
 SCAN_ROWS = 256  # rows per read while checking that every block of an upload is readable
 
@@ -127,9 +129,13 @@ class InputStore:
     def upload_path(self, input_id: str) -> Path:
         return self.uploads / f"{input_id}.tif"
 
-    def add_upload(self, tmp: Path, name: str) -> dict[str, Any]:
+    def add_upload(
+        self, tmp: Path, name: str, source: str = "upload", known: tuple[str, str] | None = None
+    ) -> dict[str, Any]:
         """Check the received file ``tmp`` and keep it as a new input; a refused file is
-        removed. ``name``: the client's file name (shown only)."""
+        removed. ``name``: the client's file name (shown only); ``source``: ``upload``, or
+        ``stac`` for a file a catalogue search wrote, whose modality is ``known``
+        ((modality, why): the first guess)."""
         shown = display_name(name)
         input_id = new_id()
         try:
@@ -139,7 +145,7 @@ class InputStore:
         finally:
             tmp.unlink(missing_ok=True)
         try:
-            return self._register(input_id, path, shown, "upload")
+            return self._register(input_id, path, shown, source, known)
         except Exception:
             path.unlink(missing_ok=True)
             (self.records / f"{input_id}.json").unlink(missing_ok=True)
@@ -154,9 +160,25 @@ class InputStore:
         check_raster(path, relative, self.limits)
         return self._register(new_id(), path, relative, "folder")
 
-    def _register(self, input_id: str, path: Path, name: str, source: str) -> dict[str, Any]:
+    def _register(
+        self,
+        input_id: str,
+        path: Path,
+        name: str,
+        source: str,
+        known: tuple[str, str] | None = None,
+    ) -> dict[str, Any]:
         summary = summarise(path, name)
         guesses = guess_modality(summary, self.registry, self.candidates)
+        if known is not None:
+            modality, why = known
+            bands = summary.descriptions  # the fetch names every band
+            check_bands(
+                {"name": name, "count": summary.count}, modality, list(bands), self.registry
+            )
+            guesses = [Guess(modality, bands, 1.0, why)] + [
+                g for g in guesses if g.modality != modality
+            ]
         if not guesses:
             raise InputError(f"{name}: no modality of the model fits its {summary.count} band(s)")
         record = {
@@ -194,7 +216,7 @@ class InputStore:
 
     def remove(self, input_id: str) -> None:
         record = self.get(input_id)
-        if record["source"] == "upload":
+        if record["source"] in OWNED:
             self.upload_path(input_id).unlink(missing_ok=True)
         (self.records / f"{input_id}.json").unlink(missing_ok=True)
 

@@ -30,6 +30,11 @@ async function api(path, options) {
   return body;
 }
 
+function postJson(path, body) {
+  return api(path, { method: "POST", body: JSON.stringify(body),
+    headers: { "Content-Type": "application/json" } });
+}
+
 function element(tag, attrs, ...children) {
   const el = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
@@ -248,7 +253,7 @@ function renderInputs() {
       state.inputs = state.inputs.filter((i) => i !== input);
       removeLayer(`input-${r.id}`);
       renderInputs();
-      if (r.source === "upload" && !state.job) await api(`/api/inputs/${r.id}`, { method: "DELETE" });
+      if (["upload", "stac"].includes(r.source) && !state.job) await api(`/api/inputs/${r.id}`, { method: "DELETE" });
     });
     const best = r.guesses[0];
     const guess = best ? `guessed ${best.modality}: ${best.reason}` : "";
@@ -278,6 +283,64 @@ async function uploadFiles(files) {
   }
 }
 
+// ---- catalogue search ---------------------------------------------------------------
+function setHash(key, value) {
+  const params = new URLSearchParams(location.hash.slice(1));
+  if (value) params.set(key, value); else params.delete(key);
+  location.hash = params.toString();
+}
+
+async function startSearch(e) {
+  e.preventDefault();
+  const value = (id) => $(id).value.trim();
+  const body = {
+    url: value("stac-url"), collections: value("stac-collections"), bbox: value("stac-bbox"),
+    datetime: value("stac-datetime") || null, resolution: value("stac-resolution") || null,
+  };
+  try {
+    const { id } = await postJson("/api/stac", body);
+    showMessage("");
+    followSearch(id);
+  } catch (err) {
+    showMessage(`Search refused: ${err.message}`);
+  }
+}
+
+function followSearch(id) {
+  setHash("stac", id);
+  $("stac-search").disabled = true;
+  pollSearch(id);
+}
+
+async function pollSearch(id) {
+  let s;
+  try {
+    s = await api(`/api/stac/${id}`);
+  } catch (err) {
+    s = { status: "failed", message: err.message };
+  }
+  const running = !["done", "failed"].includes(s.status);
+  $("stac-progress").hidden = !running;
+  if (s.total) { $("stac-progress").max = s.total; $("stac-progress").value = s.done; }
+  else $("stac-progress").removeAttribute("value");
+  const step = s.total ? ` ${s.done}/${s.total}` : "";
+  $("stac-status").textContent = running ? `${s.phase || s.status}${step}`
+    : s.status === "done" ? s.message : "search failed (see above)";
+  $("stac-status").dataset.status = s.status;
+  if (running) { setTimeout(() => pollSearch(id), 500); return; }
+  $("stac-search").disabled = false;
+  setHash("stac", null);
+  if (s.status === "done") { for (const record of s.inputs) addInput(record); showMessage(""); }
+  else showMessage(`Search failed: ${s.message}`);
+}
+
+function mapViewBbox() {
+  const b = map.getBounds();
+  const clamp = (v, lim) => Math.max(-lim, Math.min(lim, v)).toFixed(5);
+  $("stac-bbox").value = [clamp(b.getWest(), 180), clamp(b.getSouth(), 90),
+    clamp(b.getEast(), 180), clamp(b.getNorth(), 90)].join(",");
+}
+
 // ---- jobs ---------------------------------------------------------------------------
 async function startJob() {
   const targets = [...document.querySelectorAll("#targets input:checked")].map((i) => i.value);
@@ -289,8 +352,7 @@ async function startJob() {
     seed: Number($("seed").value),
   };
   try {
-    const { id } = await api("/api/jobs", { method: "POST", body: JSON.stringify(body),
-      headers: { "Content-Type": "application/json" } });
+    const { id } = await postJson("/api/jobs", body);
     showMessage("");
     followJob(id);
   } catch (err) {
@@ -300,7 +362,7 @@ async function startJob() {
 
 function followJob(id) {
   state.job = { id, info: null, shown: false };
-  location.hash = `job=${id}`;
+  setHash("job", id);
   for (const l of [...state.layers]) if (l.kind !== "input") removeLayer(l.key);
   $("downloads").replaceChildren();
   clearTimeout(state.poll);
@@ -435,15 +497,23 @@ async function start() {
     $("folder-picker").hidden = !files.length;
     $("folder-add").addEventListener("click", async () => {
       try {
-        const record = await api("/api/folder/pick", { method: "POST",
-          body: JSON.stringify({ path: $("folder-files").value }), headers: { "Content-Type": "application/json" } });
+        const record = await postJson("/api/folder/pick", { path: $("folder-files").value });
         addInput(record);
         showMessage("");
       } catch (err) { showMessage(`Cannot use it: ${err.message}`); }
     });
   }
-  const id = new URLSearchParams(location.hash.slice(1)).get("job");
-  if (id) followJob(id); // a reload finds its job again
+  if (s.stac.available) {
+    $("stac-form").addEventListener("submit", startSearch);
+    $("stac-view").addEventListener("click", mapViewBbox);
+  } else {
+    $("stac-form").hidden = true;
+    $("stac-missing").textContent = s.stac.missing;
+    $("stac-missing").hidden = false;
+  }
+  const hash = new URLSearchParams(location.hash.slice(1));
+  if (hash.get("job")) followJob(hash.get("job")); // a reload finds its job again
+  if (hash.get("stac") && s.stac.available) followSearch(hash.get("stac")); // and its search
   document.body.dataset.ready = "1";
 }
 
