@@ -441,6 +441,35 @@ def test_stac_search_gives_inputs_a_job_runs_from(client, app_and_dir, catalogue
         assert f.crs.to_epsg() == 32643 and (f.width, f.height) == (186, 181)
 
 
+def test_a_catalogue_pointing_at_local_files_is_refused_before_any_open(monkeypatch, tmp_path):
+    """Assets that are not http(s) (a hostile catalogue naming the server's own files) are
+    refused before the fetch opens any asset, even for its header."""
+    from datetime import datetime
+
+    import terrasynth.data.stac_fetch as stac_fetch
+    from terrasynth.errors import InputError
+    from terrasynth.modalities import default_registry
+    from terrasynth.serve.catalogue import SearchStore
+
+    local = str(tmp_path / "secret.tif")
+    acq = stac_fetch.Acquisition(
+        "s2l2a", "c", datetime(2020, 6, 1), bands={"B04": [stac_fetch.BandSource(local, 1)]}
+    )
+    monkeypatch.setattr(stac_fetch, "search", lambda query: ([], {}))
+    monkeypatch.setattr(stac_fetch, "plan_acquisitions", lambda *a: ([acq], []))
+
+    def no_open(*args, **kwargs):
+        raise AssertionError("an asset was opened before the sources were checked")
+
+    monkeypatch.setattr(stac_fetch, "fetch_grid", no_open)
+    query = stac_fetch.Query("http://127.0.0.1:9/", ("c",), (10.0, 46.0, 10.01, 46.01), None)
+    with pytest.raises(InputError, match="this server reads only http"):
+        stac_fetch.fetch(
+            query, tmp_path / "dl", default_registry(), check_sources=SearchStore._sources
+        )
+    assert not (tmp_path / "dl").exists()
+
+
 def test_stac_search_refusals_leave_nothing(client, app_and_dir):
     """Bad requests are refused at once; an unreachable catalogue fails in one line; neither
     leaves a file in the workdir."""

@@ -610,13 +610,17 @@ def fetch(
     pair_days: float = 16.0,
     on_file: Callable[[int, int, str], None] | None = None,
     before_download: Callable[[Grid, list[Acquisition]], None] | None = None,
+    check_sources: Callable[[list[Acquisition]], None] | None = None,
 ) -> FetchResult:
     """Search, map and download ``query`` into ``folder`` (resumable); see the module.
-    ``before_download(grid, acquisitions)``, called before anything is written, may refuse
-    the fetch by raising (a server's limits)."""
+    ``check_sources(acquisitions)``, called before any asset is opened (even for its
+    header), and ``before_download(grid, acquisitions)``, called before anything is
+    written, may refuse the fetch by raising (a server's rules and limits)."""
     mapping = mapping or {}
     items, licences = search(query)
     acqs, unmapped = plan_acquisitions(items, mapping, registry)
+    if check_sources is not None:
+        check_sources(acqs)
     grid = fetch_grid(query.bbox, acqs, registry, crs, resolution)
     if before_download is not None:
         before_download(grid, acqs)

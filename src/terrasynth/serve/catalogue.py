@@ -160,6 +160,11 @@ class SearchStore:
                 f"({files * pixels * 4 / 2**20:.0f} MiB), more than this server's limit of "
                 f"{budget / 2**20:.0f} MiB: narrow the datetime or the collections"
             )
+
+    @staticmethod
+    def _sources(acquisitions: list[Any]) -> None:
+        """Refuse, before any asset is opened (even for its header), assets that are not
+        http(s): a catalogue must not make the server read its own files."""
         for acq in acquisitions:
             for sources in acq.bands.values():
                 for src in sources:
@@ -181,7 +186,7 @@ class SearchStore:
         try:
             result = fetch(
                 query, folder / "download", self.registry, resolution=resolution,
-                on_file=progress, before_download=self._limits,
+                on_file=progress, before_download=self._limits, check_sources=self._sources,
             )  # fmt: skip
             self._update(search_id, status="stacking", phase="stacking the best day")
             stack, _ = input_stack(result, folder / "inputs", self.registry)
