@@ -19,7 +19,9 @@ before paying an hour of training for the answer (docs/design.md, issue 17, four
 * ``--head-level S``: keep the share S of the mean head's chip mean (the level then comes
   from the neighbours alone at S = 0; the structure within the chip stays);
 * ``--head S``: scale the whole mean head's output by S;
-* ``--amplitude``: switch on ``retrieval_amplitude`` (needs no new weights).
+* ``--amplitude``: switch on ``retrieval_amplitude`` (needs no new weights); with
+  ``--amplitude-max M``, the neighbours' roughness scales the structure by at most M
+  (``conv_generator.AMPLITUDE_MAX``, 3 by default; 1: only ever flatten).
 
 The changes patch methods of this process only; nothing in the package changes.
 """
@@ -34,6 +36,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+import terrasynth.models.conv_generator as conv_generator
 import terrasynth.models.retrieval as retrieval
 from terrasynth.cli.main import app
 from terrasynth.models.conv_generator import ConvGenerator
@@ -65,6 +68,7 @@ def main() -> None:
     ap.add_argument("--head-level", type=float, default=1.0)
     ap.add_argument("--head", type=float, default=1.0)
     ap.add_argument("--amplitude", action="store_true")
+    ap.add_argument("--amplitude-max", type=float)
     args = ap.parse_args()
     model = args.out / "model"
     args.out.mkdir(parents=True, exist_ok=False)
@@ -78,6 +82,8 @@ def main() -> None:
         weights["level_gate.weight"].zero_()
         weights["level_gate.bias"].fill_(math.log(args.gate / (1 - args.gate)))
         save_file(weights, model / "model.safetensors")
+    if args.amplitude_max is not None:
+        conv_generator.AMPLITUDE_MAX = args.amplitude_max
     if args.missing_penalty is not None:
         retrieval.MISSING_PENALTY = args.missing_penalty
     if args.head != 1.0 or args.head_level != 1.0:
