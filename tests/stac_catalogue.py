@@ -21,17 +21,15 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import rasterio
 from conftest import DATA
+from loopback import LoopbackServer
 
 SSL4EO = DATA / "ssl4eo_s12"
 S2_DATES = {
@@ -53,38 +51,6 @@ S2_ASSETS = {
 }  # fmt: skip
 BBOX = "73.296,30.456,73.315,30.472"  # the middle ~1.8 km of the 2.6 km SSL4EO-S12 patch
 COG = "image/tiff; application=geotiff; profile=cloud-optimized"
-
-
-class RangeHandler(SimpleHTTPRequestHandler):
-    """Static files with single-range requests (``Range: bytes=A-B``), as object stores
-    serve them; counts whole-file and range requests."""
-
-    counts = {"whole": 0, "range": 0}
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base's name
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        spec = self.headers.get("Range", "")
-        path = Path(self.translate_path(self.path))
-        if not spec.startswith("bytes=") or not path.is_file():
-            type(self).counts["whole"] += 1
-            return super().do_GET()
-        size = path.stat().st_size
-        first, _, last = spec[len("bytes=") :].partition("-")
-        start = int(first) if first else max(size - int(last), 0)
-        end = min(int(last), size - 1) if first and last else size - 1
-        type(self).counts["range"] += 1
-        with path.open("rb") as f:
-            f.seek(start)
-            body = f.read(end - start + 1)
-        self.send_response(206)
-        self.send_header("Content-Type", "image/tiff")
-        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Accept-Ranges", "bytes")
-        self.end_headers()
-        self.wfile.write(body)
 
 
 def free_port() -> int:
@@ -209,9 +175,8 @@ def running_catalogue(root: Path) -> Iterator[tuple[str, dict[str, int]]]:
     cogs = root / "cogs"
     cogs.mkdir()
     s2_items, s1_items = _make_cogs(cogs)
-    files = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(cogs)))
-    threading.Thread(target=files.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{files.server_address[1]}/"
+    files = LoopbackServer(cogs).start()
+    base = files.url("")
     hrefs = []
     for item in s2_items + s1_items:
         item.update(type="Feature", stac_version="1.1.0", links=[])
@@ -236,8 +201,8 @@ def running_catalogue(root: Path) -> Iterator[tuple[str, dict[str, int]]]:
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait(url)
-        yield url, RangeHandler.counts
+        yield url, files.requests
     finally:
         server.terminate()
         server.wait(10)
-        files.shutdown()
+        files.stop()

@@ -1,22 +1,15 @@
 """Remote rasters (https://, /vsicurl/, s3://) and devices.
 
-A real HTTP server on 127.0.0.1, started here, serves cloud-optimised GeoTIFFs made from the
-shared data. It is a few lines of the standard library's ``http.server`` (threads, HTTP/1.1
-keep-alive, single byte ranges), written here rather than taken from a package so that it
-can count the bytes it sends: what the tests assert on.
+A real HTTP server on 127.0.0.1 (``tests/loopback.py``), started here, serves
+cloud-optimised GeoTIFFs made from the shared data and counts the bytes it sends.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import threading
-from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pytest
@@ -24,83 +17,13 @@ import rasterio
 import torch
 
 from tests.conftest import DATA, run_cli
+from tests.loopback import LoopbackServer
 
 S2 = DATA / "s2l2a_dolomites" / "S2_L2A_Tofane_202206_B02B03B04B08.tif"
 SIDE = 4096  # the large COG's width and height
 # the Dolomites file holds L2A DN of processing baseline 04.00 and later
 SCALING = ("--scale", "s2l2a=0.0001", "--offset", "s2l2a=-0.1")
 WINDOW = (1800, 2100, 96, 80)  # COL, ROW, WIDTH, HEIGHT of the large COG
-
-
-class LoopbackServer:
-    """A threading HTTP server on 127.0.0.1 serving ``root``, with byte ranges; it counts
-    the body bytes sent per file name."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.sent: Counter[str] = Counter()
-        self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
-
-    def count(self, name: str, n: int) -> None:
-        with self.lock:
-            self.sent[name] += n
-
-
-def _handler(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as GDAL uses it
-
-        def do_HEAD(self) -> None:
-            self._serve(body=False)
-
-        def do_GET(self) -> None:
-            self._serve(body=True)
-
-        def _serve(self, body: bool) -> None:
-            name = unquote(urlsplit(self.path).path).lstrip("/")
-            path = (server.root / name).resolve()
-            if not path.is_relative_to(server.root.resolve()) or not path.is_file():
-                self._empty(404)
-                return
-            size = path.stat().st_size
-            start, end, status = 0, size - 1, 200
-            wanted = self.headers.get("Range")
-            if wanted is not None:
-                m = re.fullmatch(r"bytes=(\d+)-(\d*)", wanted.strip())
-                if m is None or int(m[1]) >= size:
-                    self._empty(416)  # multiple ranges are not served: none were asked
-                    return
-                start, status = int(m[1]), 206
-                end = min(int(m[2]) if m[2] else size - 1, size - 1)
-            self.send_response(status)
-            self.send_header("Content-Type", "image/tiff")
-            self.send_header("Accept-Ranges", "bytes")
-            self.send_header("Content-Length", str(end - start + 1))
-            if status == 206:
-                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-            self.end_headers()
-            if body:
-                with open(path, "rb") as f:
-                    f.seek(start)
-                    data = f.read(end - start + 1)
-                self.wfile.write(data)
-                server.count(name, len(data))
-
-        def _empty(self, status: int) -> None:
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:  # quiet
-            pass
-
-    return Handler
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +54,9 @@ def cogs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(cogs) -> Iterator[LoopbackServer]:
-    srv = LoopbackServer(cogs)
-    srv.thread.start()
+    srv = LoopbackServer(cogs).start()
     yield srv
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
+    srv.stop()
 
 
 def assert_one_line_error(res, pattern: str) -> None:

@@ -145,6 +145,15 @@ def _given_place(inp: ModalityInput | None) -> torch.Tensor | None:
     return torch.where(shown, v, torch.full_like(v, math.nan))
 
 
+def _by_group(mod: Modality, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Split ``x`` (B, C, ...), C the bands of all of ``mod``'s groups in order, per group."""
+    out, offset = {}, 0
+    for g in mod.groups:
+        out[g.name] = x[:, offset : offset + len(g.bands)]
+        offset += len(g.bands)
+    return out
+
+
 def radius_of(sigma: float) -> int:
     """Half-width of the Gaussian kernel of ``sigma`` pixels."""
     return max(1, math.ceil(3 * sigma))
@@ -567,11 +576,7 @@ class ConvGenerator(PretrainedMixin, nn.Module):
             max=AMPLITUDE_MAX
         )
         ratio = torch.where(found, ratio, torch.ones_like(ratio))
-        out, offset = {}, 0
-        for g in mod.groups:
-            out[g.name] = ratio[:, offset : offset + len(g.bands), None, None]
-            offset += len(g.bands)
-        return out
+        return {g: r[:, :, None, None] for g, r in _by_group(mod, ratio).items()}
 
     def _pixel_levels(
         self,
@@ -588,13 +593,11 @@ class ConvGenerator(PretrainedMixin, nn.Module):
         filled = torch.where(torch.isfinite(levels), levels, mean[:, None])
         mix = torch.softmax(logits + torch.log(weight.clamp_min(1e-6))[:, :, None, None], 1)
         dev = torch.einsum("bkhw,bkc->bchw", mix, filled - mean[:, None])
-        out, offset = {}, 0
-        for g in mod.groups:
-            d = dev[:, offset : offset + len(g.bands)]
-            offset += len(g.bands)
-            d = F.avg_pool2d(d, g.factor) if g.factor > 1 else d
-            out[g.name] = d.to(mu[g.name].dtype)
-        return out
+        factor = {g.name: g.factor for g in mod.groups}
+        return {
+            g: (F.avg_pool2d(d, factor[g]) if factor[g] > 1 else d).to(mu[g].dtype)
+            for g, d in _by_group(mod, dev).items()
+        }
 
     def _level_deviation(
         self,
@@ -612,12 +615,7 @@ class ConvGenerator(PretrainedMixin, nn.Module):
         j = j.clamp(max=levels.shape[1] - 1)[:, 0]
         pick = levels[torch.arange(levels.shape[0], device=levels.device), j]  # (B, C)
         dev = torch.where(torch.isfinite(pick), pick - mean, torch.zeros_like(mean))
-        out, offset = {}, 0
-        for g in mod.groups:
-            d = dev[:, offset : offset + len(g.bands), None, None]
-            offset += len(g.bands)
-            out[g.name] = d.to(mu[g.name].dtype)
-        return out
+        return {g: d[:, :, None, None].to(mu[g].dtype) for g, d in _by_group(mod, dev).items()}
 
     def _target_film(
         self, name: str, cond: torch.Tensor, retrieved: torch.Tensor | None = None
