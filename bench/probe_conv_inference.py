@@ -21,7 +21,7 @@ before paying an hour of training for the answer (docs/design.md, issue 17, four
 * ``--head S``: scale the whole mean head's output by S;
 * ``--amplitude``: switch on ``retrieval_amplitude`` (needs no new weights); with
   ``--amplitude-max M``, the neighbours' roughness scales the structure by at most M
-  (``conv_generator.AMPLITUDE_MAX``, 3 by default; 1: only ever flatten).
+  (the config's ``retrieval_amplitude_max``, 3 by default; 1: only ever flatten).
 
 The changes patch methods of this process only; nothing in the package changes.
 """
@@ -36,7 +36,6 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-import terrasynth.models.conv_generator as conv_generator
 import terrasynth.models.retrieval as retrieval
 from terrasynth.cli.main import app
 from terrasynth.models.conv_generator import ConvGenerator
@@ -76,14 +75,14 @@ def main() -> None:
     config = json.loads((model / "config.json").read_text())
     config["spread_scale"] = {}  # calibrated again below, for the changed model
     config["retrieval_amplitude"] = args.amplitude or config.get("retrieval_amplitude", False)
+    if args.amplitude_max is not None:
+        config["retrieval_amplitude_max"] = args.amplitude_max
     (model / "config.json").write_text(json.dumps(config, indent=2))
     if args.gate is not None:
         weights = load_file(model / "model.safetensors")
         weights["level_gate.weight"].zero_()
         weights["level_gate.bias"].fill_(math.log(args.gate / (1 - args.gate)))
         save_file(weights, model / "model.safetensors")
-    if args.amplitude_max is not None:
-        conv_generator.AMPLITUDE_MAX = args.amplitude_max
     if args.missing_penalty is not None:
         retrieval.MISSING_PENALTY = args.missing_penalty
     if args.head != 1.0 or args.head_level != 1.0:

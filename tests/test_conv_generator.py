@@ -329,6 +329,55 @@ def test_level_gate_starts_at_the_configured_share(config):
 
 
 @needs_data
+def test_neighbour_level_takes_each_chips_level_from_its_neighbours(config):
+    base = _mixture_model(config)
+    apart = _mixture_model(config, neighbour_level=True)
+    apart.load_state_dict(base.state_dict())
+    with torch.no_grad():  # the residual on, the gate shut: no neighbour's deviation
+        for m in (base, apart):
+            m.coef.weight.normal_(generator=torch.Generator().manual_seed(1))
+            m.level_gate.bias.fill_(-30.0)
+    inputs = _inputs(config, torch.Generator().manual_seed(3), ["dem"], ["s1grd"])
+
+    def run(model):
+        with torch.no_grad():
+            return model(inputs, GSD, members=3, generator=torch.Generator().manual_seed(0))
+
+    def anomaly(x):
+        return x - x.mean((2, 3), keepdim=True)
+
+    (m0, s0), (m1, s1) = run(base), run(apart)
+    with torch.no_grad():
+        levels, weight = apart._retrieve(inputs, ["dem"], None)[1]["dem"]
+    want = (levels * weight[:, :, None]).sum(1) / weight.sum(1, keepdim=True)  # (B, C)
+    for x in [m1] + s1:  # the mean and every sample: the neighbours' level, exactly
+        torch.testing.assert_close(x["dem"]["r30m"].mean((2, 3)), want, atol=1e-5, rtol=0)
+    # without neighbour_level the head moves the level; the structure within is the same
+    assert float((m0["dem"]["r30m"].mean((2, 3)) - want).abs().max()) > 1e-3
+    torch.testing.assert_close(anomaly(m1["dem"]["r30m"]), anomaly(m0["dem"]["r30m"]))
+    torch.testing.assert_close(anomaly(s1[1]["dem"]["r30m"]), anomaly(s0[1]["dem"]["r30m"]))
+    assert float(anomaly(s1[1]["dem"]["r30m"] - m1["dem"]["r30m"]).std()) > 1e-3
+
+
+@needs_data
+def test_neighbour_level_keeps_the_heads_level_where_no_neighbour_is_found(config):
+    model = _mixture_model(config, neighbour_level=True)
+    inputs = _inputs(config, torch.Generator().manual_seed(3), ["dem"], ["s1grd"])
+    ret = model._retrieve(inputs, ["dem"], None)[0]["dem"]
+    assert bool(model._found(ret).all())  # the found flag, not the place-known feature
+    none = ret.clone()
+    none[:, ret.shape[1] - 4] = 0.0
+    assert model._level_apart(model.config.registry["dem"], none) is not None
+    assert not bool(model._level_apart(model.config.registry["dem"], none).any())
+
+
+def test_neighbour_level_needs_the_mixture(config):
+    cfg = ModelConfig.from_dict({**config.to_dict(), "neighbour_level": True, "retrieval_k": 3})
+    with pytest.raises(TerrasynthError, match="neighbour_level"):
+        cfg.validate()
+
+
+@needs_data
 def test_flat_neighbours_flatten_the_structure_within_the_chip(config):
     base = _mixture_model(config)
     amp = _mixture_model(config, retrieval_amplitude=True)

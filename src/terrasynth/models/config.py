@@ -19,6 +19,7 @@ from terrasynth.modalities import Modality, Registry
 # Vector modalities have no pixels: each is one token of this many numbers.
 LOCATION_DIM = 3  # unit vector on the sphere
 TIME_DIM = 3  # sin / cos of day of year, scaled year
+AMPLITUDE_FLOOR = 0.05  # retrieval_amplitude: share of the typical roughness always kept
 
 
 BACKBONES = ("scene_transformer", "conv_generator", "unet")
@@ -79,6 +80,12 @@ class ModelConfig:
     # (their mean within-chip std over the index's median), so where the neighbours are
     # flat (sea, a plain) the model does not invent relief or texture
     retrieval_amplitude: bool = False
+    retrieval_amplitude_max: float = 3.0  # at most this many times the typical roughness
+    # with retrieval: level and structure apart (continuous targets whose neighbours were
+    # found). The chip's level is the neighbours' (weighted) level, as kNN's is; the mean
+    # head and the residual give only the structure within the chip (their chip means
+    # removed); each sample's level spread is a gated share of a neighbour's deviation
+    neighbour_level: bool = False
     # sampling windows (0: the training crop, half-window stride); a fully convolutional
     # model can also slide with a smaller overlap
     window: int = 0
@@ -134,6 +141,12 @@ class ModelConfig:
                 raise TerrasynthError("neighbour_pixels needs retrieval_mixture and retrieval_k")
             if self.retrieval_amplitude and self.retrieval_k <= 0:
                 raise TerrasynthError("retrieval_amplitude needs retrieval_k")
+            if self.retrieval_amplitude_max <= AMPLITUDE_FLOOR:
+                raise TerrasynthError(
+                    f"retrieval_amplitude_max must be more than the floor {AMPLITUDE_FLOOR}"
+                )
+            if self.neighbour_level and not (self.retrieval_mixture and self.retrieval_k > 0):
+                raise TerrasynthError("neighbour_level needs retrieval_mixture and retrieval_k")
             if not 0.0 < self.level_gate_init < 1.0:
                 raise TerrasynthError("level_gate_init: a share between 0 and 1 (exclusive)")
             if not self.retrieval_exclusion_m or min(self.retrieval_exclusion_m) < 0:

@@ -43,15 +43,13 @@ from torch import nn
 from terrasynth.modalities import Modality
 from terrasynth.modalities.registry import SPECTRAL_SLOTS
 from terrasynth.models.base import PretrainedMixin
-from terrasynth.models.config import ModelConfig
+from terrasynth.models.config import AMPLITUDE_FLOOR, ModelConfig
 from terrasynth.models.retrieval import RetrievalIndex, summarise, summary_size
 from terrasynth.models.scene_model import ModalityInput
 
 NOISE_CHANNELS = 4  # noise maps per blur width
 # how near the retrieved neighbours are (mixture): mean and nearest log distance, place known
 DISTANCE_FEATURES = ("mean_log_km", "nearest_log_km", "place_known")
-AMPLITUDE_FLOOR = 0.05  # retrieval_amplitude: share of the typical roughness always kept
-AMPLITUDE_MAX = 3.0  # and at most this many times the typical roughness
 RATE_GAIN = 10.0  # the nearness rate's parameter is scaled up so that Adam moves it in time
 RANK = 3  # spectral rank of the residual: each pixel's residual spectrum mixes RANK loadings
 NOISE_SIGMAS = (0.0, 1.5, 4.0)  # fine and low-resolution noise maps (Gaussian, base-grid px)
@@ -143,6 +141,11 @@ def _given_place(inp: ModalityInput | None) -> torch.Tensor | None:
     shown = (inp.present.bool() & (inp.t == 0))[:, None]
     v = inp.vector[:, c : 2 * c].float()
     return torch.where(shown, v, torch.full_like(v, math.nan))
+
+
+def _anomaly(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, C, H, W) minus its mean per image and band (its chip level)."""
+    return x - x.mean((2, 3), keepdim=True)
 
 
 def _by_group(mod: Modality, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -352,10 +355,13 @@ class ConvGenerator(PretrainedMixin, nn.Module):
             f = _modulate(feats, film[0])
             mu = self._head(mod, f)
             near = neighbours.get(name)
+            # neighbour_level: where neighbours were found, the level is theirs alone
+            apart = self._level_apart(mod, ret)
+            if apart is not None:
+                mu = {g: torch.where(apart, _anomaly(v), v) for g, v in mu.items()}
             amp = self._amplitude(mod, ret)
             if amp is not None:  # the head's structure within the chip, as rough as theirs
-                mu = {g: v.mean((2, 3), keepdim=True) + amp[g] * (v - v.mean((2, 3), keepdim=True))
-                      for g, v in mu.items()}  # fmt: skip
+                mu = {g: v - _anomaly(v) + amp[g] * _anomaly(v) for g, v in mu.items()}
             if ret is not None:
                 mu = self._add_retrieved(mod, mu, ret, near)
             mean[name] = mu
@@ -373,6 +379,8 @@ class ConvGenerator(PretrainedMixin, nn.Module):
                     res = {g: gaussian_blur(r, smooth) for g, r in res.items()}
                 if amp is not None:
                     res = {g: amp[g] * r for g, r in res.items()}
+                if apart is not None:  # the level's spread comes from the neighbours' levels
+                    res = {g: torch.where(apart, _anomaly(r), r) for g, r in res.items()}
                 if near is not None and self.neighbour_pixels:  # each pixel: a mix of levels
                     hf = _modulate(h, film[1])
                     dev = self._pixel_levels(mod, mu, near, self.neighbour_logits(hf))
@@ -545,7 +553,7 @@ class ConvGenerator(PretrainedMixin, nn.Module):
         """The mean head predicts the difference from the neighbours' level: their mean
         per band (continuous; weighted by nearness with the mixture) or the log of their
         class frequencies (class maps)."""
-        found = ret[:, -1:]
+        found = self._found(ret)[:, None].to(ret)
         if near is not None:
             mean = _weighted_level(*near)
         out, offset = {}, 0
@@ -561,19 +569,32 @@ class ConvGenerator(PretrainedMixin, nn.Module):
             out[g.name] = mu[g.name] + level[:, :, None, None].to(mu[g.name].dtype)
         return out
 
+    def _found(self, ret: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: whether any neighbour was found, from a row of :meth:`_retrieve`
+        (its summary, then the found flag, then the mixture's distance features)."""
+        tail = len(DISTANCE_FEATURES) if self.mixture else 0
+        return ret[:, ret.shape[1] - 1 - tail] > 0
+
+    def _level_apart(self, mod: Modality, ret: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, 1, 1, 1) bool with ``neighbour_level``: the chips whose level comes from
+        their neighbours (continuous targets, neighbours found). None otherwise."""
+        if ret is None or not self.config.neighbour_level or mod.kind == "categorical":
+            return None
+        return self._found(ret)[:, None, None, None]
+
     def _amplitude(self, mod: Modality, ret: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
         """Per band group (B, C, 1, 1) with ``retrieval_amplitude``: the neighbours' mean
-        within-chip std over the index's median one (at most ``AMPLITUDE_MAX``; 1 where no
+        within-chip std over the index's median one (at most ``retrieval_amplitude_max``; 1 where no
         neighbour was found). None without it or for class maps."""
         typical = self._typical_within.get(mod.name)
         if ret is None or typical is None:
             return None
         c = typical.shape[0]
         within = ret[:, 2 * c : 3 * c]
-        found = ret[:, 3 * c : 3 * c + 1] > 0
+        found = self._found(ret)[:, None]
         typical = typical.to(within)
         ratio = ((within + AMPLITUDE_FLOOR * typical) / ((1 + AMPLITUDE_FLOOR) * typical)).clamp(
-            max=AMPLITUDE_MAX
+            max=self.config.retrieval_amplitude_max
         )
         ratio = torch.where(found, ratio, torch.ones_like(ratio))
         return {g: r[:, :, None, None] for g, r in _by_group(mod, ratio).items()}
