@@ -26,7 +26,9 @@ values and a given-mask (coarser band groups repeated onto the finest grid):
 * **Retrieval** (``retrieval_k``): the nearest training chips' levels condition the mean
   (``models/retrieval.py``). Options measured in docs/design.md (off by default): a mixture
   of the neighbours' levels across samples (``retrieval_mixture``), and per pixel
-  (``neighbour_pixels``), so levels and residual spectra come from real chips.
+  (``neighbour_pixels``), so levels and residual spectra come from real chips; level and
+  structure apart (``neighbour_level``): the chip's level is the neighbours' alone, and the
+  mean head and residual give only the structure within the chip.
 
 The model is a one-step sampler: it reads the target's noisy input at ``t = 1`` as its
 noise, and its output there is a sample. ``default_steps`` is 1.
