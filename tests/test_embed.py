@@ -165,7 +165,7 @@ def test_a_tiled_scene_equals_one_pass_and_overlapping_windows_agree(which, pipe
     assert chips.attrs["feature_factor"] == f and chips.attrs["chip_size"] == 32
     # a part of the scene (on the window layout) agrees with the whole scene's embedding
     # away from its edges: the same windows see it (the scene centre the model is told
-    # moves by a kilometre, the only difference)
+    # moves by 300 m, the only difference)
     part = p.embed({"s1grd": s1}, window=(64, 32, 128, 96))
     whole = one.features[:, 32 // f : (32 + 96) // f, 64 // f : (64 + 128) // f]
     m = p.model.config.window_size // f
@@ -273,3 +273,20 @@ def test_bad_input_is_one_error_line_and_leaves_nothing(s1, tmp_path, capsys):
         pipe.embed({"sentinel9": s1})
     with pytest.raises(TerrasynthError, match="at least one input"):
         pipe.embed({})
+
+
+def test_the_python_example_in_the_docs_runs(s1, tmp_path, monkeypatch):
+    import re
+    import shutil
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "embed.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if ".embed(" in b)
+    shutil.copy(s1, tmp_path / "s1.tif")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(example, "docs/embed.md", "exec"), scope)  # noqa: S102
+    assert scope["da"].shape == (128, 17, 25) and scope["da"].rio.crs is not None
+    assert len(scope["first"]) == 128 and np.isfinite(scope["first"].to_numpy(float)).all()
+    assert sorted(p.name for p in (tmp_path / "emb").iterdir() if not p.name.startswith(".")) == [
+        "chips.parquet", "embedding.json", "embedding.tif"
+    ]  # fmt: skip
