@@ -371,6 +371,19 @@ class Pipeline:
             )
         return None
 
+    def _in_memory_part(
+        self, items, window, bbox, gsd: float | None, size: int | None, verb: str, hint: str
+    ) -> Window | None:
+        """Check the inputs' modalities; the part of the first input to work on
+        (:meth:`input_window`), refused when it is too large for memory
+        (:meth:`in_memory_refusal`)."""
+        self._check_inputs(items)
+        part = self.input_window(items, window, bbox)
+        refusal = self.in_memory_refusal(items, gsd, size, part)
+        if refusal is not None:
+            raise InputError(f"{refusal}: too large to {verb} in memory ({hint})")
+        return part
+
     def generate(
         self,
         inputs: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
@@ -428,15 +441,9 @@ class Pipeline:
         steps = sampling_steps(self.model, steps)  # None: the model's own; one-step: 1
         if num_samples < 1 or steps < 1:
             raise TerrasynthError("num_samples and steps must be at least 1")
-        self._check_inputs(items)
         days = days_since_epoch(time)
-        part = self.input_window(items, window, bbox)
-        refusal = self.in_memory_refusal(items, gsd, size, part)
-        if refusal is not None:
-            raise InputError(
-                f"{refusal}: too large to generate in memory "
-                "(use the whole-scene engine: generate --stream)"
-            )
+        hint = "use the whole-scene engine: generate --stream"
+        part = self._in_memory_part(items, window, bbox, gsd, size, "generate", hint)
         warnings: list[str] = []
         if items:
             scene = generic_scene(items, registry=registry, scaling=scaling, window=part)
@@ -533,6 +540,112 @@ class Pipeline:
         if part is not None:
             info["window"] = [int(part.col_off), int(part.row_off), part.width, part.height]
         return Generation(out_grid, results, shown, info)
+
+    # -- embeddings ------------------------------------------------------------------------
+    def embed(
+        self,
+        inputs: Mapping[str, Any] | Iterable[tuple[str, Any]],
+        chip_size: int = 64,
+        *,
+        scaling: dict[str, tuple[float, float]] | None = None,
+        time: str | date | None = None,
+        batch_size: int = 32,
+        strict: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+        window: Sequence[int] | None = None,
+        bbox: Sequence[float] | None = None,
+    ):
+        """Embed a place: the model's features of ``inputs`` (as for :meth:`generate`: any
+        subset of the modalities it knows, given clean; nothing is generated).
+
+        Returns an :class:`~terrasynth.embedding.Embedding`: ``.pixels``, a georeferenced
+        ``xarray.DataArray`` (feature, y, x) at the model's feature resolution (1 working-
+        grid pixel for the convolutional backbones, one patch for the transformer) on the
+        working grid (the first input's own grid when it is projected in metres), NaN where
+        no input lies; ``.chips``, a ``pandas.DataFrame`` of the mean embedding per chip of
+        ``chip_size`` working-grid pixels (a multiple of the feature resolution) with chip
+        ids and chip-centre coordinates in the CRS and in lon/lat; ``.save(folder)``.
+        ``window`` / ``bbox`` restrict it to part of the first input, as for
+        :meth:`generate`; ``time`` (ISO date) conditions models that use it. Scenes too
+        large for memory (:meth:`in_memory_refusal`) are refused: ``terrasynth embed`` and
+        :func:`terrasynth.scenes.embed.embed_scene` stream them tile by tile."""
+        from terrasynth.embedding import Embedding, check_chip_size, embedding_grid
+        from terrasynth.sampling.windows import embed_layout, embed_windows
+
+        t_start = _now()
+        cfg = self.model.config
+        registry = cfg.registry
+        factor = self.model.feature_factor
+        check_chip_size(chip_size, factor)
+        items = list(inputs.items() if isinstance(inputs, Mapping) else inputs)
+        if not items:
+            raise InputError("embedding needs at least one input (MODALITY=FILE)")
+        days = days_since_epoch(time)
+        part = self._in_memory_part(
+            items, window, bbox, None, None, "embed",
+            "terrasynth embed streams it tile by tile: terrasynth.scenes.embed.embed_scene",
+        )  # fmt: skip
+        scene = generic_scene(items, registry=registry, scaling=scaling, window=part)
+        warnings = check_scene_values(scene, registry, strict=strict)
+        work = working_grid(scene, registry)
+        padded = embedding_grid(work, cfg.window_size, factor)
+        aligned = align_scene(
+            Scene(scene.scene_id, "generic", "user", padded, scene.layers), registry
+        )
+        input_names = {k.partition(":")[0] for k, _ in items}
+        batch, order, _ = scene_batch(cfg, aligned.groups, padded, [], None, days, input_names)
+        signals = batch_signals(batch, cfg, order)
+        if not any(bool(s.present.any()) for s in signals.values() if s.groups is not None):
+            raise InputError("the inputs hold no valid pixel to embed")
+        gsd_m = padded.ground_resolution_m()
+        total = -(-len(embed_layout(self.model, padded.height, padded.width)) // batch_size)
+        done = [0]
+
+        def on_call() -> None:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], total)
+
+        feats, valid = embed_windows(self.model, signals, gsd_m, None, batch_size, on_call)
+        fgrid = work.scaled(factor)
+        feats = feats[:, : fgrid.height, : fgrid.width].numpy()
+        valid = valid[: fgrid.height, : fgrid.width].numpy()
+        feats = np.where(valid, feats, np.nan).astype(np.float32)
+        info = self._embed_info(items, fgrid, factor, warnings, t_start)
+        if part is not None:
+            info["window"] = [int(part.col_off), int(part.row_off), part.width, part.height]
+        return Embedding(fgrid, feats, factor, chip_size, info)
+
+    def _embed_info(self, items, fgrid: Grid, factor: int, warnings, t_start) -> dict:
+        """What ``embedding.json`` records of an embedding."""
+        cfg = self.model.config
+        layer = {
+            "conv_generator": "trunk features at full resolution (last decoder block)",
+            "unet": "decoder features at full resolution (last decoder block)",
+            "scene_transformer": "patch tokens after the last block (layer-normalised), "
+            "mean over the raster inputs",
+        }.get(cfg.backbone, "feature_map")
+        return {
+            "model": self.source,
+            "backbone": cfg.backbone,
+            "layer": layer,
+            "weights_sha256": self.weights_sha256,
+            "config_sha256": self.config_sha256,
+            "versions": package_versions(),
+            "inputs": [[k, describe_input(v)] for k, v in items],
+            "channels": self.model.feature_channels,
+            "feature_factor": factor,
+            "feature_gsd_m": round(fgrid.ground_resolution_m(), 3),
+            "grid": {
+                "crs": fgrid.crs.to_string(),
+                "transform": list(fgrid.transform)[:6],
+                "width": fgrid.width,
+                "height": fgrid.height,
+            },
+            "window_size": cfg.window_size,
+            "warnings": list(warnings),
+            "seconds": round(_now() - t_start, 2),
+        }
 
     def _stats(self, mod: Modality) -> dict:
         return self.model.config.stats.get(mod.name, {})

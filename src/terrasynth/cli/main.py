@@ -64,6 +64,13 @@ def _not_yet(what: str, issue: str) -> None:
     raise TerrasynthError(f"'{what}' is not available yet in this version ({issue})")
 
 
+# options generate and embed share
+SCALE = typer.Option(help="MOD=FACTOR: physical = raw * FACTOR + offset.", callback=numbers_check)
+OFFSET = typer.Option(help="MOD=OFFSET (see --scale).", callback=numbers_check)
+DATE = typer.Option(help="Acquisition date (YYYY-MM-DD).", callback=iso_date)
+STRICT = typer.Option(help="Refuse inputs that only look suspicious.")
+OVERWRITE = typer.Option(help="Replace an earlier terrasynth output in the output folder.")
+
 # ``train``'s options that are training settings, and the TrainConfig field each sets
 TRAIN_SETTINGS = {
     "time_limit": "time_limit_min",
@@ -243,13 +250,8 @@ def generate(
     guidance: Annotated[
         float, typer.Option(help="Classifier-free guidance scale.", callback=at_least(0))
     ] = 1.0,
-    scale: Annotated[
-        list[str] | None,
-        typer.Option(help="MOD=FACTOR: physical = raw * FACTOR + offset.", callback=numbers_check),
-    ] = None,
-    offset: Annotated[
-        list[str] | None, typer.Option(help="MOD=OFFSET (see --scale).", callback=numbers_check)
-    ] = None,
+    scale: Annotated[list[str] | None, SCALE] = None,
+    offset: Annotated[list[str] | None, OFFSET] = None,
     size: Annotated[int | None, count_option("Joint generation: pixels per side.")] = None,
     gsd: Annotated[
         float | None,
@@ -266,14 +268,10 @@ def generate(
         float | None,
         typer.Option(help="Joint generation: latitude.", callback=between(-90, 90)),
     ] = None,
-    date: Annotated[
-        str | None, typer.Option(help="Acquisition date (YYYY-MM-DD).", callback=iso_date)
-    ] = None,
+    date: Annotated[str | None, DATE] = None,
     batch_size: Annotated[int, count_option("Windows per model call.")] = 32,
-    strict: Annotated[bool, typer.Option(help="Refuse inputs that only look suspicious.")] = False,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace an earlier terrasynth output in the output folder.")
-    ] = False,
+    strict: Annotated[bool, STRICT] = False,
+    overwrite: Annotated[bool, OVERWRITE] = False,
     stream: Annotated[
         bool,
         typer.Option(
@@ -341,8 +339,6 @@ def generate(
     URLs GDAL reads (https://, s3://, /vsicurl/, /vsis3/); --window or --bbox reads and
     generates only part of the first input.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     from terrasynth.pipeline import Pipeline
     from terrasynth.scenes.engine import remove_trash
 
@@ -350,9 +346,7 @@ def generate(
     check_output(output, overwrite)
     if (lon is None) != (lat is None):
         raise TerrasynthError("give both --lon and --lat, or neither")
-    scales = parse_numbers(scale or [], "--scale")
-    offsets = parse_numbers(offset or [], "--offset")
-    scaling = {m: (scales.get(m, 1.0), offsets.get(m, 0.0)) for m in {*scales, *offsets}}
+    scaling = _scaling(scale, offset)
     if stac is None and (collections or stac_datetime or mapping):
         raise TerrasynthError("--collections, --datetime and --mapping need --stac")
     whole = stream or cascade or engine != "local" or scheduler is not None
@@ -376,8 +370,7 @@ def generate(
     check_tile(tile, pipe.model.config.window_size)
     steps = sampling_steps(pipe.model, steps)
     items = parse_inputs(inputs or [])
-    part = pipe.input_window(items, parse_window(window), parse_bbox(bbox))  # from the header
-    region = (int(part.col_off), int(part.row_off), part.width, part.height) if part else None
+    part, region = _region(pipe, items, window, bbox)
 
     # the same settings drive in-memory generation and the whole-scene engine
     settings = dict(
@@ -402,13 +395,7 @@ def generate(
     if whole:
         _generate_scene(pipe, spec, output, overwrite, engine, scheduler, workers)
         return
-    with Progress(
-        TextColumn("generating"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} model calls"),
-        TimeRemainingColumn(),
-        transient=True,
-    ) as progress:
+    with _progress("generating", "model calls") as progress:
         task = progress.add_task("gen", total=None)
         result = pipe.generate(
             items,
@@ -424,6 +411,42 @@ def generate(
         f"{len(files)} files in {output.resolve()} "
         f"({num_samples} samples of {', '.join(result.targets)}; "
         f"{result.info['seconds']:.1f} s); quick look: {output / 'quicklook.png'}"
+    )
+
+
+def _scaling(scale: list[str] | None, offset: list[str] | None) -> dict:
+    """``--scale`` / ``--offset`` values as ``{modality: (scale, offset)}``."""
+    scales = parse_numbers(scale or [], "--scale")
+    offsets = parse_numbers(offset or [], "--offset")
+    return {m: (scales.get(m, 1.0), offsets.get(m, 0.0)) for m in {*scales, *offsets}}
+
+
+def _region(pipe, items, window: str | None, bbox: str | None):
+    """The part of the first input ``--window`` / ``--bbox`` select (from its header), as a
+    Window and as (COL, ROW, WIDTH, HEIGHT); (None, None) without them."""
+    part = pipe.input_window(items, parse_window(window), parse_bbox(bbox))
+    region = (int(part.col_off), int(part.row_off), part.width, part.height) if part else None
+    return part, region
+
+
+def _written_info(path: Path) -> dict:
+    """The settings file of a written output; its warnings shown, one line each."""
+    info = json.loads(path.read_text())
+    for w in info["warnings"]:
+        typer.echo(f"warning: {w}", err=True)
+    return info
+
+
+def _progress(label: str, unit: str):
+    """A transient progress bar: ``label``, the bar, ``done/total unit``, time left."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} " + unit),
+        TimeRemainingColumn(),
+        transient=True,
     )
 
 
@@ -445,8 +468,6 @@ def _stac_inputs(url, collections, bbox, when, mapping, crs, gsd, max_items, fol
 
 def _generate_scene(pipe, spec, output: Path, overwrite, engine, scheduler, workers) -> None:
     """The whole-scene path of ``generate``: tiles, state on disk, resumable."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     from terrasynth.scenes.engine import generate_scene
 
     def started(job) -> None:
@@ -461,13 +482,7 @@ def _generate_scene(pipe, spec, output: Path, overwrite, engine, scheduler, work
         if left < tasks:
             typer.echo(f"resuming: {tasks - left} of {tasks} tile tasks already done")
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} tile tasks"),
-        TimeRemainingColumn(),
-        transient=True,
-    ) as progress:
+    with _progress("{task.description}", "tile tasks") as progress:
         bar = progress.add_task("whole scene", total=None)
         files = generate_scene(
             pipe,
@@ -482,13 +497,88 @@ def _generate_scene(pipe, spec, output: Path, overwrite, engine, scheduler, work
             ),
             on_start=started,
         )
-    info = json.loads((output / "generation.json").read_text())
-    for w in info["warnings"]:
-        typer.echo(f"warning: {w}", err=True)
+    info = _written_info(output / "generation.json")
     typer.echo(
         f"{len(files)} files in {output.resolve()} ({spec.num_samples} samples of "
         f"{', '.join(spec.targets)}; {info['seconds']:.1f} s); quick look: "
         f"{output / 'quicklook.png'}"
+    )
+
+
+@app.command()
+def embed(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
+    inputs: Annotated[
+        list[str],
+        typer.Option(
+            "-i",
+            "--input",
+            help="MOD[:B1,B2]=FILE GeoTIFF to embed (repeatable; any subset the model knows).",
+            callback=inputs_check,
+        ),
+    ],
+    model: Annotated[
+        Path | None, typer.Option("-m", "--model", help="Model or run folder (default: built-in).")
+    ] = None,
+    chip_size: Annotated[
+        int,
+        count_option(
+            "Chip side in working-grid pixels for chips.parquet (a multiple of the model's "
+            "feature resolution)."
+        ),
+    ] = 64,
+    scale: Annotated[list[str] | None, SCALE] = None,
+    offset: Annotated[list[str] | None, OFFSET] = None,
+    date: Annotated[str | None, DATE] = None,
+    tile: Annotated[
+        int,
+        typer.Option(help="Tile size in px (a multiple of 64, at least the model's window)."),
+    ] = 256,
+    batch_size: Annotated[int, count_option("Windows per model call.")] = 32,
+    strict: Annotated[bool, STRICT] = False,
+    overwrite: Annotated[bool, OVERWRITE] = False,
+    window: Annotated[str | None, WINDOW] = None,
+    bbox: Annotated[str | None, BBOX] = None,
+    device: Annotated[str, DEVICE] = "cpu",
+) -> None:
+    """Embed GeoTIFFs: the model's features per pixel and per chip, georeferenced.
+
+    Writes OUTPUT/embedding.tif (float32, one band per feature, at the model's feature
+    resolution on the first input's grid when it is projected in metres, a local UTM grid
+    otherwise; NaN where no input lies), OUTPUT/chips.parquet (mean embedding per chip of
+    --chip-size px, with chip ids and centres in the CRS and in lon/lat) and
+    OUTPUT/embedding.json. Any scene size: tiles are read, embedded and written one at a
+    time (memory flat in the scene's size). --window or --bbox embeds part of the first input.
+    """
+    from terrasynth.pipeline import Pipeline
+    from terrasynth.scenes.embed import embed_scene
+
+    check_output(output, overwrite)
+    scaling = _scaling(scale, offset)
+    pipe = Pipeline.from_pretrained(model).to(device)
+    items = parse_inputs(inputs)
+    pipe._check_inputs(items)
+    part, region = _region(pipe, items, window, bbox)
+
+    def started(info: dict) -> None:
+        g = info["grid"]
+        typer.echo(
+            f"embedding: {info['channels']} features on {g['width']} x {g['height']} px at "
+            f"{info['feature_gsd_m']:g} m ({g['crs']}), {info['tiles']} tiles"
+        )
+
+    with _progress("embedding", "tiles") as progress:
+        bar = progress.add_task("embed", total=None)
+        files = embed_scene(
+            pipe, items, output, chip_size, scaling=scaling, time=date, window=region,
+            tile=tile, batch_size=batch_size, strict=strict, overwrite=overwrite,
+            progress=lambda done, total: progress.update(bar, completed=done, total=total),
+            on_start=started,
+        )  # fmt: skip
+    info = _written_info(output / "embedding.json")
+    typer.echo(
+        f"{len(files)} files in {output.resolve()} (embedding.tif: {info['channels']} "
+        f"features; chips.parquet: chips of {chip_size} px; {info['seconds']:.1f} s)"
     )
 
 

@@ -269,13 +269,13 @@ def pixel_window(
                 f"a window is COL,ROW,WIDTH,HEIGHT (offsets >= 0, sizes >= 1), not {window}"
             )
         col, row, width, height = (int(v) for v in window)
-        win = Window(col, row, min(width, grid.width - col), min(height, grid.height - row))
-        if win.width < 1 or win.height < 1:
+        w, h = min(width, grid.width - col), min(height, grid.height - row)
+        if w < 1 or h < 1:  # (a Window refuses negative sizes itself)
             raise InputError(
                 f"the window {col},{row},{width},{height} lies outside {path} "
                 f"({grid.width} x {grid.height} px)"
             )
-        return win
+        return Window(col, row, w, h)
     west, south, east, north = (float(v) for v in bbox)  # type: ignore[union-attr]
     if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
         raise InputError(

@@ -36,6 +36,17 @@ class GenerativeModel(Protocol):
 
     def __call__(self, inputs: dict[str, Any], gsd: torch.Tensor) -> dict[str, Any]: ...
 
+    # Embeddings (``Pipeline.embed``): the model's features of its inputs, every input given
+    # clean (t = 0) and nothing generated. ``feature_map`` returns (B, feature_channels,
+    # S / feature_factor, S / feature_factor) for windows of S base-grid pixels.
+    @property
+    def feature_channels(self) -> int: ...
+
+    @property
+    def feature_factor(self) -> int: ...
+
+    def feature_map(self, inputs: dict[str, Any], gsd: torch.Tensor) -> torch.Tensor: ...
+
     def save_pretrained(self, folder: str | Path) -> Path: ...
 
     def num_parameters(self) -> int: ...
@@ -68,6 +79,21 @@ class PretrainedMixin:
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # type: ignore[attr-defined]
+
+
+class FullResolutionFeatures:
+    """``feature_channels`` / ``feature_factor`` of a backbone whose embedding is its last
+    full-resolution decoder features: ``widths[0]`` channels, one per base-grid pixel."""
+
+    config: ModelConfig
+
+    @property
+    def feature_channels(self) -> int:
+        return self.config.widths[0]
+
+    @property
+    def feature_factor(self) -> int:
+        return 1
 
 
 def sampling_steps(model: GenerativeModel, steps: int | None) -> int:

@@ -44,7 +44,7 @@ from torch import nn
 
 from terrasynth.modalities import Modality
 from terrasynth.modalities.registry import SPECTRAL_SLOTS
-from terrasynth.models.base import PretrainedMixin
+from terrasynth.models.base import FullResolutionFeatures, PretrainedMixin
 from terrasynth.models.config import AMPLITUDE_FLOOR, ModelConfig
 from terrasynth.models.retrieval import RetrievalIndex, summarise, summary_size
 from terrasynth.models.scene_model import ModalityInput
@@ -164,7 +164,7 @@ def radius_of(sigma: float) -> int:
     return max(1, math.ceil(3 * sigma))
 
 
-class ConvGenerator(PretrainedMixin, nn.Module):
+class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
     """Any-to-any generator over raster modalities (see the module docstring)."""
 
     default_steps = 1  # one-step sampler: the output at t = 1 is a sample
@@ -394,6 +394,16 @@ class ConvGenerator(PretrainedMixin, nn.Module):
         if members == 1:
             return samples[0]
         return mean, samples
+
+    # -- embeddings ------------------------------------------------------------------------
+    def feature_map(self, inputs: dict[str, ModalityInput], gsd: torch.Tensor) -> torch.Tensor:
+        """(B, widths[0], S, S): the trunk's full-resolution features (the last decoder
+        block, which every mean head and the residual generator read), conditioned like
+        every prediction (given sensors, GSD, location and time when given). Not the
+        deepest features (``widths[-1]`` channels at 1/2^(levels-1) resolution): the
+        full-resolution ones carry the deep context through the decoder and keep a
+        feature per pixel. Nothing is generated: noise and retrieval play no part."""
+        return self._trunk(inputs, gsd)[0]
 
     def _trunk(self, inputs: dict[str, ModalityInput], gsd: torch.Tensor):
         x, given_ids = self._stack(inputs, gsd)

@@ -167,6 +167,56 @@ class SceneModel(PretrainedMixin, nn.Module):
         self, inputs: dict[str, ModalityInput], gsd: torch.Tensor
     ) -> dict[str, dict[str, torch.Tensor] | torch.Tensor]:
         """Predict x0 of every modality in ``inputs``. ``gsd``: (B,) metres per pixel."""
+        inputs, x, c, spans, contrasts = self._encode(inputs, gsd)
+        context = self._pixel_context(inputs, contrasts) if self.config.pixel_context else None
+        shift, scale = self.ada_out(c).chunk(2, dim=-1)
+        x = self.norm_out(x) * (1 + scale) + shift
+        out: dict[str, dict[str, torch.Tensor] | torch.Tensor] = {}
+        start = 0
+        for name, n, grid in spans:
+            part = x[:, start : start + n]
+            start += n
+            if grid is None:
+                out[name] = self.head[_k(name)](part[:, 0])
+            else:
+                out[name] = self._decode_raster(name, part, grid, inputs[name].groups, context)
+        return out
+
+    # -- embeddings ------------------------------------------------------------------------
+    @property
+    def feature_channels(self) -> int:
+        return self.config.dim
+
+    @property
+    def feature_factor(self) -> int:
+        return self.config.patch_size
+
+    def feature_map(self, inputs: dict[str, ModalityInput], gsd: torch.Tensor) -> torch.Tensor:
+        """(B, dim, S / patch, S / patch): the patch tokens after the last block (layer-
+        normalised, before the output modulation of decoding) as a map on the patch grid,
+        averaged over the raster modalities taking part (each has a token per patch, all on
+        one grid)."""
+        inputs, x, _, spans, _ = self._encode(inputs, gsd)
+        x = self.norm_out(x)
+        total, count, start = None, None, 0
+        for name, n, grid in spans:
+            part = x[:, start : start + n]
+            start += n
+            if grid is None:
+                continue
+            b, d = part.shape[0], part.shape[-1]
+            fmap = part.transpose(1, 2).reshape(b, d, *grid)
+            w = inputs[name].present.to(fmap.dtype)[:, None, None, None]
+            total = fmap * w if total is None else total + fmap * w
+            count = w if count is None else count + w
+        if total is None:
+            raise TerrasynthError("embedding needs at least one raster input")
+        return total / count.clamp_min(1.0)
+
+    def _encode(self, inputs: dict[str, ModalityInput], gsd: torch.Tensor):
+        """The token sequence after the transformer blocks: (inputs as the model saw them,
+        tokens (B, N, D), their conditioning, spans (name, count, token grid) and the patch
+        contrasts made on the way)."""
         d = self.config.dim
         if self.config.blind_at_pure_noise:
             inputs = {n: _blind_at_pure_noise(inp) for n, inp in inputs.items()}
@@ -197,22 +247,10 @@ class SceneModel(PretrainedMixin, nn.Module):
         tokens.append(scene)
         conds.append(self.modality_embed.weight[-1].expand(b, scene.shape[1], d))
         keeps.append(torch.ones(b, scene.shape[1], dtype=torch.bool, device=gsd.device))
-        context = self._pixel_context(inputs, contrasts) if self.config.pixel_context else None
         x, c, keep = torch.cat(tokens, 1), torch.cat(conds, 1), torch.cat(keeps, 1)
         for block in self.blocks:
             x = block(x, c, keep)
-        shift, scale = self.ada_out(c).chunk(2, dim=-1)
-        x = self.norm_out(x) * (1 + scale) + shift
-        out: dict[str, dict[str, torch.Tensor] | torch.Tensor] = {}
-        start = 0
-        for name, n, grid in spans:
-            part = x[:, start : start + n]
-            start += n
-            if grid is None:
-                out[name] = self.head[_k(name)](part[:, 0])
-            else:
-                out[name] = self._decode_raster(name, part, grid, inputs[name].groups, context)
-        return out
+        return inputs, x, c, spans, contrasts
 
     def _embed_raster(
         self,

@@ -31,7 +31,7 @@ from torch import nn
 
 from terrasynth.errors import TerrasynthError
 from terrasynth.modalities import BandGroup, Modality
-from terrasynth.models.base import PretrainedMixin
+from terrasynth.models.base import FullResolutionFeatures, PretrainedMixin
 from terrasynth.models.config import ModelConfig, preset_config
 from terrasynth.models.scene_model import ModalityInput
 
@@ -71,7 +71,7 @@ def unet_config(model: ModelConfig, preset: str = "tiny") -> ModelConfig:
     return cfg
 
 
-class UNet(PretrainedMixin, nn.Module):
+class UNet(FullResolutionFeatures, PretrainedMixin, nn.Module):
     """Encoder-decoder with skip connections over all raster modalities (module docstring)."""
 
     default_steps = 1  # deterministic: one call is the prediction
@@ -135,6 +135,10 @@ class UNet(PretrainedMixin, nn.Module):
                 offset += c
             out[mod.name] = groups
         return out
+
+    def feature_map(self, inputs: dict[str, ModalityInput], gsd: torch.Tensor) -> torch.Tensor:
+        """(B, widths[0], S, S): the decoder's last features, which the heads read."""
+        return self.network(self.stack(inputs, gsd))
 
     def network(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, S, S) stacked inputs -> (B, widths[0], S, S) features."""

@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 
+from terrasynth.devices import model_device, to_device
+from terrasynth.errors import TerrasynthError
 from terrasynth.models.base import GenerativeModel
 from terrasynth.models.signals import Signal
 from terrasynth.sampling.conditional import (
@@ -30,6 +32,7 @@ from terrasynth.sampling.conditional import (
     guide,
     keep_given,
     predict,
+    sampling_inputs,
     x0_from_prediction,
 )
 from terrasynth.sampling.flow import FlowSampler
@@ -375,3 +378,93 @@ def sample_independent_tiles(
         else:
             result[n] = Generated(groups=blended)
     return result
+
+
+# -- embeddings ----------------------------------------------------------------------------
+def embed_stride(model: GenerativeModel) -> int:
+    """Base-grid pixels between neighbouring embedding windows: the sampling stride (at
+    least the coarsest band-group factor) rounded down to whole feature pixels, so every
+    window's feature map lands on one global feature grid."""
+    f = model.feature_factor
+    groups = [g.factor for m in model.config.raster_modalities() for g in m.groups]
+    stride = max(model.config.stride, max(groups, default=1))
+    return max(f, stride // f * f)
+
+
+def embed_layout(model: GenerativeModel, height: int, width: int) -> list[tuple[int, int]]:
+    """(row, col) of every embedding window over a ``height`` x ``width`` base grid (both
+    multiples of the feature factor and at least one window)."""
+    size, stride = model.config.window_size, embed_stride(model)
+    rows, cols = window_offsets(height, size, stride), window_offsets(width, size, stride)
+    return [(r, c) for r in rows for c in cols]
+
+
+def valid_pixels(scene: dict[str, Signal], factors: dict, height: int, width: int) -> torch.Tensor:
+    """(height, width) bool on the base grid: some band of some raster input is known."""
+    out = torch.zeros(height, width, dtype=torch.bool)
+    for name, sig in scene.items():
+        if sig.groups is None:
+            continue
+        for g, known in sig.known.items():
+            k = known[0].amax(0) > 0  # (h, w) on the group grid
+            f = factors[name][g]
+            if f > 1:
+                k = k.repeat_interleave(f, 0).repeat_interleave(f, 1)
+            out |= k[:height, :width]
+    return out
+
+
+@torch.no_grad()
+def embed_windows(
+    model: GenerativeModel,
+    scene: dict[str, Signal],
+    gsd: float,
+    windows: list[tuple[int, int]] | None = None,
+    batch_size: int = 32,
+    on_call: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The feature map of one-scene signals (batch 1, every modality given clean) and
+    which feature pixels hold input.
+
+    Windows of the model's size (``windows``: their (row, col) on this grid; default
+    :func:`embed_layout`) run through :meth:`~GenerativeModel.feature_map` in batches;
+    their maps are blended with the weight sampling uses (averaged onto the feature grid),
+    so a feature pixel is decided mostly by the windows that see it with context, and a
+    scene cut into tiles on one global layout gives the same map as one pass. Returns
+    ((C, H / f, W / f) float32, (H / f, W / f) bool), f the model's feature factor; a
+    feature pixel holds input where any base-grid pixel under it does."""
+    size, f = model.config.window_size, model.feature_factor
+    reg = model.config.registry
+    scene = {n: s for n, s in scene.items() if bool(s.present.any())}
+    factors = {n: {g.name: g.factor for g in reg[n].groups} for n, s in scene.items() if s.groups}
+    if not factors:
+        raise TerrasynthError("embedding needs at least one raster input")
+    first = next(iter(factors))
+    g0, x = next(iter(scene[first].groups.items()))
+    height, width = (d * factors[first][g0] for d in x.shape[-2:])
+    if height % f or width % f or size % f:
+        raise TerrasynthError(
+            f"a grid of {width} x {height} px and windows of {size} px must be multiples of "
+            f"the model's feature factor {f}"
+        )
+    windows = embed_layout(model, height, width) if windows is None else windows
+    weight = _crop_weight(blend_weight(size), f)
+    acc = torch.zeros(model.feature_channels, height // f, width // f)
+    norm = torch.zeros(1, height // f, width // f)
+    device = model_device(model)
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size]
+        sigs = _window_signals(scene, chunk, size, factors)
+        gsd_b = torch.full((len(chunk),), float(gsd))
+        inputs = sampling_inputs(sigs, [], {}, 0.0, gsd_b, None, True)
+        if device.type != "cpu":
+            inputs, gsd_b = to_device(inputs, device), gsd_b.to(device)
+        feats = model.feature_map(inputs, gsd_b).float().cpu()
+        if on_call is not None:
+            on_call()
+        for k, (r, c) in enumerate(chunk):
+            _crop(acc, r, c, size, f).add_(feats[k] * weight)
+            _crop(norm, r, c, size, f).add_(weight)
+    valid = valid_pixels(scene, factors, height, width)
+    valid = torch.nn.functional.max_pool2d(valid[None, None].float(), f)[0, 0] > 0
+    return acc / norm.clamp_min(1e-12), valid
