@@ -142,6 +142,7 @@ def test_the_cli_writes_every_feature_set(small_store, unet_folder, tmp_path, ca
         for r in mine:
             v, lo, hi = float(r["value"]), float(r["low"]), float(r["high"])
             assert 0 <= lo <= v <= hi <= 1 and r["split"] == "store"
+            assert 1 <= int(r["test_places"]) <= int(r["test_chips"]) <= 3
     inputs = {
         label: {r["inputs"] for r in rows if r["label"] == label}
         for label in ("corine", "landcover_nlcd")

@@ -7,7 +7,8 @@
 For every label modality of the store (class maps: ``categorical``; image-level label
 vectors: ``multilabel``) a linear probe is fitted on the training chips' features, its
 weight decay picked on the validation chips (macro F1) and scored on the test chips, with
-bootstrap 95 % intervals over test chips (a fixed seed).
+bootstrap 95 % intervals over the test chips (a fixed seed), the chips of one place (the
+same square of ground on other dates) resampled together.
 
 **Chips.** A label set's chips are those of the store's spatial split that hold it. When
 that split leaves it without training, validation or test chips (a source that fell in one
@@ -91,7 +92,7 @@ METRICS = {
 }
 CSV_COLUMNS = (
     "label", "features", "inputs", "metric", "value", "low", "high", "kind", "split",
-    "train_chips", "val_chips", "test_chips", "test_samples", "weight_decay",
+    "train_chips", "val_chips", "test_chips", "test_places", "test_samples", "weight_decay",
 )  # fmt: skip
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -301,23 +302,30 @@ def label_modalities(store: ChipStore, names: list[str] | None = None) -> list[s
     return [m for m in labels if m in names] if names else labels
 
 
-def place_split(store: ChipStore, rows: np.ndarray, seed: int) -> dict[str, np.ndarray] | None:
-    """``rows`` split by place (module docstring); None with fewer than three places."""
+def places(store: ChipStore, rows: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The place of each chip of ``rows``: squares of one chip's footprint on the ground
+    (at the rows' median pixel size), numbered in the order of a seeded hash."""
     table = store.table
-    gsd = float(np.median(table["gsd_m"].to_numpy()[rows]))
+    gsd = float(np.median(table["gsd_m"].to_numpy()[rows])) if len(rows) else 1.0
     cfg = SplitConfig(block_size_m=store.chip_size * gsd, seed=seed)
     lon, lat = table["lon"].to_numpy()[rows], table["lat"].to_numpy()[rows]
     blocks = [cfg.block_of(float(a), float(b)) for a, b in zip(lon, lat, strict=True)]
-    places = sorted(
+    order = sorted(
         set(blocks), key=lambda b: hashlib.sha256(f"{seed}:{b[0]}:{b[1]}".encode()).digest()
     )
-    if len(places) < 3:
+    rank = {p: i for i, p in enumerate(order)}
+    return np.array([rank[b] for b in blocks], dtype=np.int64)
+
+
+def place_split(store: ChipStore, rows: np.ndarray, seed: int) -> dict[str, np.ndarray] | None:
+    """``rows`` split by place (module docstring); None with fewer than three places."""
+    of = places(store, rows, seed)
+    n_places = int(of.max()) + 1 if len(of) else 0
+    if n_places < 3:
         return None
-    rank = {p: i for i, p in enumerate(places)}
-    of = np.array([rank[b] for b in blocks])
-    cum = np.cumsum(np.bincount(of, minlength=len(places))) / len(rows)
-    n_train = int(np.clip(np.searchsorted(cum, 0.7) + 1, 1, len(places) - 2))
-    n_val = int(np.clip(np.searchsorted(cum, 0.85) + 1, n_train + 1, len(places) - 1))
+    cum = np.cumsum(np.bincount(of, minlength=n_places)) / len(rows)
+    n_train = int(np.clip(np.searchsorted(cum, 0.7) + 1, 1, n_places - 2))
+    n_val = int(np.clip(np.searchsorted(cum, 0.85) + 1, n_train + 1, n_places - 1))
     return {
         "train": rows[of < n_train],
         "val": rows[(of >= n_train) & (of < n_val)],
@@ -477,21 +485,24 @@ class ProbeRow:
     train_chips: int
     val_chips: int
     test_chips: int
+    test_places: int
     test_samples: int
     weight_decay: float
 
 
 @dataclass
 class _Samples:
-    """Per split, per chip: features (n, C) and targets (n,) or (1, L)."""
+    """Per split, per chip: features (n, C), targets (n,) or (1, L), and its store row."""
 
     x: dict[str, list[np.ndarray]] = field(default_factory=lambda: {s: [] for s in SPLITS})
     y: dict[str, list[np.ndarray]] = field(default_factory=lambda: {s: [] for s in SPLITS})
+    rows: dict[str, list[int]] = field(default_factory=lambda: {s: [] for s in SPLITS})
 
-    def add(self, split: str, x: np.ndarray, y: np.ndarray) -> None:
+    def add(self, split: str, x: np.ndarray, y: np.ndarray, row: int) -> None:
         if len(x):
             self.x[split].append(x.astype(np.float32))
             self.y[split].append(y)
+            self.rows[split].append(int(row))
 
 
 def _unet_model(unet: str | Path | GenerativeModel | None) -> GenerativeModel | None:
@@ -582,7 +593,7 @@ def run_probes(
         for k, (subset, enc) in enumerate(samples):
             if progress is not None:
                 progress(f"probes: {name} ({k + 1}/{len(samples)})", done, total)
-            out += _probe(samples[(subset, enc)], name, mod, enc, subset, how, seed)
+            out += _probe(samples[(subset, enc)], name, mod, enc, subset, how, seed, st)
     return out
 
 
@@ -614,17 +625,17 @@ def _extract(samples, subset, batch, order, mod, encoders, chip, factor, rows, s
                     if enc == "raw_bands"
                     else fmap[i][:, ok].mean(1).numpy()[None]
                 )
-                samples[(subset, enc)].add(split, x, targets[i : i + 1])
+                samples[(subset, enc)].add(split, x, targets[i : i + 1], row)
                 continue
             x = fmap[i][:, ok].T.numpy()
             y = targets[i][ok].numpy()
             if split != "test" and len(y) > MAX_FIT_PIXELS:
                 keep = np.sort(rng.choice(len(y), MAX_FIT_PIXELS, replace=False))
                 x, y = x[keep], y[keep]
-            samples[(subset, enc)].add(split, x, y)
+            samples[(subset, enc)].add(split, x, y, row)
 
 
-def _probe(data: _Samples, name, mod, enc, subset, how, seed) -> list[ProbeRow]:
+def _probe(data: _Samples, name, mod, enc, subset, how, seed, store) -> list[ProbeRow]:
     if not all(data.x[s] for s in SPLITS):
         return []
     kind = mod.kind
@@ -632,7 +643,10 @@ def _probe(data: _Samples, name, mod, enc, subset, how, seed) -> list[ProbeRow]:
     probe = select_and_fit((data.x["train"], data.y["train"]), (data.x["val"], data.y["val"]),
                            kind, outputs)  # fmt: skip
     per_chip = chip_counts(probe, data.x["test"], data.y["test"], outputs)
-    scores = bootstrap(per_chip, scores_of(kind), seed=seed)
+    # chips of one place (other dates) are resampled together: they are not independent
+    where = places(store, np.asarray(data.rows["test"]), seed)
+    per_place = np.stack([per_chip[where == p].sum(0) for p in range(int(where.max()) + 1)])
+    scores = bootstrap(per_place, scores_of(kind), seed=seed)
     n = {s: len(data.x[s]) for s in SPLITS}
     samples = int(sum(len(y) for y in data.y["test"]))
     return [
@@ -647,6 +661,7 @@ def _probe(data: _Samples, name, mod, enc, subset, how, seed) -> list[ProbeRow]:
             n["train"],
             n["val"],
             n["test"],
+            len(per_place),
             samples,
             probe.weight_decay,
         )  # fmt: skip
@@ -686,10 +701,9 @@ def markdown(rows: list[ProbeRow], settings: dict | None = None) -> str:
         lines += [
             f"## {label} ({first.kind}; split: {first.split})",
             "",
-            "| inputs | features | chips train/val/test | test samples | weight decay | "
-            + " | ".join(metrics)
-            + " |",
-            "|---|---|---|---:|---:|" + "---:|" * len(metrics),
+            "| inputs | features | chips train/val/test | test places | test samples | "
+            "weight decay | " + " | ".join(metrics) + " |",
+            "|---|---|---|---:|---:|---:|" + "---:|" * len(metrics),
         ]
         for inputs in dict.fromkeys(r.inputs for r in rows if r.label == label):
             for enc in FEATURE_SETS:
@@ -699,7 +713,7 @@ def markdown(rows: list[ProbeRow], settings: dict | None = None) -> str:
                 cells = " | ".join(_cell(by.get((label, inputs, enc, m))) for m in metrics)
                 lines.append(
                     f"| {inputs} | {enc} | {r0.train_chips}/{r0.val_chips}/{r0.test_chips} | "
-                    f"{r0.test_samples} | {r0.weight_decay:g} | {cells} |"
+                    f"{r0.test_places} | {r0.test_samples} | {r0.weight_decay:g} | {cells} |"
                 )
             m = by.get((label, inputs, "model", "macro_f1"))
             others = [by.get((label, inputs, e, "macro_f1")) for e in ("raw_bands", "random_init")]
