@@ -42,6 +42,7 @@ from terrasynth.evaluation.benchmark import (  # noqa: E402
     direction_signals,
     physical_tile,
 )
+from terrasynth.evaluation.translate import crop  # noqa: E402
 from terrasynth.modalities import Modality  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,14 +68,7 @@ def centre_window(batch: dict, size: int, chip_size: int) -> dict:
     factors = [chip_size // v.shape[-1] for k, v in batch.items() if is_raster_key(k, v)]
     step = max(factors, default=1)
     off = (chip_size - size) // 2 // step * step
-    out = {}
-    for k, v in batch.items():
-        if is_raster_key(k, v):
-            f = chip_size // v.shape[-1]
-            out[k] = v[..., off // f : (off + size) // f, off // f : (off + size) // f]
-        else:
-            out[k] = v
-    return out
+    return crop(batch, off, off, size, chip_size)
 
 
 def _fully_valid(sample: dict, mods: list[str], size: int, chip_size: int) -> bool:

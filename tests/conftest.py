@@ -89,6 +89,20 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+def one_line_error(capsys, args: list[str], pattern: str) -> None:
+    """``terrasynth ARGS`` in this process stops with one ``error:`` line holding
+    ``pattern`` and exit code 2."""
+    import pytest
+
+    from terrasynth.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], lines
+
+
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``terrasynth ARGS`` in a fresh interpreter, as a user runs it."""
     return subprocess.run(

@@ -12,7 +12,6 @@ import torch
 from affine import Affine
 from rasterio.warp import transform as warp_transform
 
-from terrasynth.cli.main import main
 from terrasynth.embedding import read_chips
 from terrasynth.errors import TerrasynthError, UnknownModalityError
 from terrasynth.models.config import ModelConfig
@@ -21,7 +20,7 @@ from terrasynth.models.signals import batch_signals
 from terrasynth.pipeline import Pipeline, scene_batch
 from terrasynth.sampling.conditional import sampling_inputs
 from terrasynth.scenes.embed import embed_scene
-from tests.conftest import DATA, MICRO_CONV, MICRO_UNET, ZION, run_cli, write_s1_utm
+from tests.conftest import DATA, MICRO_CONV, MICRO_UNET, ZION, one_line_error, run_cli, write_s1_utm
 
 pytestmark = [pytest.mark.needs_data, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -226,14 +225,6 @@ def test_the_cli_writes_the_embedding_and_its_chips(s1, pipe, tmp_path):
     assert info["chip_size"] == 64 and info["feature_factor"] == 8
 
 
-def _one_line_error(capsys, args: list[str], pattern: str) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    assert exc.value.code == 2
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], lines
-
-
 def _nothing_left(folder: Path, name: str) -> bool:
     return not any(p.name == name or p.name.startswith(f".{name}.") for p in folder.iterdir())
 
@@ -266,7 +257,7 @@ def test_bad_input_is_one_error_line_and_leaves_nothing(s1, tmp_path, capsys):
         (["-i", f"s1grd={s1}", "--window", "500,500,10,10"], "window"),
     ]
     for args, pattern in cases:
-        _one_line_error(capsys, ["embed", *args, "-o", out], pattern)
+        one_line_error(capsys, ["embed", *args, "-o", out], pattern)
         assert _nothing_left(tmp_path, "out"), args
     pipe = Pipeline.from_pretrained()
     with pytest.raises(UnknownModalityError):

@@ -70,6 +70,7 @@ OFFSET = typer.Option(help="MOD=OFFSET (see --scale).", callback=numbers_check)
 DATE = typer.Option(help="Acquisition date (YYYY-MM-DD).", callback=iso_date)
 STRICT = typer.Option(help="Refuse inputs that only look suspicious.")
 OVERWRITE = typer.Option(help="Replace an earlier terrasynth output in the output folder.")
+MODEL = typer.Option("-m", "--model", help="Model or run folder (default: built-in).")
 
 # ``train``'s options that are training settings, and the TrainConfig field each sets
 TRAIN_SETTINGS = {
@@ -240,9 +241,7 @@ def generate(
             callback=inputs_check,
         ),
     ] = None,
-    model: Annotated[
-        Path | None, typer.Option("-m", "--model", help="Model or run folder (default: built-in).")
-    ] = None,
+    model: Annotated[Path | None, MODEL] = None,
     num_samples: Annotated[int, SAMPLES] = 4,
     seed: Annotated[int, SEED] = 0,
     steps: Annotated[int | None, STEPS] = None,
@@ -517,9 +516,7 @@ def embed(
             callback=inputs_check,
         ),
     ],
-    model: Annotated[
-        Path | None, typer.Option("-m", "--model", help="Model or run folder (default: built-in).")
-    ] = None,
+    model: Annotated[Path | None, MODEL] = None,
     chip_size: Annotated[
         int,
         count_option(
@@ -586,9 +583,7 @@ def embed(
 def evaluate(
     store: Annotated[Path, typer.Option("-d", "--data", help="Chip store to evaluate on.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Report folder.")],
-    model: Annotated[
-        Path | None, typer.Option("-m", "--model", help="Model or run folder (default: built-in).")
-    ] = None,
+    model: Annotated[Path | None, MODEL] = None,
     split: Annotated[
         str, typer.Option(help="Split: test, val or train.", callback=one_of(*SPLITS))
     ] = "test",
@@ -749,6 +744,71 @@ def evaluate(
 
 
 @app.command()
+def probe(
+    model: Annotated[Path | None, MODEL] = None,
+    store: Annotated[
+        Path | None, typer.Option("-d", "--data", help="Chip store with label modalities.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Folder for probe.csv, probe.md.")
+    ] = None,
+    unet: Annotated[
+        Path | None,
+        typer.Option(help="U-Net run or model folder whose features are compared too."),
+    ] = None,
+    labels: Annotated[
+        list[str] | None, typer.Option("--labels", help="Only these label modalities.")
+    ] = None,
+    max_chips: Annotated[
+        int | None, count_option("At most this many chips per label set and split.")
+    ] = None,
+    seed: Annotated[int, SEED] = 0,
+    batch_size: Annotated[int, count_option("Chips per batch.")] = 16,
+    overwrite: Annotated[bool, OVERWRITE] = False,
+    device: Annotated[str, DEVICE] = "cpu",
+) -> None:
+    """Linear probes of the model's embeddings on the store's label modalities.
+
+    Per label set (class maps, label vectors) and input subset: the model's features, a
+    randomly initialised model of the same architecture, raw band statistics and the
+    U-Net's features (--unet); accuracy, macro F1 and mIoU on the test split with
+    bootstrap 95 % intervals. See docs/probe.md.
+    """
+    from terrasynth.data.store import ChipStore
+    from terrasynth.evaluation.baselines import load_unet
+    from terrasynth.evaluation.probe import label_modalities, run_probes, write_probes
+    from terrasynth.pipeline import Pipeline
+
+    if store is None or output is None:
+        raise TerrasynthError("probe needs a store (-d STORE) and an output folder (-o OUT)")
+    check_output(output, overwrite)
+    label_modalities(ChipStore.open(store), labels)  # a clear error before loading models
+    pipe = Pipeline.from_pretrained(model).to(device)
+    net = load_unet(unet).to(pipe.device) if unet is not None else None
+    notes: list[str] = []
+    t0 = time.perf_counter()
+    with _progress("{task.description}", "chips") as progress:
+        bar = progress.add_task("probe", total=None)
+
+        def step(what: str, done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total, description=what)
+
+        rows = run_probes(pipe.model, store, net, labels, max_chips, seed, batch_size, step, notes)
+    for n in notes:
+        typer.echo(f"warning: {n}", err=True)
+    if not rows:
+        raise TerrasynthError(f"{store}: no label set could be probed")
+    settings = {
+        "model": pipe.source, "store": str(store), "unet": str(unet) if unet else None,
+        "max_chips": max_chips, "seed": seed,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    write_probes(rows, output, settings, overwrite=overwrite)
+    sets = len({r.label for r in rows})
+    typer.echo(f"{sets} label sets, {len(rows)} scores in {output.resolve()} (probe.csv, probe.md)")
+
+
+@app.command()
 def calibrate(
     model: Annotated[Path, typer.Option("-m", "--model", help="Model or run folder.")],
     store: Annotated[Path, typer.Option("-d", "--data", help="Chip store.")],
@@ -892,9 +952,7 @@ def demo(
         "terrasynth-demo"
     ),
     num_samples: Annotated[int, count_option("Samples per job.", "-n", "--num-samples")] = 4,
-    model: Annotated[
-        Path | None, typer.Option("-m", "--model", help="Model or run folder (default: built-in).")
-    ] = None,
+    model: Annotated[Path | None, MODEL] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an earlier demo (or other terrasynth output) there.")
     ] = False,
@@ -919,9 +977,7 @@ def serve(
         str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.", callback=between(1, 65535))] = 8765,
-    model: Annotated[
-        Path | None, typer.Option("-m", "--model", help="Model or run folder (default: built-in).")
-    ] = None,
+    model: Annotated[Path | None, MODEL] = None,
     folder: Annotated[
         Path | None,
         typer.Option(help="Folder of GeoTIFFs the page may pick inputs from.", callback=existing),

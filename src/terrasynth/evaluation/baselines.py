@@ -54,7 +54,9 @@ class MeanBaseline:
         return out
 
 
-def _features(sig_groups: dict[str, torch.Tensor], known: dict[str, torch.Tensor]) -> np.ndarray:
+def band_statistics(
+    sig_groups: dict[str, torch.Tensor], known: dict[str, torch.Tensor]
+) -> np.ndarray:
     """Per-band mean and std of one modality over its known pixels: (B, 2C)."""
     feats = []
     for g, x in sig_groups.items():
@@ -93,7 +95,9 @@ class KNNBaseline:
             centre = tiles(batch, size, ds.chip_size)
             tile = centre[len(centre) // 2]
             sig = batch_signals(tile, self.config, ds.modalities)
-            feats.append(np.concatenate([_features(sig[c].groups, sig[c].known)[0] for c in conds]))
+            feats.append(
+                np.concatenate([band_statistics(sig[c].groups, sig[c].known)[0] for c in conds])
+            )
             t = sig[target]
             targets.append({g: (v[0], t.known[g][0]) for g, v in t.groups.items()})
         self._index[(target, conds)] = (np.stack(feats) if feats else np.zeros((0, 1)), targets)
@@ -111,7 +115,7 @@ class KNNBaseline:
         if not targets:
             return out
         query = np.concatenate(
-            [_features(signals[c].groups, signals[c].known) for c in present], 1
+            [band_statistics(signals[c].groups, signals[c].known) for c in present], 1
         ) if present else np.zeros((b, 1))  # fmt: skip
         for k in range(b):
             d = np.linalg.norm(feats - query[k], axis=1) if present else np.zeros(len(targets))
@@ -142,22 +146,27 @@ def stats_mismatch(config: ModelConfig, stats: dict) -> list[str]:
     return out
 
 
+def load_unet(path: str | Path) -> GenerativeModel:
+    """The model of a U-Net run or model folder (``baseline train-unet``), in eval mode."""
+    from terrasynth.models.factory import load_model, model_folder
+
+    try:
+        folder = model_folder(path)
+    except TerrasynthError:
+        raise TerrasynthError(
+            f"{path}: not a U-Net folder (train one with `terrasynth baseline train-unet`)"
+        ) from None
+    return load_model(folder).eval()
+
+
 class UNetBaseline:
     """A deterministic model (the U-Net) as a predictor: its one prediction, N times."""
 
     name = "unet"
 
     def __init__(self, config: ModelConfig, path: str | Path) -> None:
-        from terrasynth.models.factory import load_model, model_folder
-
         self.config = config
-        try:
-            folder = model_folder(path)
-        except TerrasynthError:
-            raise TerrasynthError(
-                f"{path}: not a U-Net folder (train one with `terrasynth baseline train-unet`)"
-            ) from None
-        self.model: GenerativeModel = load_model(folder).eval()
+        self.model: GenerativeModel = load_unet(path)
         differ = stats_mismatch(self.model.config, config.stats)
         self.warnings = (
             [

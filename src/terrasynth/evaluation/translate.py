@@ -42,21 +42,30 @@ class Row:
         return self.model < self.baseline if self.metric == "MAE" else self.model > self.baseline
 
 
+def tile_offsets(size: int, chip_size: int) -> list[tuple[int, int]]:
+    """(row, col) in chip pixels of the tiles :func:`tiles` cuts, in its order."""
+    size = min(size, chip_size)
+    starts = range(0, chip_size - size + 1, size)
+    return [(r, c) for r in starts for c in starts]
+
+
 def tiles(batch: dict, size: int, chip_size: int) -> list[dict]:
     """Split a collated batch of chips into batches of non-overlapping ``size`` tiles (the
-    whole chips when ``size`` is larger)."""
+    whole chips when ``size`` is larger), at :func:`tile_offsets`."""
     size = min(size, chip_size)
-    out = []
-    for r in range(0, chip_size - size + 1, size):
-        for c in range(0, chip_size - size + 1, size):
-            tile = {}
-            for k, v in batch.items():
-                if is_raster_key(k, v):
-                    f = chip_size // v.shape[-1]
-                    tile[k] = v[..., r // f : (r + size) // f, c // f : (c + size) // f]
-                else:
-                    tile[k] = v
-            out.append(tile)
+    return [crop(batch, r, c, size, chip_size) for r, c in tile_offsets(size, chip_size)]
+
+
+def crop(batch: dict, row: int, col: int, size: int, chip_size: int) -> dict:
+    """The ``size`` px window at (``row``, ``col``) of every chip of a collated batch, each
+    band group cut on its own grid (the offsets multiples of its factor)."""
+    out = {}
+    for k, v in batch.items():
+        if is_raster_key(k, v):
+            f = chip_size // v.shape[-1]
+            out[k] = v[..., row // f : (row + size) // f, col // f : (col + size) // f]
+        else:
+            out[k] = v
     return out
 
 
