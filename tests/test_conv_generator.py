@@ -371,6 +371,43 @@ def test_neighbour_level_keeps_the_heads_level_where_no_neighbour_is_found(confi
     assert not bool(model._level_apart(model.config.registry["dem"], none).any())
 
 
+@needs_data
+def test_the_head_level_gate_spans_the_neighbours_level_to_the_heads(config):
+    base = _mixture_model(config)
+    apart = _mixture_model(config, neighbour_level=True)
+    gated = _mixture_model(config, neighbour_level=True, head_level_gate_init=0.1)
+    state = base.state_dict()
+    apart.load_state_dict(state)
+    gated.load_state_dict(state, strict=False)  # all but the new gate
+    inputs = _inputs(config, torch.Generator().manual_seed(3), ["dem"], ["s1grd"])
+
+    def run(model):
+        with torch.no_grad():
+            return model(inputs, GSD, members=2, generator=torch.Generator().manual_seed(0))
+
+    e = torch.randn(4, config.cond_dim)
+    share = ConvGenerator(gated.config)._head_level_share(e)  # as initialised
+    torch.testing.assert_close(share, torch.full_like(share, 0.1))  # starts at the share
+    for bias, twin in ((30.0, base), (-30.0, apart)):  # fully open: the head's level; shut:
+        with torch.no_grad():  # the neighbours' level alone
+            gated.head_level_gate.bias.fill_(bias)
+        (m, s), (mt, st) = run(gated), run(twin)
+        torch.testing.assert_close(m["dem"]["r30m"], mt["dem"]["r30m"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(s[1]["dem"]["r30m"], st[1]["dem"]["r30m"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"head_level_gate_init": 0.1}, {"neighbour_level": True, "head_level_gate_init": 1.0}],
+)
+def test_the_head_level_gate_needs_neighbour_level_and_a_share_below_1(config, change):
+    cfg = ModelConfig.from_dict(
+        {**config.to_dict(), "retrieval_mixture": True, "retrieval_k": 3, **change}
+    )
+    with pytest.raises(TerrasynthError, match="head_level_gate_init"):
+        cfg.validate()
+
+
 def test_neighbour_level_needs_the_mixture(config):
     cfg = ModelConfig.from_dict({**config.to_dict(), "neighbour_level": True, "retrieval_k": 3})
     with pytest.raises(TerrasynthError, match="neighbour_level"):

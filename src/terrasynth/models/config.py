@@ -86,6 +86,11 @@ class ModelConfig:
     # head and the residual give only the structure within the chip (their chip means
     # removed); each sample's level spread is a gated share of a neighbour's deviation
     neighbour_level: bool = False
+    # with neighbour_level: a learned share (per chip and target, from its conditioning) of
+    # the head's and the residual's chip means is added back, starting at this share; where
+    # the inputs fix the level (S2 L2A -> L1C) the model can learn to correct the
+    # neighbours, elsewhere it keeps their level (0: no gate, the neighbours' level alone)
+    head_level_gate_init: float = 0.0
     # sampling windows (0: the training crop, half-window stride); a fully convolutional
     # model can also slide with a smaller overlap
     window: int = 0
@@ -147,6 +152,10 @@ class ModelConfig:
                 )
             if self.neighbour_level and not (self.retrieval_mixture and self.retrieval_k > 0):
                 raise TerrasynthError("neighbour_level needs retrieval_mixture and retrieval_k")
+            if not 0.0 <= self.head_level_gate_init < 1.0:
+                raise TerrasynthError("head_level_gate_init: a share from 0 (no gate) below 1")
+            if self.head_level_gate_init > 0 and not self.neighbour_level:
+                raise TerrasynthError("head_level_gate_init needs neighbour_level")
             if not 0.0 < self.level_gate_init < 1.0:
                 raise TerrasynthError("level_gate_init: a share between 0 and 1 (exclusive)")
             if not self.retrieval_exclusion_m or min(self.retrieval_exclusion_m) < 0:

@@ -145,9 +145,11 @@ def _given_place(inp: ModalityInput | None) -> torch.Tensor | None:
     return torch.where(shown, v, torch.full_like(v, math.nan))
 
 
-def _anomaly(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, C, H, W) minus its mean per image and band (its chip level)."""
-    return x - x.mean((2, 3), keepdim=True)
+def _anomaly(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` (B, C, H, W) minus its mean per image and band (its chip level); with ``keep``
+    (B, 1, 1, 1), that share of the chip level stays."""
+    level = x.mean((2, 3), keepdim=True)
+    return x - level if keep is None else x - (1 - keep) * level
 
 
 def _by_group(mod: Modality, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -280,6 +282,11 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
             nn.init.zeros_(self.level_gate.weight)
             share = config.level_gate_init
             nn.init.constant_(self.level_gate.bias, math.log(share / (1 - share)))
+        if config.head_level_gate_init > 0:  # share of the head's own level (neighbour_level)
+            self.head_level_gate = nn.Linear(cd, 1)
+            nn.init.zeros_(self.head_level_gate.weight)
+            share = config.head_level_gate_init
+            nn.init.constant_(self.head_level_gate.bias, math.log(share / (1 - share)))
         self.neighbour_pixels = self.mixture and config.neighbour_pixels
         if self.neighbour_pixels:  # per pixel: logits over the neighbours (equal at start)
             self.neighbour_logits = nn.Conv2d(config.generator_channels, config.retrieval_k, 1)
@@ -359,8 +366,9 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
             near = neighbours.get(name)
             # neighbour_level: where neighbours were found, the level is theirs alone
             apart = self._level_apart(mod, ret)
+            keep = self._head_level_share(e)
             if apart is not None:
-                mu = {g: torch.where(apart, _anomaly(v), v) for g, v in mu.items()}
+                mu = {g: torch.where(apart, _anomaly(v, keep), v) for g, v in mu.items()}
             amp = self._amplitude(mod, ret)
             if amp is not None:  # the head's structure within the chip, as rough as theirs
                 mu = {g: v - _anomaly(v) + amp[g] * _anomaly(v) for g, v in mu.items()}
@@ -382,7 +390,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                 if amp is not None:
                     res = {g: amp[g] * r for g, r in res.items()}
                 if apart is not None:  # the level's spread comes from the neighbours' levels
-                    res = {g: torch.where(apart, _anomaly(r), r) for g, r in res.items()}
+                    res = {g: torch.where(apart, _anomaly(r, keep), r) for g, r in res.items()}
                 if near is not None and self.neighbour_pixels:  # each pixel: a mix of levels
                     hf = _modulate(h, film[1])
                     dev = self._pixel_levels(mod, mu, near, self.neighbour_logits(hf))
@@ -593,6 +601,13 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         if ret is None or not self.config.neighbour_level or mod.kind == "categorical":
             return None
         return self._found(ret)[:, None, None, None]
+
+    def _head_level_share(self, e: torch.Tensor) -> torch.Tensor | None:
+        """(B, 1, 1, 1) with ``head_level_gate_init``: the share of the head's and the
+        residual's own chip level kept beside the neighbours' level. None without it."""
+        if self.config.head_level_gate_init <= 0:
+            return None
+        return torch.sigmoid(self.head_level_gate(e))[:, :, None, None]
 
     def _amplitude(self, mod: Modality, ret: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
         """Per band group (B, C, 1, 1) with ``retrieval_amplitude``: the neighbours' mean
