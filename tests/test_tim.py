@@ -31,13 +31,19 @@ def test_the_cli_scores_the_four_arms(small_store, tmp_path, capsys):
     assert "4 arms scored" in cli_ok(capsys, args)
     rows = csv_rows(out / "tim.csv")
     assert {r["arm"] for r in rows} == {"a", "b1", "b2", "c"}
-    assert {r["metric"] for r in rows} == {"accuracy", "macro_f1", "miou"}
+    assert {r["metric"] for r in rows} == {"accuracy", "macro_f1", "miou", "macro_f1_vs_a"}
+    value = {(r["arm"], r["metric"]): float(r["value"]) for r in rows}
+    assert ("a", "macro_f1_vs_a") not in value
+    for arm in ("b1", "b2", "c"):  # the paired gain over arm (a)
+        gain = value[(arm, "macro_f1")] - value[("a", "macro_f1")]
+        assert value[(arm, "macro_f1_vs_a")] == pytest.approx(gain, abs=1e-5)
     channels = {r["arm"]: int(r["channels"]) for r in rows}
     # landsat8: 7 bands + a mask; dem: 1 band (b1), mean + spread (b2), real + mask (c)
     assert channels == {"a": 8, "b1": 9, "b2": 10, "c": 10}
     for r in rows:
         v, lo, hi = float(r["value"]), float(r["low"]), float(r["high"])
-        assert 0 <= lo <= v <= hi <= 1 and r["split"] == "store" and r["label"] == "landcover_nlcd"
+        floor = -1 if r["metric"] == "macro_f1_vs_a" else 0
+        assert floor <= lo <= v <= hi <= 1 and r["split"] == "store"
         assert int(r["test_chips"]) == 3 and int(r["epochs"]) == 2
     md = (out / "tim.md").read_text()
     assert "## landcover_nlcd" in md and "| c | landsat8 + real dem |" in md

@@ -34,7 +34,9 @@ it is known; all standardised with the training chips' per-channel mean and devi
 ``epochs`` epochs (or until ``minutes`` have passed per arm), the epoch with the best
 validation macro F1 kept. Scores on the test chips: accuracy, macro F1 and mIoU from the
 pooled confusion matrix with bootstrap 95 % intervals over test places (``terrasynth
-probe``'s).
+probe``'s); for arms (b1), (b2) and (c) also their macro F1 minus arm (a)'s
+(``macro_f1_vs_a``), its interval from the same resamples of the test places for both arms
+(paired).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ ARMS = {
     "b2": "given + mean and spread of N generated samples",
     "c": "given + real (upper bound)",
 }
+GAIN = "macro_f1_vs_a"  # an arm's macro F1 minus arm (a)'s, with a paired interval
 CSV_COLUMNS = (
     "label", "arm", "inputs", "metric", "value", "low", "high", "channels", "split",
     "train_chips", "val_chips", "test_chips", "test_places", "test_pixels", "samples",
@@ -363,6 +366,7 @@ def run_tim(
     }
     n = {s: len(rows[s]) for s in SPLITS}
     test_rows = arrays.rows[arrays.splits == "test"]
+    counts: dict[str, np.ndarray] = {}
     for arm, inputs in arrays.inputs.items():
         t0 = time.perf_counter()
         x = {s: inputs[arrays.splits == s] for s in SPLITS}
@@ -375,16 +379,26 @@ def run_tim(
         scores, n_places = place_bootstrap(st, test_rows, per_chip, class_map_scores, seed)
         pixels = int((y["test"] >= 0).sum())
         seconds = round(time.perf_counter() - t0, 1)
-        for metric in METRICS["categorical"]:
+        counts[arm] = per_chip
+        if arm != "a":  # the gain over arm (a), resampled with the same places: paired
+            paired = np.stack([counts["a"], per_chip], 1)
+            scores.update(place_bootstrap(st, test_rows, paired, gain_over_a, seed)[0])
+        for metric in [*METRICS["categorical"], GAIN][: 3 if arm == "a" else 4]:
             out.append(TimRow(label, arm, names[arm], metric, *scores[metric], inputs.shape[1],
                               how, n["train"], n["val"], n["test"], n_places, pixels,
                               samples if arm.startswith("b") else 0, done, seconds))  # fmt: skip
     return out
 
 
+def gain_over_a(pair: np.ndarray) -> dict[str, float]:
+    """Macro F1 of the second of a (2, K, K) pair of confusion matrices minus the first's."""
+    return {GAIN: class_map_scores(pair[1])["macro_f1"] - class_map_scores(pair[0])["macro_f1"]}
+
+
 # -- outputs -------------------------------------------------------------------------------
 def markdown(rows: list[TimRow], settings: dict | None = None) -> str:
-    """``tim.md``: per task a table of the arms, and each arm's macro F1 against (a)."""
+    """``tim.md``: per task a table of the arms, and each arm's macro F1 minus arm (a)'s
+    with its paired bootstrap interval (the same test places resampled for both)."""
     lines = ["# Thinking in modalities", ""]
     if settings:
         lines += [", ".join(f"{k}: {v}" for k, v in settings.items()), ""]
@@ -400,14 +414,13 @@ def markdown(rows: list[TimRow], settings: dict | None = None) -> str:
             "| arm | inputs | channels | epochs | " + " | ".join(metrics) + " | macro F1 vs (a) |",
             "|---|---|---:|---:|" + "---:|" * len(metrics) + "---:|",
         ]
-        base = by.get((label, "a", "macro_f1"))
         for arm in ARMS:
             r0 = by.get((label, arm, metrics[0]))
             if r0 is None:
                 continue
             cells = " | ".join(_cell(by.get((label, arm, m))) for m in metrics)
-            f1 = by[(label, arm, "macro_f1")].value
-            diff = "" if arm == "a" or base is None else f"{f1 - base.value:+.3f}"
+            g = by.get((label, arm, GAIN))
+            diff = "" if g is None else f"{g.value:+.3f} [{g.low:+.3f}, {g.high:+.3f}]"
             lines.append(
                 f"| {arm} | {r0.inputs} | {r0.channels} | {r0.epochs} | {cells} | {diff} |"
             )
