@@ -103,6 +103,26 @@ def one_line_error(capsys, args: list[str], pattern: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], lines
 
 
+def cli_ok(capsys, args: list[str]) -> str:
+    """``terrasynth ARGS`` in this process exits 0; its standard output."""
+    import pytest
+
+    from terrasynth.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def csv_rows(path: Path) -> list[dict]:
+    """The rows of a CSV file as dicts."""
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``terrasynth ARGS`` in a fresh interpreter, as a user runs it."""
     return subprocess.run(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import csv
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from terrasynth.cli.main import main
 from terrasynth.data.store import ChipStore
 from terrasynth.errors import TerrasynthError
 from terrasynth.evaluation import metrics as M
@@ -30,7 +28,7 @@ from terrasynth.models.config import ModelConfig
 from terrasynth.models.factory import build_model, model_folder
 from terrasynth.models.unet import unet_config
 from terrasynth.probe import run_probes
-from tests.conftest import DATA, one_line_error
+from tests.conftest import DATA, cli_ok, csv_rows, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,12 +124,8 @@ def test_the_cli_writes_every_feature_set(small_store, unet_folder, tmp_path, ca
     out = tmp_path / "probe"
     args = ["probe", "-d", str(small_store), "-o", str(out), "--unet", str(unet_folder),
             "--labels", "landcover_nlcd", "--labels", "corine", "--max-chips", "3"]  # fmt: skip
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    assert exc.value.code == 0
-    assert "probe.csv, probe.md" in capsys.readouterr().out
-    with open(out / "probe.csv") as f:
-        rows = list(csv.DictReader(f))
+    assert "probe.csv, probe.md" in cli_ok(capsys, args)
+    rows = csv_rows(out / "probe.csv")
     assert list(rows[0])[:7] == ["label", "features", "inputs", "metric", "value", "low", "high"]
     assert {r["label"] for r in rows} == {"landcover_nlcd", "corine"}
     for label, metrics in (("landcover_nlcd", {"accuracy", "macro_f1", "miou"}),

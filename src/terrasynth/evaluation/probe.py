@@ -181,6 +181,21 @@ def bootstrap(
     return out
 
 
+def place_bootstrap(
+    store: ChipStore,
+    rows: list[int] | np.ndarray,
+    per_chip: np.ndarray,
+    score: Callable[[np.ndarray], dict[str, float]],
+    seed: int = 0,
+) -> tuple[dict[str, tuple[float, float, float]], int]:
+    """:func:`bootstrap` of the test chips ``rows`` (store rows, in ``per_chip``'s order)
+    by place: the chips of one place (other dates) are resampled together, since they are
+    not independent. Also returns the number of places."""
+    where = places(store, np.asarray(rows), seed)
+    per_place = np.stack([per_chip[where == p].sum(0) for p in range(int(where.max()) + 1)])
+    return bootstrap(per_place, score, seed=seed), len(per_place)
+
+
 # -- the probe -----------------------------------------------------------------------------
 @dataclass
 class LinearProbe:
@@ -334,11 +349,12 @@ def place_split(store: ChipStore, rows: np.ndarray, seed: int) -> dict[str, np.n
 
 
 def probe_splits(
-    store: ChipStore, label: str, seed: int = 0
+    store: ChipStore, label: str, seed: int = 0, only: np.ndarray | None = None
 ) -> tuple[dict[str, np.ndarray], str] | None:
     """Rows of the label set's chips per split and how they were split (``store`` or
-    ``by place``); None when they cannot be split."""
-    has = store.available(label)
+    ``by place``); None when they cannot be split. ``only``: a (chips,) bool mask of the
+    store's chips to keep (e.g. those holding some inputs) before splitting."""
+    has = store.available(label) if only is None else store.available(label) & only
     split = store.table["split"].to_numpy()
     rows = {s: np.flatnonzero(has & (split == s)) for s in SPLITS}
     if all(len(r) for r in rows.values()):
@@ -643,10 +659,7 @@ def _probe(data: _Samples, name, mod, enc, subset, how, seed, store) -> list[Pro
     probe = select_and_fit((data.x["train"], data.y["train"]), (data.x["val"], data.y["val"]),
                            kind, outputs)  # fmt: skip
     per_chip = chip_counts(probe, data.x["test"], data.y["test"], outputs)
-    # chips of one place (other dates) are resampled together: they are not independent
-    where = places(store, np.asarray(data.rows["test"]), seed)
-    per_place = np.stack([per_chip[where == p].sum(0) for p in range(int(where.max()) + 1)])
-    scores = bootstrap(per_place, scores_of(kind), seed=seed)
+    scores, n_places = place_bootstrap(store, data.rows["test"], per_chip, scores_of(kind), seed)
     n = {s: len(data.x[s]) for s in SPLITS}
     samples = int(sum(len(y) for y in data.y["test"]))
     return [
@@ -661,7 +674,7 @@ def _probe(data: _Samples, name, mod, enc, subset, how, seed, store) -> list[Pro
             n["train"],
             n["val"],
             n["test"],
-            len(per_place),
+            n_places,
             samples,
             probe.weight_decay,
         )  # fmt: skip
@@ -670,9 +683,10 @@ def _probe(data: _Samples, name, mod, enc, subset, how, seed, store) -> list[Pro
 
 
 # -- outputs -------------------------------------------------------------------------------
-def csv_text(rows: list[ProbeRow]) -> str:
+def csv_text(rows: list, columns: tuple[str, ...] = CSV_COLUMNS) -> str:
+    """CSV of dataclass rows (``columns``: their fields), floats to 6 significant digits."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     w.writeheader()
     for r in rows:
         d = asdict(r)
@@ -680,7 +694,8 @@ def csv_text(rows: list[ProbeRow]) -> str:
     return buf.getvalue()
 
 
-def _cell(r: ProbeRow | None) -> str:
+def _cell(r) -> str:
+    """``value [low, high]`` of a row with an interval, ``-`` if none."""
     if r is None or not np.isfinite(r.value):
         return "-"
     return f"{r.value:.3f} [{r.low:.3f}, {r.high:.3f}]"
