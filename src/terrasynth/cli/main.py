@@ -10,6 +10,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -449,6 +450,16 @@ def _progress(label: str, unit: str):
     )
 
 
+@contextmanager
+def _progress_steps(name: str, unit: str):
+    """A progress bar driven by the ``step(what, done, total)`` callbacks long jobs take."""
+    with _progress("{task.description}", unit) as progress:
+        bar = progress.add_task(name, total=None)
+        yield lambda what, done, total: progress.update(
+            bar, description=what, completed=done, total=total
+        )
+
+
 def _stac_inputs(url, collections, bbox, when, mapping, crs, gsd, max_items, folder: Path):
     """``generate --stac``: search and fetch into ``folder``; per modality the day with the
     most valid pixels as one GeoTIFF in ``folder/inputs``; (inputs, day of the first)."""
@@ -787,12 +798,7 @@ def probe(
     net = load_unet(unet).to(pipe.device) if unet is not None else None
     notes: list[str] = []
     t0 = time.perf_counter()
-    with _progress("{task.description}", "chips") as progress:
-        bar = progress.add_task("probe", total=None)
-
-        def step(what: str, done: int, total: int) -> None:
-            progress.update(bar, completed=done, total=total, description=what)
-
+    with _progress_steps("probe", "chips") as step:
         rows = run_probes(pipe.model, store, net, labels, max_chips, seed, batch_size, step, notes)
     for n in notes:
         typer.echo(f"warning: {n}", err=True)
@@ -863,12 +869,7 @@ def tim(
     pipe = Pipeline.from_pretrained(model).to(device)
     notes: list[str] = []
     t0 = time.perf_counter()
-    with _progress("{task.description}", "steps") as progress:
-        bar = progress.add_task("tim", total=None)
-
-        def step(what: str, done: int, total: int) -> None:
-            progress.update(bar, completed=done, total=total, description=what)
-
+    with _progress_steps("tim", "steps") as step:
         rows = run_tim(
             pipe.model, store, labels, inputs, generate, samples, max_chips, epochs, minutes,
             seed, width, step, notes,
