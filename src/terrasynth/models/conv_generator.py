@@ -371,7 +371,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                 mu = {g: torch.where(apart, _anomaly(v, keep), v) for g, v in mu.items()}
             amp = self._amplitude(mod, ret)
             if amp is not None:  # the head's structure within the chip, as rough as theirs
-                mu = {g: v - _anomaly(v) + amp[g] * _anomaly(v) for g, v in mu.items()}
+                mu = {g: v + (amp[g] - 1) * _anomaly(v) for g, v in mu.items()}
             if ret is not None:
                 mu = self._add_retrieved(mod, mu, ret, near)
             mean[name] = mu
