@@ -7,9 +7,16 @@ import pytest
 import torch
 
 from terrasynth.data.store import ChipStore
-from terrasynth.evaluation.calibration import FACTORS, fit_spread_scale
+from terrasynth.errors import TerrasynthError
+from terrasynth.evaluation.calibration import (
+    BAND_FACTOR_RANGE,
+    FACTORS,
+    band_factors,
+    fit_spread_scale,
+)
 from terrasynth.models.config import ModelConfig
 from terrasynth.models.conv_generator import ConvGenerator
+from terrasynth.models.filters import NUM_BANDS, gaussian_blur
 from tests.conftest import MICRO_CONV, run_cli
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.needs_data]
@@ -89,3 +96,92 @@ def test_cli_writes_the_fitted_scales_into_the_model_config(small_store, tmp_pat
     assert cfg.spread_scale
     assert all(np.isclose(FACTORS, v).any() for v in cfg.spread_scale.values())
     assert set(cfg.spread_scale) <= {m.name for m in cfg.raster_modalities()}
+
+
+def _draws(n: int, gen: torch.Generator, fine: float, smooth: float) -> torch.Tensor:
+    """``n`` windows (n, 2, 40, 40) of white noise times ``fine`` plus a field blurred by
+    3 px (rescaled to about unit variance) times ``smooth``."""
+    white = torch.randn((n, 2, 40, 40), generator=gen)
+    blob = gaussian_blur(torch.randn((n, 2, 40, 40), generator=gen), 3.0) * 10.6
+    return fine * white + smooth * blob
+
+
+def _windows(fine: float, smooth: float, members: int = 6, seed: int = 0):
+    """Made-up windows: the truth drawn from (1, 1), each member from (fine, smooth)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(6):
+        mu = torch.zeros(8, 2, 40, 40)
+        res = torch.stack([_draws(8, gen, fine, smooth) for _ in range(members)])
+        y = _draws(8, gen, 1.0, 1.0)
+        out.append(("g", mu, res, y, torch.ones_like(y, dtype=torch.bool)))
+    return out
+
+
+def test_band_factors_are_one_for_members_drawn_as_the_truth_is():
+    factors, ratio = band_factors(_windows(1.0, 1.0), ["g"])
+    factors = np.asarray(factors)
+    assert factors.shape == (2, NUM_BANDS)  # per band of the group, per scale
+    # the level band holds few values (one per window), so it is looser
+    np.testing.assert_allclose(factors[:, :-1], 1.0, atol=0.12)
+    assert ((factors[:, -1] > 0.6) & (factors[:, -1] < 1.6)).all()
+    np.testing.assert_allclose(ratio, 1 / factors, rtol=1e-6)
+
+
+def test_band_factors_calm_excess_pixel_noise_and_restore_missing_relief():
+    factors = np.asarray(band_factors(_windows(3.0, 0.2), ["g"])[0])
+    assert (factors[:, 0] < 0.6).all()  # three times too much pixel noise (blobs add a little)
+    assert (factors[:, 2:4].max(1) > 2.0).all()  # a fifth of the 3 px structure
+    lo, hi = BAND_FACTOR_RANGE
+    assert ((lo <= factors) & (factors <= hi)).all()
+
+
+def test_band_factors_follow_each_band_and_the_groups_order():
+    a, b = _windows(1.0, 1.0, seed=1), _windows(3.0, 1.0, seed=2)
+    both = [("a", *w[1:]) for w in a] + [("b", *w[1:]) for w in b]
+    ab = np.asarray(band_factors(both, ["a", "b"])[0])
+    ba = np.asarray(band_factors(both, ["b", "a"])[0])
+    np.testing.assert_allclose(ab, np.concatenate([ba[2:], ba[:2]]))
+    assert (ab[2:, 0] < 0.6 * ab[:2, 0]).all()  # group b's pixel noise is the excess one
+    assert band_factors(both, ["a", "b", "c"]) == ([], [])  # a group without windows
+
+
+def test_band_factors_skip_windows_with_unknown_truth():
+    windows = _windows(1.0, 1.0)
+    poisoned = [(g, mu, res, torch.full_like(y, 1e6), k.clone()) for g, mu, res, y, k in windows]
+    for *_, known in poisoned:
+        known[:, 0, 0, 0] = False  # one unknown pixel per window: none counts
+    assert band_factors(windows + poisoned, ["g"]) == band_factors(windows, ["g"])
+    assert band_factors(poisoned, ["g"]) == ([], [])
+
+
+def test_cli_bands_writes_a_factor_per_scale_and_without_it_removes_them(
+    small_store, tmp_path, model
+):
+    folder = model.save_pretrained(tmp_path / "conv3")
+    args = ("calibrate", "-m", str(folder), "-d", str(small_store), "--split",
+            _split(small_store), "--members", "4", "--max-chips", "4")  # fmt: skip
+    res = run_cli(*args, "--bands")
+    assert res.returncode == 0, res.stderr
+    assert "per scale" in res.stdout
+    cfg = ModelConfig.load(folder / "config.json")
+    assert cfg.spread_bands and set(cfg.spread_bands) <= set(cfg.spread_scale)
+    lo, hi = BAND_FACTOR_RANGE
+    reg = cfg.registry
+    for name, rows in cfg.spread_bands.items():
+        rows = np.asarray(rows)
+        assert rows.shape == (sum(len(g.bands) for g in reg[name].groups), NUM_BANDS)
+        assert ((lo <= rows) & (rows <= hi)).all()
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    assert ModelConfig.load(folder / "config.json").spread_bands == {}
+
+
+@pytest.mark.parametrize(
+    "bands",
+    [{"dem": [[1.0] * (NUM_BANDS - 1)]}, {"dem": [[1.0] * NUM_BANDS] * 2}, {"nope": [[1.0]]}],
+)
+def test_spread_bands_of_the_wrong_shape_or_modality_are_refused(model, bands):
+    cfg = {**model.config.to_dict(), "spread_bands": bands}
+    with pytest.raises(TerrasynthError, match="spread_bands"):
+        ModelConfig.from_dict(cfg).validate()

@@ -16,10 +16,9 @@ from terrasynth.models.conv_generator import (
     LATENT_SIGMA,
     NOISE_SIGMAS,
     ConvGenerator,
-    gaussian_blur,
-    radius_of,
     smooth_noise,
 )
+from terrasynth.models.filters import NUM_BANDS, gaussian_blur, radius_of
 from terrasynth.models.retrieval import RetrievalIndex, summary_size
 from terrasynth.models.scene_model import ModalityInput
 from terrasynth.models.signals import location_vector
@@ -182,18 +181,22 @@ def test_the_targets_noise_moves_the_samples_of_all_targets_not_the_mean(config)
         assert _same(a[1], b[1], name)  # fresh members come from the generator only
 
 
-@needs_data
-def test_spread_scale_scales_the_residual_per_modality(config):
+def _with_and_without(config: ModelConfig, **change):
+    """Mean and two samples of s2l2a and dem from s1grd, by a model and by the same weights
+    under a changed config: (m0, s0, m1, s1)."""
     base = _model(config)
-    scaled_cfg = ModelConfig.from_dict(
-        {**config.to_dict(), "spread_scale": {"s2l2a": 0.0, "dem": 2.0}}
-    )
-    scaled = ConvGenerator(scaled_cfg).eval()
-    scaled.load_state_dict(base.state_dict())
+    changed = ConvGenerator(ModelConfig.from_dict({**config.to_dict(), **change})).eval()
+    changed.load_state_dict(base.state_dict())
     inputs = _inputs(config, torch.Generator().manual_seed(3), ["s2l2a", "dem"], ["s1grd"])
     with torch.no_grad():
         m0, s0 = base(inputs, GSD, members=2, generator=torch.Generator().manual_seed(0))
-        m1, s1 = scaled(inputs, GSD, members=2, generator=torch.Generator().manual_seed(0))
+        m1, s1 = changed(inputs, GSD, members=2, generator=torch.Generator().manual_seed(0))
+    return m0, s0, m1, s1
+
+
+@needs_data
+def test_spread_scale_scales_the_residual_per_modality(config):
+    m0, s0, m1, s1 = _with_and_without(config, spread_scale={"s2l2a": 0.0, "dem": 2.0})
     for i in range(2):
         assert _same(s1[i], m1, "s2l2a")  # no spread at all
         assert not _same(s0[i], m0, "s2l2a")
@@ -204,15 +207,24 @@ def test_spread_scale_scales_the_residual_per_modality(config):
 
 
 @needs_data
+def test_spread_bands_rescale_the_residual_per_spatial_scale(config):
+    only_level = [[0.0] * (NUM_BANDS - 1) + [1.0]]
+    ones = [[1.0] * NUM_BANDS for _ in range(12)]
+    m0, s0, m1, s1 = _with_and_without(config, spread_bands={"dem": only_level, "s2l2a": ones})
+    assert _same(m0, m1, "dem") and _same(m0, m1, "s2l2a")  # the mean is untouched
+    for i in range(2):
+        for g in s0[i]["s2l2a"]:  # factors of one: the samples as they were
+            torch.testing.assert_close(s1[i]["s2l2a"][g], s0[i]["s2l2a"][g], atol=1e-5, rtol=0)
+        r0 = s0[i]["dem"]["r30m"] - m0["dem"]["r30m"]
+        r1 = s1[i]["dem"]["r30m"] - m1["dem"]["r30m"]
+        # only the level band kept: each sample's residual is its chip mean, everywhere
+        torch.testing.assert_close(r1, r0.mean((-2, -1), keepdim=True).expand_as(r0))
+        assert float(r0.std()) > 10 * float(r1.std((-2, -1)).max())
+
+
+@needs_data
 def test_relief_smoothing_blurs_the_elevation_residual_only(config):
-    base = _model(config)
-    cfg = ModelConfig.from_dict({**config.to_dict(), "relief_smoothing": 2.0})
-    smooth = ConvGenerator(cfg).eval()
-    smooth.load_state_dict(base.state_dict())
-    inputs = _inputs(config, torch.Generator().manual_seed(3), ["s2l2a", "dem"], ["s1grd"])
-    with torch.no_grad():
-        m0, s0 = base(inputs, GSD, members=2, generator=torch.Generator().manual_seed(0))
-        m1, s1 = smooth(inputs, GSD, members=2, generator=torch.Generator().manual_seed(0))
+    m0, s0, m1, s1 = _with_and_without(config, relief_smoothing=2.0)
     assert _same(m0, m1, "dem") and _same(s0[0], s1[0], "s2l2a")  # not optical bands
     for i in range(2):
         r0 = s0[i]["dem"]["r30m"] - m0["dem"]["r30m"]

@@ -896,10 +896,14 @@ def calibrate(
     members: Annotated[int, typer.Option(help="Samples per chip.", callback=at_least(2))] = 8,
     max_chips: Annotated[int, count_option("Chips per modality.")] = 64,
     seed: Annotated[int, SEED] = 0,
+    bands: Annotated[
+        bool, typer.Option(help="Also fit the spread per spatial scale (spread_bands).")
+    ] = False,
 ) -> None:
     """Fit the spread of a one-step generator per modality on the validation split.
 
-    Writes ``spread_scale`` into the model's config.json (the factor minimising CRPS)."""
+    Writes ``spread_scale`` into the model's config.json (the factor minimising CRPS), and
+    with ``--bands`` ``spread_bands`` (per spatial scale, spread matching error)."""
     from terrasynth.data.store import ChipStore
     from terrasynth.evaluation.calibration import fit_spread_scale
     from terrasynth.pipeline import Pipeline
@@ -911,7 +915,9 @@ def calibrate(
     cfg = pipe.model.config
     if cfg.backbone != "conv_generator":
         raise TerrasynthError(f"{model}: only one-step generators (conv_generator) have a spread")
-    fits = fit_spread_scale(pipe.model, str(store), split, members, max_chips, seed=seed)
+    fits = fit_spread_scale(
+        pipe.model, str(store), split, members, max_chips, seed=seed, bands=bands
+    )
     if not fits:
         raise TerrasynthError(f"{store}: no {split} chip holds a modality of the model")
     typer.echo(
@@ -924,7 +930,11 @@ def calibrate(
             f"{r['spread_skill_at_1']:8.3f} {r['spread_skill']:13.3f} "
             f"{r['coverage_90_at_1']:9.3f} {r['coverage_90']:6.3f}"
         )
+        if fit.bands:
+            typer.echo("  " + fit.band_summary())
     cfg.spread_scale = {**cfg.spread_scale, **{n: f.scale for n, f in fits.items()}}
+    kept = {n: b for n, b in cfg.spread_bands.items() if n not in fits}
+    cfg.spread_bands = {**kept, **{n: f.bands for n, f in fits.items() if f.bands}}
     cfg.save(Path(pipe.source) / "config.json")
     typer.echo(f"spread_scale written to {Path(pipe.source) / 'config.json'}")
 

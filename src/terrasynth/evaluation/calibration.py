@@ -7,6 +7,13 @@ it is chosen on the validation split (never test) to minimise the CRPS of ``all 
 generations, over a log grid of factors, and stored in the model's ``config.json`` as
 ``spread_scale``. Minimising a proper score is what a calibrated spread does; the spread
 to error ratio and the 90 % interval coverage at the chosen factor are reported beside it.
+
+With ``bands``, the residual is first calibrated per spatial scale (``spread_bands``,
+``models/filters.py``): per scale band, the factor that makes the members' spread match
+the error of their mean at that scale (the power of ``truth - ensemble mean`` equals
+``(1 + 1/N)`` times the members' unbiased variance, as it does for a calibrated
+ensemble), so samples are as rough as the truth at every scale; the CRPS factor is then
+fitted on top of the rescaled residuals.
 """
 
 from __future__ import annotations
@@ -21,11 +28,15 @@ from torch.utils.data import DataLoader, Subset
 from terrasynth.data.dataset import ChipDataset, collate_chips
 from terrasynth.evaluation.metrics import interval_coverage
 from terrasynth.evaluation.translate import tiles
+from terrasynth.models.conv_generator import band_rows
+from terrasynth.models.filters import NAMES as SCALE_NAMES
+from terrasynth.models.filters import rescale_bands, split_bands
 from terrasynth.models.signals import batch_signals
 from terrasynth.sampling.conditional import sampling_inputs
 from terrasynth.training.score_objective import fair_crps
 
 FACTORS = np.exp(np.linspace(np.log(0.25), np.log(4.0), 25))
+BAND_FACTOR_RANGE = (0.05, 10.0)  # a band the residual lacks is not blown up from round-off
 
 
 @dataclass
@@ -39,6 +50,9 @@ class ScaleFit:
     spread: np.ndarray = field(default_factory=lambda: np.zeros(len(FACTORS)))
     sq_err: float = 0.0
     inside90: np.ndarray = field(default_factory=lambda: np.zeros(len(FACTORS)))
+    # per band, factors per scale band (empty: none) and the spread/error ratios before them
+    bands: list[list[float]] = field(default_factory=list)
+    band_spread: list[list[float]] = field(default_factory=list)
 
     @property
     def best(self) -> int:
@@ -47,6 +61,14 @@ class ScaleFit:
     @property
     def scale(self) -> float:
         return float(FACTORS[self.best])
+
+    def band_summary(self) -> str:
+        """One line: per scale band, the medians over bands of the spread/error ratio before
+        calibration and of the factor."""
+        before, after = np.median(self.band_spread, 0), np.median(self.bands, 0)
+        return "per scale, median over bands (spread/skill before -> factor): " + ", ".join(
+            f"{n} {b:.2f} -> {f:.2f}" for n, b, f in zip(SCALE_NAMES, before, after, strict=True)
+        )
 
     def summary(self) -> dict[str, float]:
         n = max(self.values, 1)
@@ -62,6 +84,8 @@ class ScaleFit:
             "coverage_90_at_1": float(self.inside90[one] / n),
             "coverage_90": float(self.inside90[i] / n),
             "chips": self.chips,
+            "bands": np.round(self.bands, 4).tolist(),
+            "band_spread_skill": np.round(self.band_spread, 4).tolist(),
         }
 
 
@@ -75,14 +99,16 @@ def fit_spread_scale(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
+    bands: bool = False,
 ) -> dict[str, ScaleFit]:
-    """Fit ``spread_scale`` per continuous raster modality (see the module docstring).
+    """Fit ``spread_scale`` (and with ``bands``, ``spread_bands``) per continuous raster
+    modality (see the module docstring).
 
     Units are the store-normalised ones the model works in. Modalities without chips in
     ``split`` are left out (they keep their factor)."""
     cfg = model.config
-    saved = dict(cfg.spread_scale)
-    cfg.spread_scale = {}  # fit against the raw residuals
+    saved, saved_bands = dict(cfg.spread_scale), dict(cfg.spread_bands)
+    cfg.spread_scale, cfg.spread_bands = {}, {}  # fit against the raw residuals
     model.eval()
     try:
         ds = ChipDataset(store, split=split)
@@ -102,30 +128,78 @@ def fit_spread_scale(
             loader = DataLoader(
                 Subset(ds, pick.tolist()), batch_size=batch_size, collate_fn=collate_chips
             )
-            for chips in loader:
-                for batch in tiles(chips, cfg.window_size, ds.chip_size):
-                    _fit_batch(model, fit, mod.name, batch, cfg, order, members, gen)
+            windows = [
+                w
+                for chips in loader
+                for batch in tiles(chips, cfg.window_size, ds.chip_size)
+                for w in _generate(model, mod.name, batch, cfg, order, members, gen)
+            ]
+            if bands:
+                groups = [g.name for g in mod.groups]
+                fit.bands, fit.band_spread = band_factors(windows, groups)
+            per_group = band_rows(mod, fit.bands) if fit.bands else {}
+            for group, mu, res, y, known in windows:
+                if group in per_group:
+                    res = rescale_bands(res.flatten(0, 1), per_group[group]).view(res.shape)
+                _accumulate(fit, mu, res, y, known.numpy())
         return fits
     finally:
-        cfg.spread_scale = saved
+        cfg.spread_scale, cfg.spread_bands = saved, saved_bands
 
 
-def _fit_batch(model, fit: ScaleFit, name: str, batch: dict, cfg, order, members, gen) -> None:
-    """Generate ``name`` on one batch of tiles from all else and accumulate the scores
-    (tiles of the model's sampling window, as the benchmark and generation cut them)."""
+Window = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _generate(model, name: str, batch: dict, cfg, order, members, gen) -> list[Window]:
+    """Generate ``name`` on one batch of tiles from all else (tiles of the model's sampling
+    window, as the benchmark and generation cut them): per band group, its name, the mean
+    (B, C, H, W), the members' residuals (N, B, C, H, W), the truth and its known mask."""
     sig = batch_signals(batch, cfg, order)
     if name not in sig:
-        return
+        return []
     target = sig[name]
     x = {name: {g: torch.randn(v.shape, generator=gen) for g, v in target.groups.items()}}
     conds = {n: s for n, s in sig.items() if n == name or bool(s.present.any())}
     inputs = sampling_inputs(conds, [name], x, 1.0, batch["gsd"], None, True)
     mean, samples = model(inputs, batch["gsd"], members=members, generator=gen)
+    out = []
     for g, y in target.groups.items():
-        known = (target.known[g] > 0).numpy()
         mu = mean[name][g].float()
         res = torch.stack([s[name][g].float() - mu for s in samples])
-        _accumulate(fit, mu, res, y, known)
+        out.append((g, mu, res, y.float(), target.known[g] > 0))
+    return out
+
+
+def band_factors(
+    windows: list[Window], groups: list[str]
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Per band (``groups``' bands in order) and scale band: the factor on the residual that
+    makes the members' spread match the error of their mean, and the spread/error ratio
+    before it. Only windows whose truth is known everywhere count (a gap would put false
+    edges into every band); empty lists where none does."""
+    err_power: dict[str, np.ndarray] = {}
+    spread_power: dict[str, np.ndarray] = {}
+    members = 2
+    for group, mu, res, y, known in windows:
+        whole = known.flatten(1).all(1)
+        if not bool(whole.any()):
+            continue
+        members = res.shape[0]
+        res, mu, y = res[:, whole], mu[whole], y[whole]
+        ens = res.mean(0)
+        err = split_bands(y - mu - ens)
+        dev = split_bands((res - ens).flatten(0, 1))
+        e = np.stack([(b.double() ** 2).sum((0, 2, 3)).numpy() for b in err], 1)
+        d = np.stack([(b.double() ** 2).sum((0, 2, 3)).numpy() for b in dev], 1)
+        err_power[group] = err_power.get(group, 0) + e
+        spread_power[group] = spread_power.get(group, 0) + d / (members - 1)
+    if any(g not in err_power for g in groups):
+        return [], []
+    err = np.concatenate([err_power[g] for g in groups])
+    calibrated = (1 + 1 / members) * np.concatenate([spread_power[g] for g in groups])
+    ratio = np.sqrt(calibrated / np.maximum(err, 1e-30))
+    factors = np.clip(np.sqrt(err / np.maximum(calibrated, 1e-30)), *BAND_FACTOR_RANGE)
+    return factors.tolist(), ratio.tolist()
 
 
 def _accumulate(

@@ -15,6 +15,7 @@ from typing import Any
 from terrasynth.atomic import write_text
 from terrasynth.errors import TerrasynthError
 from terrasynth.modalities import Modality, Registry
+from terrasynth.models.filters import NUM_BANDS
 
 # Vector modalities have no pixels: each is one token of this many numbers.
 LOCATION_DIM = 3  # unit vector on the sphere
@@ -60,6 +61,11 @@ class ModelConfig:
     generator_channels: int = 32  # width of the residual generator
     ensemble: int = 4  # members per chip in training (fair CRPS, energy score)
     spread_scale: dict[str, float] = field(default_factory=dict)  # calibration per modality
+    # calibration per modality, band and spatial scale: per band (in the order of the
+    # modality's band groups) factors on the residual's scale bands (models/filters.py),
+    # fitted on validation so that each scale's spread matches the error at that scale
+    # (samples as rough as the truth, relief as large as the error)
+    spread_bands: dict[str, list[list[float]]] = field(default_factory=dict)
     retrieval_k: int = 0  # training chips looked up per window as conditioning (0: none)
     relief_smoothing: float = 0.0  # Gaussian sigma (px) on elevation targets' residual
     # each sample takes the level of one retrieved neighbour (a mixture, as kNN's ensemble
@@ -124,6 +130,17 @@ class ModelConfig:
             out["time"] = TIME_DIM
         return out
 
+    def _validate_spread_bands(self) -> None:
+        reg = self.registry
+        for name, rows in self.spread_bands.items():
+            if name not in self.modalities or reg[name].kind != "continuous":
+                raise TerrasynthError(f"spread_bands: '{name}' is no continuous modality")
+            bands = sum(len(g.bands) for g in reg[name].groups)
+            if len(rows) != bands or any(len(r) != NUM_BANDS for r in rows):
+                raise TerrasynthError(
+                    f"spread_bands['{name}']: {bands} rows of {NUM_BANDS} factors expected"
+                )
+
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
             raise TerrasynthError(
@@ -160,6 +177,7 @@ class ModelConfig:
                 raise TerrasynthError("level_gate_init: a share between 0 and 1 (exclusive)")
             if not self.retrieval_exclusion_m or min(self.retrieval_exclusion_m) < 0:
                 raise TerrasynthError("retrieval_exclusion_m: one or more radii of 0 m or more")
+            self._validate_spread_bands()
             return
         if self.backbone == "unet":
             multiple = 2 ** (len(self.widths) - 1)

@@ -46,6 +46,7 @@ from terrasynth.modalities import Modality
 from terrasynth.modalities.registry import SPECTRAL_SLOTS
 from terrasynth.models.base import FullResolutionFeatures, PretrainedMixin
 from terrasynth.models.config import AMPLITUDE_FLOOR, ModelConfig
+from terrasynth.models.filters import gaussian_blur, radius_of, rescale_bands
 from terrasynth.models.retrieval import RetrievalIndex, summarise, summary_size
 from terrasynth.models.scene_model import ModalityInput
 
@@ -87,24 +88,6 @@ class FiLMBlock(nn.Module):
 def _modulate(x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
     scale, shift = film.chunk(2, 1)
     return x * (1 + scale) + shift
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``x`` (B, C, H, W) blurred by a separable Gaussian of ``sigma`` pixels, borders
-    reflected. A stride-1 filter keeps it translation-equivariant: two overlapping windows
-    cut from one field agree where they overlap (up to their borders)."""
-    if sigma <= 0:
-        return x
-    radius = radius_of(sigma)
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    small = radius >= min(x.shape[-2:])  # reflection needs more pixels than the pad
-    y = F.pad(x, (radius, radius, radius, radius), mode="replicate" if small else "reflect")
-    # separable: a row pass then a column pass
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def smooth_noise(noise: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -152,7 +135,7 @@ def _anomaly(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     return x - level if keep is None else x - (1 - keep) * level
 
 
-def _by_group(mod: Modality, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def by_group(mod: Modality, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Split ``x`` (B, C, ...), C the bands of all of ``mod``'s groups in order, per group."""
     out, offset = {}, 0
     for g in mod.groups:
@@ -161,9 +144,10 @@ def _by_group(mod: Modality, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-def radius_of(sigma: float) -> int:
-    """Half-width of the Gaussian kernel of ``sigma`` pixels."""
-    return max(1, math.ceil(3 * sigma))
+def band_rows(mod: Modality, rows: list[list[float]]) -> dict[str, torch.Tensor]:
+    """Per band group, its rows (C, ...) of a table with one row per band of ``mod``."""
+    t = torch.as_tensor(rows, dtype=torch.float32)
+    return {g: v.transpose(0, 1) for g, v in by_group(mod, t.transpose(0, 1)).items()}
 
 
 class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
@@ -398,6 +382,10 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                 elif near is not None:  # this sample's neighbour: its level, gated
                     dev = self._level_deviation(mod, mu, near, u)
                     res = {g: res[g] + gate[:, :, None, None] * dev[g] for g in res}
+                bands = self.config.spread_bands.get(name)
+                if bands:  # calibration per band and spatial scale (models/filters.py)
+                    per_group = band_rows(mod, bands)
+                    res = {g: rescale_bands(r, per_group[g]) for g, r in res.items()}
                 s[name] = {g: mu[g] + scale * res[g] for g in mu}
         if members == 1:
             return samples[0]
@@ -624,7 +612,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
             max=self.config.retrieval_amplitude_max
         )
         ratio = torch.where(found, ratio, torch.ones_like(ratio))
-        return {g: r[:, :, None, None] for g, r in _by_group(mod, ratio).items()}
+        return {g: r[:, :, None, None] for g, r in by_group(mod, ratio).items()}
 
     def _pixel_levels(
         self,
@@ -644,7 +632,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         factor = {g.name: g.factor for g in mod.groups}
         return {
             g: (F.avg_pool2d(d, factor[g]) if factor[g] > 1 else d).to(mu[g].dtype)
-            for g, d in _by_group(mod, dev).items()
+            for g, d in by_group(mod, dev).items()
         }
 
     def _level_deviation(
@@ -663,7 +651,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         j = j.clamp(max=levels.shape[1] - 1)[:, 0]
         pick = levels[torch.arange(levels.shape[0], device=levels.device), j]  # (B, C)
         dev = torch.where(torch.isfinite(pick), pick - mean, torch.zeros_like(mean))
-        return {g: d[:, :, None, None].to(mu[g].dtype) for g, d in _by_group(mod, dev).items()}
+        return {g: d[:, :, None, None].to(mu[g].dtype) for g, d in by_group(mod, dev).items()}
 
     def _target_film(
         self, name: str, cond: torch.Tensor, retrieved: torch.Tensor | None = None
