@@ -200,6 +200,7 @@ def test_bad_input_is_one_error_line(small_store, tmp_path, capsys):
         (["-d", str(bare)], "no label modality"),
         (["-d", str(small_store), "--labels", "landsat8"], "'landsat8' is not a label modality"),
         (["-d", str(small_store), "--unet", str(tmp_path)], "not a U-Net folder"),
+        (["-d", str(small_store), "--head", "deep"], "--head must be one of linear, mlp, both"),
         (["-d", str(tmp_path / "nowhere")], "nowhere"),
     ]
     for args, pattern in cases:

@@ -282,7 +282,7 @@ def _standardised(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return mean, std, (xt - mean) / std
 
 
-def _data_loss(y: np.ndarray, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def _data_loss(y: np.ndarray, kind: str) -> Callable[..., torch.Tensor]:
     """The mean cross-entropy of logits against ``y``: softmax (class indices) or one
     sigmoid per label (``multilabel``); ``loss(logits, rows)``: of those rows only."""
     if kind == "multilabel":
@@ -337,10 +337,10 @@ def fit_mlp(
 ) -> MLPProbe:  # fmt: skip
     """Fit an :class:`MLPProbe` (module docstring) on the arguments of :func:`fit_linear`:
     AdamW (decoupled ``weight_decay`` on the weight matrices) for ``steps`` (default
-    ``MLP_STEPS``) steps of
-    ``batch`` samples (all of them if fewer), in seeded epochs. ``start``: a probe of the
-    same features to start from, else a seeded initialisation (``nn.Linear``'s uniform
-    bounds); dropout and draws come from a ``torch.Generator`` of ``seed``: deterministic."""
+    ``MLP_STEPS``) steps of ``batch`` samples (all of them if fewer), in seeded epochs.
+    ``start``: a probe of the same features to start from, else a seeded initialisation
+    (``nn.Linear``'s uniform bounds); dropout and draws come from a ``torch.Generator`` of
+    ``seed``: deterministic."""
     mean, std, z = _standardised(x)
     gen = torch.Generator().manual_seed(seed)
     if start is None:
