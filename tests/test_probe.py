@@ -1,5 +1,6 @@
-"""Linear probes: the metrics on made-up arrays, the probe on a separable problem, and
-``terrasynth probe`` end to end on a small real store."""
+"""Linear probes: the metrics on made-up arrays, the probe on a separable problem, the MLP
+head on a problem no linear probe solves, and ``terrasynth probe`` end to end on a small
+real store."""
 
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ import torch
 from terrasynth.data.store import ChipStore
 from terrasynth.errors import TerrasynthError
 from terrasynth.evaluation import metrics as M
+from terrasynth.evaluation import probe as probe_module
 from terrasynth.evaluation.probe import (
     bootstrap,
+    chip_counts,
     class_map_scores,
     confusion,
     fit_linear,
+    fit_mlp,
+    head,
     label_counts,
     multilabel_scores,
     probe_splits,
@@ -92,6 +97,33 @@ def test_a_linear_probe_separates_a_separable_problem():
     assert s["accuracy"] > 0.95 and s["macro_f1"] > 0.9
 
 
+def test_the_mlp_head_learns_what_a_linear_probe_cannot():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (1200, 4))  # two informative features, two of noise
+    y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).astype(np.int64)  # XOR: no half-space holds it
+    cx, cy = np.split(x, 12), np.split(y, 12)
+    f1 = {}
+    for name in ("linear", "mlp"):
+        probe = select_and_fit((cx[:8], cy[:8]), (cx[8:10], cy[8:10]), "categorical", 2,
+                               head=head(name, seed=3))  # fmt: skip
+        f1[name] = class_map_scores(chip_counts(probe, cx[10:], cy[10:], 2).sum(0))["macro_f1"]
+    assert f1["mlp"] > 0.9 and f1["linear"] < 0.7
+    labels = np.stack([y, 1 - y], 1)  # label vectors: one sigmoid per label
+    multi = fit_mlp(x[:1000], labels[:1000], "multilabel", 2, 1e-2)
+    assert multilabel_scores(label_counts(multi.predict(x[1000:]), labels[1000:]))["macro_f1"] > 0.9
+
+
+def test_the_mlp_head_is_deterministic_given_the_seed():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(300, 5)), rng.integers(0, 3, 300)
+    a, b, c = (fit_mlp(x, y, "categorical", 3, 1e-2, seed=s, steps=20) for s in (7, 7, 8))
+    assert torch.equal(a.logits(x), b.logits(x)) and not torch.equal(a.logits(x), c.logits(x))
+    kept = fit_mlp(x, y, "categorical", 3, 1e-2, start=a, steps=0)  # starts from a's weights
+    assert torch.equal(kept.logits(x), a.logits(x))
+    with pytest.raises(TerrasynthError, match="unknown probe head 'deep'"):
+        head("deep")
+
+
 # -- on a real store -----------------------------------------------------------------------
 
 
@@ -120,10 +152,14 @@ def test_a_label_set_in_one_split_is_split_again_by_place(small_store):
 
 @pytest.mark.needs_data
 @pytest.mark.usefixtures("one_torch_thread")
-def test_the_cli_writes_every_feature_set(small_store, unet_folder, tmp_path, capsys):
+def test_the_cli_writes_every_feature_set_and_head(
+    small_store, unet_folder, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(probe_module, "MLP_STEPS", 20)  # rows for every head, not their quality
     out = tmp_path / "probe"
     args = ["probe", "-d", str(small_store), "-o", str(out), "--unet", str(unet_folder),
-            "--labels", "landcover_nlcd", "--labels", "corine", "--max-chips", "3"]  # fmt: skip
+            "--labels", "landcover_nlcd", "--labels", "corine", "--max-chips", "3",
+            "--head", "both"]  # fmt: skip
     assert "probe.csv, probe.md" in cli_ok(capsys, args)
     rows = csv_rows(out / "probe.csv")
     assert list(rows[0])[:7] == ["label", "features", "inputs", "metric", "value", "low", "high"]
@@ -131,7 +167,10 @@ def test_the_cli_writes_every_feature_set(small_store, unet_folder, tmp_path, ca
     for label, metrics in (("landcover_nlcd", {"accuracy", "macro_f1", "miou"}),
                            ("corine", {"accuracy", "micro_f1", "macro_f1"})):  # fmt: skip
         mine = [r for r in rows if r["label"] == label]
-        assert {r["features"] for r in mine} == {"model", "random_init", "raw_bands", "unet"}
+        features = {"model", "random_init", "raw_bands", "unet"}
+        assert {(r["features"], r["head"]) for r in mine} == {
+            (f, h) for f in features for h in ("linear", "mlp")
+        }
         assert {r["metric"] for r in mine} == metrics
         for r in mine:
             v, lo, hi = float(r["value"]), float(r["low"]), float(r["high"])
@@ -144,7 +183,8 @@ def test_the_cli_writes_every_feature_set(small_store, unet_folder, tmp_path, ca
     assert inputs == {"corine": {"s2l2a", "s1grd", "s2l2a+s1grd"},
                       "landcover_nlcd": {"landsat8", "dem", "landsat8+dem"}}  # fmt: skip
     md = (out / "probe.md").read_text()
-    assert "## landcover_nlcd" in md and "| landsat8+dem | unet |" in md
+    assert "## landcover_nlcd" in md and "| landsat8+dem | unet | mlp |" in md
+    assert "| landcover_nlcd | landsat8 | mlp |" in md  # the summary, per head
     assert (out / ".terrasynth-output").is_file()
 
 
@@ -160,6 +200,7 @@ def test_bad_input_is_one_error_line(small_store, tmp_path, capsys):
         (["-d", str(bare)], "no label modality"),
         (["-d", str(small_store), "--labels", "landsat8"], "'landsat8' is not a label modality"),
         (["-d", str(small_store), "--unet", str(tmp_path)], "not a U-Net folder"),
+        (["-d", str(small_store), "--head", "deep"], "--head must be one of linear, mlp, both"),
         (["-d", str(tmp_path / "nowhere")], "nowhere"),
     ]
     for args, pattern in cases:

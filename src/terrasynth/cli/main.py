@@ -775,19 +775,27 @@ def probe(
     ] = None,
     seed: Annotated[int, SEED] = 0,
     batch_size: Annotated[int, count_option("Chips per batch.")] = 16,
+    head: Annotated[
+        str,
+        typer.Option(
+            help="Probe on the frozen features: linear, mlp (2 layers) or both.",
+            callback=one_of("linear", "mlp", "both"),
+        ),
+    ] = "linear",
     overwrite: Annotated[bool, OVERWRITE] = False,
     device: Annotated[str, DEVICE] = "cpu",
 ) -> None:
-    """Linear probes of the model's embeddings on the store's label modalities.
+    """Linear probes (--head mlp: a small MLP head) of the model's embeddings on the
+    store's label modalities.
 
     Per label set (class maps, label vectors) and input subset: the model's features, a
     randomly initialised model of the same architecture, raw band statistics and the
     U-Net's features (--unet); accuracy, macro F1 and mIoU on the test split with
-    bootstrap 95 % intervals. See docs/probe.md.
+    bootstrap 95 % intervals. The heads are trained on frozen features. See docs/probe.md.
     """
     from terrasynth.data.store import ChipStore
     from terrasynth.evaluation.baselines import load_unet
-    from terrasynth.evaluation.probe import label_modalities, run_probes, write_probes
+    from terrasynth.evaluation.probe import HEADS, label_modalities, run_probes, write_probes
     from terrasynth.pipeline import Pipeline
 
     if store is None or output is None:
@@ -797,16 +805,19 @@ def probe(
     pipe = Pipeline.from_pretrained(model).to(device)
     net = load_unet(unet).to(pipe.device) if unet is not None else None
     notes: list[str] = []
+    heads = HEADS if head == "both" else (head,)
     t0 = time.perf_counter()
     with _progress_steps("probe", "chips") as step:
-        rows = run_probes(pipe.model, store, net, labels, max_chips, seed, batch_size, step, notes)
+        rows = run_probes(
+            pipe.model, store, net, labels, max_chips, seed, batch_size, step, notes, heads
+        )
     for n in notes:
         typer.echo(f"warning: {n}", err=True)
     if not rows:
         raise TerrasynthError(f"{store}: no label set could be probed")
     settings = {
         "model": pipe.source, "store": str(store), "unet": str(unet) if unet else None,
-        "max_chips": max_chips, "seed": seed,
+        "max_chips": max_chips, "seed": seed, "head": head,
         "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     write_probes(rows, output, settings, overwrite=overwrite)

@@ -1,4 +1,5 @@
-"""Linear probes of embeddings on a store's label modalities (``terrasynth probe``).
+"""Linear probes (and a small MLP head) of embeddings on a store's label modalities
+(``terrasynth probe``).
 
 >>> from terrasynth.probe import run_probes, write_probes
 >>> rows = run_probes(Pipeline.from_pretrained().model, "store", unet="runs/unet")
@@ -51,6 +52,15 @@ prediction).
 layer trained by full-batch L-BFGS on the mean cross-entropy plus ``weight_decay / 2 *
 ||W||^2`` from zeros (a convex problem: deterministic); the training pixels of a chip are
 at most ``MAX_FIT_PIXELS`` (seeded draw), test pixels are all kept.
+
+**MLP head** (``heads`` holding ``mlp``): on the same standardised features and targets,
+``gelu(z @ W1 + b1) @ W2 + b2`` with ``MLP_HIDDEN`` hidden units and dropout
+``MLP_DROPOUT`` while training, trained by AdamW (learning rate ``MLP_LR``, decoupled
+weight decay on ``W1`` and ``W2`` from ``MLP_WEIGHT_DECAYS``, picked on the validation chips
+as the linear probe's) for ``MLP_STEPS`` steps of ``MLP_BATCH`` samples, every decay from
+the same initialisation; draws, initialisation and dropout from a ``torch.Generator`` of
+the seed, so deterministic. The head is trained on frozen features: the backbone is never
+updated (no end-to-end fine-tuning).
 """
 
 from __future__ import annotations
@@ -61,6 +71,7 @@ import hashlib
 import io
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +94,13 @@ from terrasynth.sampling.conditional import sampling_inputs
 LABEL_KINDS = ("categorical", "multilabel")
 FEATURE_SETS = ("model", "random_init", "raw_bands", "unet")
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+HEADS = ("linear", "mlp")
+MLP_WEIGHT_DECAYS = (1e-3, 1e-2, 1e-1, 1.0)  # AdamW's decoupled decay
+MLP_HIDDEN = 64
+MLP_DROPOUT = 0.1
+MLP_STEPS = 300
+MLP_BATCH = 256
+MLP_LR = 3e-3
 MAX_FIT_PIXELS = 128  # training / validation pixels per chip (class maps)
 BOOTSTRAP = 1000
 LEVEL = 0.95
@@ -93,6 +111,7 @@ METRICS = {
 CSV_COLUMNS = (
     "label", "features", "inputs", "metric", "value", "low", "high", "kind", "split",
     "train_chips", "val_chips", "test_chips", "test_places", "test_samples", "weight_decay",
+    "head",
 )  # fmt: skip
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -197,8 +216,31 @@ def place_bootstrap(
 
 
 # -- the probe -----------------------------------------------------------------------------
+class Probe:
+    """A head on standardised features: ``logits`` of (N, C) features, and ``predict``."""
+
+    kind: str
+    mean: torch.Tensor
+    std: torch.Tensor
+    weight_decay: float
+
+    def standardised(self, x: np.ndarray) -> torch.Tensor:
+        """(N, C) features standardised with the training mean and standard deviation."""
+        return (torch.as_tensor(x, dtype=torch.float32) - self.mean) / self.std
+
+    def logits(self, x: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} defines no logits")
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Class indices (N,), or 0/1 labels (N, L)."""
+        logits = self.logits(x)
+        if self.kind == "multilabel":
+            return (logits > 0).numpy().astype(np.int64)
+        return logits.argmax(1).numpy()
+
+
 @dataclass
-class LinearProbe:
+class LinearProbe(Probe):
     """A linear layer on standardised features: softmax over classes, or one sigmoid per
     label."""
 
@@ -210,15 +252,53 @@ class LinearProbe:
     weight_decay: float
 
     def logits(self, x: np.ndarray) -> torch.Tensor:
-        z = (torch.as_tensor(x, dtype=torch.float32) - self.mean) / self.std
-        return z @ self.weight + self.bias
+        return self.standardised(x) @ self.weight + self.bias
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Class indices (N,), or 0/1 labels (N, L)."""
-        logits = self.logits(x)
-        if self.kind == "multilabel":
-            return (logits > 0).numpy().astype(np.int64)
-        return logits.argmax(1).numpy()
+
+@dataclass
+class MLPProbe(Probe):
+    """Two layers on standardised features: ``gelu(z @ w1 + b1) @ w2 + b2`` (dropout only
+    while training); softmax over classes, or one sigmoid per label."""
+
+    kind: str
+    mean: torch.Tensor
+    std: torch.Tensor
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    weight_decay: float
+
+    def logits(self, x: np.ndarray) -> torch.Tensor:
+        return F.gelu(self.standardised(x) @ self.w1 + self.b1) @ self.w2 + self.b2
+
+
+def _standardised(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training mean and standard deviation of (N, C) features, and the features
+    standardised with them."""
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    mean = xt.mean(0)
+    std = xt.std(0, unbiased=False).clamp_min(1e-6)
+    return mean, std, (xt - mean) / std
+
+
+def _data_loss(y: np.ndarray, kind: str) -> Callable[..., torch.Tensor]:
+    """The mean cross-entropy of logits against ``y``: softmax (class indices) or one
+    sigmoid per label (``multilabel``); ``loss(logits, rows)``: of those rows only."""
+    if kind == "multilabel":
+        target = torch.as_tensor(y, dtype=torch.float32)
+
+        def loss(logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+            t = target if rows is None else target[rows]
+            return F.binary_cross_entropy_with_logits(logits, t)
+
+        return loss
+    classes = torch.as_tensor(y, dtype=torch.int64)
+
+    def loss(logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return F.cross_entropy(logits, classes if rows is None else classes[rows])
+
+    return loss
 
 
 def fit_linear(
@@ -228,25 +308,12 @@ def fit_linear(
     """Fit a :class:`LinearProbe` (module docstring) on (N, C) features and (N,) class
     indices (``categorical``) or (N, L) 0/1 labels (``multilabel``). ``start``: a probe
     of the same features to start from (else zeros; the optimum is the same)."""
-    xt = torch.as_tensor(x, dtype=torch.float32)
-    mean = xt.mean(0)
-    std = xt.std(0, unbiased=False).clamp_min(1e-6)
-    z = (xt - mean) / std
+    mean, std, z = _standardised(x)
     w = torch.zeros(z.shape[1], outputs) if start is None else start.weight.clone()
     b = torch.zeros(outputs) if start is None else start.bias.clone()
     w.requires_grad_(True)
     b.requires_grad_(True)
-    if kind == "multilabel":
-        target = torch.as_tensor(y, dtype=torch.float32)
-
-        def data_loss(logits: torch.Tensor) -> torch.Tensor:
-            return F.binary_cross_entropy_with_logits(logits, target)
-    else:
-        target = torch.as_tensor(y, dtype=torch.int64)
-
-        def data_loss(logits: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(logits, target)
-
+    data_loss = _data_loss(y, kind)
     opt = torch.optim.LBFGS(
         [w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
         tolerance_grad=1e-5, tolerance_change=1e-7,
@@ -263,7 +330,78 @@ def fit_linear(
     return LinearProbe(kind, mean, std, w.detach(), b.detach(), weight_decay)
 
 
-def chip_counts(probe: LinearProbe, xs: list[np.ndarray], ys: list[np.ndarray], outputs: int):
+def fit_mlp(
+    x: np.ndarray, y: np.ndarray, kind: str, outputs: int, weight_decay: float,
+    start: MLPProbe | None = None, seed: int = 0, hidden: int = MLP_HIDDEN,
+    steps: int | None = None, batch: int = MLP_BATCH,
+) -> MLPProbe:  # fmt: skip
+    """Fit an :class:`MLPProbe` (module docstring) on the arguments of :func:`fit_linear`:
+    AdamW (decoupled ``weight_decay`` on the weight matrices) for ``steps`` (default
+    ``MLP_STEPS``) steps of ``batch`` samples (all of them if fewer), in seeded epochs.
+    ``start``: a probe of the same features to start from, else a seeded initialisation
+    (``nn.Linear``'s uniform bounds); dropout and draws come from a ``torch.Generator`` of
+    ``seed``: deterministic."""
+    mean, std, z = _standardised(x)
+    gen = torch.Generator().manual_seed(seed)
+    if start is None:
+        params = []
+        for fan_in, fan_out in ((z.shape[1], hidden), (hidden, outputs)):
+            bound = fan_in**-0.5
+            for shape in ((fan_in, fan_out), (fan_out,)):
+                params.append((torch.rand(shape, generator=gen) * 2 - 1) * bound)
+    else:
+        params = [t.clone() for t in (start.w1, start.b1, start.w2, start.b2)]
+    w1, b1, w2, b2 = (p.requires_grad_(True) for p in params)
+    groups = [{"params": [w1, w2], "weight_decay": weight_decay}, {"params": [b1, b2]}]
+    opt = torch.optim.AdamW(groups, lr=MLP_LR, weight_decay=0.0)
+    data_loss = _data_loss(y, kind)
+    n = len(z)
+    size = min(batch, n)
+    order = torch.randperm(n, generator=gen)
+    at = 0
+    with torch.enable_grad():
+        for _ in range(MLP_STEPS if steps is None else steps):
+            if at + size > n:
+                order, at = torch.randperm(n, generator=gen), 0
+            rows = order[at : at + size]
+            at += size
+            h = F.gelu(z[rows] @ w1 + b1)
+            keep = torch.rand(h.shape, generator=gen) >= MLP_DROPOUT
+            h = h * keep / (1 - MLP_DROPOUT)
+            opt.zero_grad()
+            data_loss(h @ w2 + b2, rows).backward()
+            opt.step()
+    w1, b1, w2, b2 = (p.detach() for p in (w1, b1, w2, b2))
+    return MLPProbe(kind, mean, std, w1, b1, w2, b2, weight_decay)
+
+
+Fitter = Callable[..., Probe]  # (x, y, kind, outputs, weight_decay, start=None) -> Probe
+
+
+@dataclass(frozen=True)
+class Head:
+    """A probe kind: its fitter (:func:`fit_linear`'s arguments), the weight decays it picks
+    from, and whether each decay's fit starts from the previous (larger) decay's probe."""
+
+    name: str
+    fit: Fitter
+    weight_decays: tuple[float, ...]
+    warm_start: bool
+
+
+LINEAR = Head("linear", fit_linear, WEIGHT_DECAYS, warm_start=True)
+
+
+def head(name: str, seed: int = 0) -> Head:
+    """The :class:`Head` called ``name`` (one of :data:`HEADS`); ``seed``: the MLP's."""
+    if name == "linear":
+        return LINEAR
+    if name == "mlp":  # every decay from the same seeded start: the pick ignores their order
+        return Head("mlp", partial(fit_mlp, seed=seed), MLP_WEIGHT_DECAYS, warm_start=False)
+    raise TerrasynthError(f"unknown probe head '{name}' (heads: {', '.join(HEADS)})")
+
+
+def chip_counts(probe: Probe, xs: list[np.ndarray], ys: list[np.ndarray], outputs: int):
     """Per chip: its confusion matrix (class maps) or label counts (label vectors)."""
     if probe.kind == "multilabel":
         return np.stack([label_counts(probe.predict(x), y) for x, y in zip(xs, ys, strict=True)])
@@ -279,15 +417,16 @@ def select_and_fit(
     val: tuple[list[np.ndarray], list[np.ndarray]],
     kind: str,
     outputs: int,
-    weight_decays: tuple[float, ...] = WEIGHT_DECAYS,
-) -> LinearProbe:
-    """The probe of the weight decay with the best validation macro F1 (the larger decay
-    on ties), fitted on the training samples."""
+    weight_decays: tuple[float, ...] | None = None,
+    head: Head = LINEAR,
+) -> Probe:
+    """The ``head``'s probe of the weight decay (default: the head's) with the best
+    validation macro F1 (the larger decay on ties), fitted on the training samples."""
     x = np.concatenate(train[0])
     y = np.concatenate(train[1])
     best, best_score, probe = None, -np.inf, None
-    for wd in sorted(weight_decays, reverse=True):  # each from the last: a warm start
-        probe = fit_linear(x, y, kind, outputs, wd, start=probe)
+    for wd in sorted(weight_decays or head.weight_decays, reverse=True):
+        probe = head.fit(x, y, kind, outputs, wd, start=probe if head.warm_start else None)
         counts = chip_counts(probe, val[0], val[1], outputs).sum(0)
         s = scores_of(kind)(counts)["macro_f1"]
         s = -1.0 if not np.isfinite(s) else s
@@ -504,6 +643,7 @@ class ProbeRow:
     test_places: int
     test_samples: int
     weight_decay: float
+    head: str  # the probe: linear or mlp
 
 
 @dataclass
@@ -553,11 +693,14 @@ def run_probes(
     batch_size: int = 16,
     progress: Progress | None = None,
     notes: list[str] | None = None,
+    heads: tuple[str, ...] = ("linear",),
 ) -> list[ProbeRow]:
     """Probe every label set of ``store`` (module docstring) with ``model``'s embeddings
     and the comparison feature sets. ``unet``: a U-Net (folder or model) whose features
     are compared too. ``max_chips``: at most this many chips per label set and split
-    (evenly spread). ``notes`` collects why a label set or input was left out."""
+    (evenly spread). ``notes`` collects why a label set or input was left out. ``heads``:
+    the probes fitted on every feature set (of :data:`HEADS`)."""
+    probes = [head(h, seed) for h in heads]
     st = ChipStore.open(store)
     names = label_modalities(st, labels)
     encoders = _encoders(model, _unet_model(unet), seed)
@@ -609,7 +752,8 @@ def run_probes(
         for k, (subset, enc) in enumerate(samples):
             if progress is not None:
                 progress(f"probes: {name} ({k + 1}/{len(samples)})", done, total)
-            out += _probe(samples[(subset, enc)], name, mod, enc, subset, how, seed, st)
+            for h in probes:
+                out += _probe(samples[(subset, enc)], name, mod, enc, subset, how, seed, st, h)
     return out
 
 
@@ -651,13 +795,17 @@ def _extract(samples, subset, batch, order, mod, encoders, chip, factor, rows, s
             samples[(subset, enc)].add(split, x, y, row)
 
 
-def _probe(data: _Samples, name, mod, enc, subset, how, seed, store) -> list[ProbeRow]:
+def _probe(
+    data: _Samples, name, mod, enc, subset, how, seed, store, head: Head = LINEAR
+) -> list[ProbeRow]:
+    """The scores of ``head`` fitted on one feature set's samples (none without samples
+    in every split)."""
     if not all(data.x[s] for s in SPLITS):
         return []
     kind = mod.kind
     outputs = mod.num_classes
     probe = select_and_fit((data.x["train"], data.y["train"]), (data.x["val"], data.y["val"]),
-                           kind, outputs)  # fmt: skip
+                           kind, outputs, head=head)  # fmt: skip
     per_chip = chip_counts(probe, data.x["test"], data.y["test"], outputs)
     scores, n_places = place_bootstrap(store, data.rows["test"], per_chip, scores_of(kind), seed)
     n = {s: len(data.x[s]) for s in SPLITS}
@@ -677,6 +825,7 @@ def _probe(data: _Samples, name, mod, enc, subset, how, seed, store) -> list[Pro
             n_places,
             samples,
             probe.weight_decay,
+            head.name,
         )  # fmt: skip
         for metric in METRICS[kind]
     ]
@@ -702,13 +851,15 @@ def _cell(r) -> str:
 
 
 def markdown(rows: list[ProbeRow], settings: dict | None = None) -> str:
-    """``probe.md``: per label set a table of every input subset x feature set, then which
-    input subsets put the model ahead of raw band statistics and of the random-init model
-    on macro F1."""
-    lines = ["# Linear probes", ""]
+    """``probe.md``: per label set a table of every input subset x feature set x head, then
+    which input subsets put the model ahead of raw band statistics and of the random-init
+    model on macro F1 (with the same head)."""
+    heads = list(dict.fromkeys(r.head for r in rows))
+    title = "Linear probes" if heads == ["linear"] else "Probes (heads: " + ", ".join(heads) + ")"
+    lines = [f"# {title}", ""]
     if settings:
         lines += [", ".join(f"{k}: {v}" for k, v in settings.items()), ""]
-    by = {(r.label, r.inputs, r.features, r.metric): r for r in rows}
+    by = {(r.label, r.inputs, r.features, r.head, r.metric): r for r in rows}
     summary = []
     for label in dict.fromkeys(r.label for r in rows):
         first = next(r for r in rows if r.label == label)
@@ -716,36 +867,40 @@ def markdown(rows: list[ProbeRow], settings: dict | None = None) -> str:
         lines += [
             f"## {label} ({first.kind}; split: {first.split})",
             "",
-            "| inputs | features | chips train/val/test | test places | test samples | "
+            "| inputs | features | head | chips train/val/test | test places | test samples | "
             "weight decay | " + " | ".join(metrics) + " |",
-            "|---|---|---|---:|---:|---:|" + "---:|" * len(metrics),
+            "|---|---|---|---|---:|---:|---:|" + "---:|" * len(metrics),
         ]
         for inputs in dict.fromkeys(r.inputs for r in rows if r.label == label):
-            for enc in FEATURE_SETS:
-                r0 = by.get((label, inputs, enc, metrics[0]))
+            for enc, h in ((e, h) for e in FEATURE_SETS for h in heads):
+                r0 = by.get((label, inputs, enc, h, metrics[0]))
                 if r0 is None:
                     continue
-                cells = " | ".join(_cell(by.get((label, inputs, enc, m))) for m in metrics)
+                cells = " | ".join(_cell(by.get((label, inputs, enc, h, m))) for m in metrics)
                 lines.append(
-                    f"| {inputs} | {enc} | {r0.train_chips}/{r0.val_chips}/{r0.test_chips} | "
-                    f"{r0.test_places} | {r0.test_samples} | {r0.weight_decay:g} | {cells} |"
+                    f"| {inputs} | {enc} | {h} | {r0.train_chips}/{r0.val_chips}/"
+                    f"{r0.test_chips} | {r0.test_places} | {r0.test_samples} | "
+                    f"{r0.weight_decay:g} | {cells} |"
                 )
-            m = by.get((label, inputs, "model", "macro_f1"))
-            others = [by.get((label, inputs, e, "macro_f1")) for e in ("raw_bands", "random_init")]
-            if m is not None and all(o is not None for o in others):
-                ahead = [m.value > o.value for o in others]
-                summary.append(
-                    f"| {label} | {inputs} | {m.value:.3f} | {others[0].value:.3f} | "
-                    f"{others[1].value:.3f} | {'yes' if ahead[0] else 'no'} | "
-                    f"{'yes' if ahead[1] else 'no'} |"
-                )
+            for h in heads:
+                m = by.get((label, inputs, "model", h, "macro_f1"))
+                others = [
+                    by.get((label, inputs, e, h, "macro_f1")) for e in ("raw_bands", "random_init")
+                ]
+                if m is not None and all(o is not None for o in others):
+                    ahead = ["yes" if m.value > o.value else "no" for o in others]
+                    summary.append(
+                        f"| {label} | {inputs} | {h} | {m.value:.3f} | {others[0].value:.3f} | "
+                        f"{others[1].value:.3f} | {ahead[0]} | {ahead[1]} |"
+                    )
         lines.append("")
     if summary:
         lines += [
             "## Model ahead? (macro F1, point estimates)",
             "",
-            "| label | inputs | model | raw bands | random init | ahead of raw | ahead of random |",
-            "|---|---|---:|---:|---:|:---:|:---:|",
+            "| label | inputs | head | model | raw bands | random init | ahead of raw | "
+            "ahead of random |",
+            "|---|---|---|---:|---:|---:|:---:|:---:|",
             *summary,
             "",
         ]
