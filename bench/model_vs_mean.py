@@ -1,6 +1,6 @@
 """Predict each modality from the others on a split: model vs training mean / majority.
 
-    python bench/model_vs_mean.py RUN_OR_MODEL_DIR STORE [--split test] [--steps N]
+    python bench/model_vs_mean.py RUN_OR_MODEL_DIR STORE [--split test] [--steps N] [--samples N]
 
 Prints a Markdown table (MAE in physical units for continuous modalities, accuracy for
 land-cover maps) and whether the model beats the baseline on each.
@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="default: the model's own")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-chips", type=int, default=None)
+    ap.add_argument("--samples", type=int, default=8, help="continuous: MAE of their mean")
     args = ap.parse_args()
     folder = args.model / "model" if (args.model / "model").is_dir() else args.model
     model = load_model(folder)
@@ -34,11 +35,13 @@ def main() -> None:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     rows = evaluate_translation(
-        model, args.store, args.split, args.steps, seed=args.seed, max_chips=args.max_chips
-    )
+        model, args.store, args.split, args.steps, seed=args.seed, max_chips=args.max_chips,
+        samples=args.samples,
+    )  # fmt: skip
     print(
         f"model {folder} ({model.num_parameters() / 1e6:.1f} M parameters), store "
-        f"{args.store}, split {args.split}, {args.steps} sampling steps, seed {args.seed}"
+        f"{args.store}, split {args.split}, {args.steps} sampling steps, MAE of the mean of "
+        f"{args.samples} samples, seed {args.seed}"
     )
     print(format_table(rows))
     wins = sum(r.better for r in rows)

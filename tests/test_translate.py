@@ -10,8 +10,9 @@ import torch
 from terrasynth.data.store import ChipStore
 from terrasynth.evaluation.translate import Row, evaluate_translation, format_table, tiles
 from terrasynth.models.config import ModelConfig
+from terrasynth.models.factory import build_model
 from terrasynth.models.scene_model import SceneModel
-from tests.conftest import MICRO_MODEL
+from tests.conftest import MICRO_CONV, MICRO_MODEL
 
 TINY = MICRO_MODEL
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -115,3 +116,30 @@ def test_evaluate_untrained_model_on_real_chips(small_store):
     assert len(table.splitlines()) == 2 + len(rows)
     for r in rows:
         assert f"| {r.modality} | 2 |" in table
+
+
+@pytest.mark.needs_data
+def test_continuous_rows_score_the_mean_of_the_samples(small_store):
+    """Without spread the mean of 8 samples is the one sample; with a wide spread it is
+    nearer the truth than one sample (averaging removes spread)."""
+    store = ChipStore.open(small_store)
+    reg = store.registry
+    mods = {m: reg[m].to_dict() for m in store.modalities}
+    cfg = ModelConfig(backbone="conv_generator", modalities=mods, stats=store.stats, **MICRO_CONV)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # open the zero-initialised FiLM layers so the residual varies
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    continuous = [m.name for m in cfg.raster_modalities() if m.kind == "continuous"]
+    for spread, check in ((0.0, "equal"), (30.0, "nearer")):
+        cfg.spread_scale = dict.fromkeys(continuous, spread)
+        one = evaluate_translation(model, str(small_store), "train", max_chips=2)
+        eight = evaluate_translation(model, str(small_store), "train", max_chips=2, samples=8)
+        for a, b in zip(one, eight, strict=True):
+            assert a.modality == b.modality and a.baseline == b.baseline
+            if a.kind == "categorical" or check == "equal":
+                assert b.model == pytest.approx(a.model, rel=1e-6)
+            else:
+                assert b.model < a.model, a.modality

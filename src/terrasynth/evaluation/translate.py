@@ -4,8 +4,10 @@ For every raster modality of the model, on the chips of ``split`` that hold it t
 at least one other raster or label modality, the modality is generated from all the others
 (plus location and time) and compared, in physical units, with
 
-* continuous: the per-band training mean (the store's statistics): MAE;
-* categorical: the training majority class: accuracy.
+* continuous: the per-band training mean (the store's statistics): MAE of the mean of
+  ``samples`` samples (one sample of a calibrated generator is as far from the truth as its
+  spread says, so a single sample's MAE measures the spread as much as the prediction);
+* categorical: the training majority class: accuracy of the first sample's classes.
 
 Chips are cut into non-overlapping tiles of the model's training size, so every pixel of a
 chip is predicted once.
@@ -82,6 +84,7 @@ def evaluate_translation(
     batch_size: int = 16,
     seed: int = 0,
     max_chips: int | None = None,
+    samples: int = 1,
 ) -> list[Row]:
     """The table of model vs baseline per modality (see the module docstring)."""
     model.eval()
@@ -112,7 +115,11 @@ def evaluate_translation(
             for tile in tiles(batch, cfg.window_size, ds.chip_size):
                 sig = batch_signals(tile, cfg, order)
                 conds = [m for m in sig if m != target]
-                out = generate(model, sig, [target], conds, tile["gsd"], sampler, gen)
+                outs = [
+                    generate(model, sig, [target], conds, tile["gsd"], sampler, gen)
+                    for _ in range(samples if mod.kind != "categorical" else 1)
+                ]
+                out = outs[0]
                 s = sig[target]
                 if mod.kind == "categorical":
                     counts = np.asarray(stats[target]["class_counts"])
@@ -126,9 +133,10 @@ def evaluate_translation(
                 else:
                     for g in mod.groups:
                         known = s.known[g.name] > 0
-                        pred = _denorm(
-                            out[target].groups[g.name], stats[target], g.bands, mod.transform
-                        )
+                        pred = sum(
+                            _denorm(o[target].groups[g.name], stats[target], g.bands, mod.transform)
+                            for o in outs
+                        ) / len(outs)
                         true = _denorm(s.groups[g.name], stats[target], g.bands, mod.transform)
                         base = _denorm(
                             torch.zeros_like(true), stats[target], g.bands, mod.transform
