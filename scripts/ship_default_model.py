@@ -1,11 +1,14 @@
 """Make a training run the built-in model: weights, config and a measured model card.
 
-    python scripts/ship_default_model.py RUN STORE [--sampling-steps N]
+    python scripts/ship_default_model.py RUN STORE [--sampling-steps N] [--benchmark REPORT]
 
 Copies the run's EMA weights (stored as bfloat16 to keep the package small) and config into
 ``src/terrasynth/weights/default/``, measures the model on the store's test split against
 the training mean / majority class (``terrasynth.evaluation.translate``), and writes
-``MODEL_CARD.md`` from the run's settings, its metrics log and that table.
+``MODEL_CARD.md`` from the run's settings, its metrics log and that table. With
+``--benchmark``, a ``terrasynth evaluate`` report of the model on the frozen protocol (with
+its baselines) adds the benchmark table (``bench/benchmark_table.py``) and is copied into
+``docs/runs/default-model/benchmark/``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from terrasynth.models.factory import load_model
 from terrasynth.training.trainer import read_metrics
 
 TARGET = Path(__file__).resolve().parents[1] / "src" / "terrasynth" / "weights" / "default"
+SAMPLES = 8  # continuous modalities: MAE of the mean of this many samples
 
 
 def main() -> None:
@@ -34,6 +39,7 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("store", type=Path)
     ap.add_argument("--sampling-steps", type=int, default=None, help="default: the model's")
+    ap.add_argument("--benchmark", type=Path, help="report folder of terrasynth evaluate")
     args = ap.parse_args()
     model = load_model(args.run / "model")
     tmp = TARGET.with_name(".default.partial")
@@ -51,7 +57,9 @@ def main() -> None:
     # measure the shipped (bfloat16) weights, not the float32 ones
     shipped = load_model(tmp)
     t0 = time.perf_counter()
-    rows = evaluate_translation(shipped, str(args.store), "test", args.sampling_steps)
+    rows = evaluate_translation(
+        shipped, str(args.store), "test", args.sampling_steps, samples=SAMPLES
+    )
     seconds = time.perf_counter() - t0
     train_cfg = json.loads((args.run / "train_config.json").read_text())
     metrics = read_metrics(args.run)
@@ -69,13 +77,14 @@ def main() -> None:
     names = ", ".join(model.modality_names)
     if c.backbone == "conv_generator":
         scales = ", ".join(f"{k} {v:.2f}" for k, v in sorted(c.spread_scale.items())) or "none"
+        banded = ", ".join(sorted(c.spread_bands)) or "none"
         lines = [
             f"- Backbone `conv_generator`, preset `{c.preset}`: {params:.2f} M parameters;",
             f"  U-Net widths {c.widths}, residual generator width {c.generator_channels},",
             f"  training crop {c.image_size} px, sampling window {c.window_size} px",
             f"  (stride {c.stride}), ensemble of {c.ensemble} in training, one sampling step.",
-            "- Spread per modality calibrated on the validation split (`terrasynth calibrate`):",
-            f"  {scales}.",
+            "- Spread per modality calibrated on the validation split (`terrasynth calibrate",
+            f"  --bands`): {scales}; per band and spatial scale for: {banded}.",
             f"- Modalities ({len(model.modality_names)}): {names}.",
             "- Full-resolution convolutional mean plus a one-step residual generator trained",
             "  with proper scores (fair CRPS, patch and spectral energy scores); spectral slots",
@@ -96,7 +105,15 @@ def main() -> None:
             "- Pixel-space patch tokens, flow matching with a noise level per modality, x0",
             "  prediction (`docs/design.md`).",
         ]
+    if c.retrieval_mixture:
+        lines.append(
+            "- Each sample takes its level from the retrieved neighbours (a mixture, per pixel"
+            if c.neighbour_pixels
+            else "- Each sample takes its level from one retrieved neighbour (a mixture"
+        )
+        lines.append("  weighted by how near they are), `docs/design.md`.")
     description = "\n".join(lines)
+    benchmark = _benchmark(args.benchmark) if args.benchmark else ""
     steps = model.default_steps if args.sampling_steps is None else args.sampling_steps
     card = f"""# terrasynth built-in model
 
@@ -130,18 +147,18 @@ into `docs/runs/`).
 ## Measured on the test split
 
 Each raster modality predicted from all others present on a test chip, compared with the
-training mean (MAE, physical units) or the training majority class (accuracy);
-{steps} sampling step(s), seed 0. Reproduce with
+training mean (MAE of the mean of {SAMPLES} samples, physical units) or the training majority
+class (accuracy); {steps} sampling step(s), seed 0. Reproduce with
 `python bench/model_vs_mean.py src/terrasynth/weights/default STORE --steps
-{steps}` ({seconds:.0f} s here). The benchmark against kNN retrieval, the U-Net and the
-U-Net plus noise at the same budget is in `docs/benchmark.md`.
+{steps} --samples {SAMPLES}` ({seconds:.0f} s here). The benchmark against kNN retrieval,
+the U-Net and the U-Net plus noise at the same budget is in `docs/benchmark.md`.
 
 {format_table(rows)}
 
 Beats the baseline on {wins} of {len(rows)} modalities. Rows with few chips (a handful of
 test chips from one region) are noisy; where the model loses, the modality is rare in the
 training data (see `docs/training.md`).
-
+{benchmark}
 ## Limits
 
 A model this small, trained for at most an hour or two on 2 CPU cores, follows the coarse
@@ -159,7 +176,36 @@ training data. Built from commit
     runs.mkdir(parents=True, exist_ok=True)
     shutil.copy(args.run / "train_config.json", runs / "train_config.json")
     shutil.copy(args.run / "metrics.jsonl", runs / "metrics.jsonl")
+    if args.benchmark:
+        shutil.rmtree(runs / "benchmark", ignore_errors=True)
+        (runs / "benchmark").mkdir()
+        for name in ("metrics.csv", "protocol.json", "report.md"):
+            shutil.copy(args.benchmark / name, runs / "benchmark" / name)
     print(card)
+
+
+def _benchmark(report: Path) -> str:
+    """The card's section on the frozen protocol: bench/benchmark_table.py's tables of the
+    protocol's directions from a ``terrasynth evaluate`` report with its baselines."""
+    protocol = json.loads((report / "protocol.json").read_text())
+    table = subprocess.run(
+        [sys.executable, str(TARGET.parents[3] / "bench" / "benchmark_table.py"), str(report),
+         "--directions", *protocol["directions"]],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    samples = protocol.get("settings", {}).get("num_samples", "?")
+    return f"""
+## Frozen protocol against the baselines
+
+`bench/protocols/issue17_9directions_8samples.json` ({samples} samples per chip, seed frozen;
+the chips are test chips of the store), against the training mean, kNN retrieval of
+training chips, the U-Net and the U-Net plus Gaussian noise (docs/benchmark.md). The report
+is in `docs/runs/default-model/benchmark/`. Reproduce with `terrasynth evaluate -d STORE -o
+REPORT --protocol bench/protocols/issue17_9directions_8samples.json --unet UNET --baseline
+mean --baseline knn --baseline unet --baseline unet_noise --shuffle-conditions`.
+
+{table}
+"""
 
 
 def _minutes(metrics: list[dict], batch: int) -> float:
