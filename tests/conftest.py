@@ -89,6 +89,28 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+def open_micro_conv(store_path: Path):
+    """A micro convolutional generator over ``store_path``'s modalities, its zero-initialised
+    FiLM layers opened (weights drawn, seed 0) so that its residual varies."""
+    import torch
+
+    from terrasynth.data.store import ChipStore
+    from terrasynth.models.config import ModelConfig
+    from terrasynth.models.conv_generator import ConvGenerator
+
+    store = ChipStore.open(store_path)
+    reg = store.registry
+    mods = {m: reg[m].to_dict() for m in store.modalities}
+    cfg = ModelConfig(backbone="conv_generator", modalities=mods, stats=store.stats, **MICRO_CONV)
+    torch.manual_seed(0)
+    model = ConvGenerator(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    return model
+
+
 def one_line_error(capsys, args: list[str], pattern: str) -> None:
     """``terrasynth ARGS`` in this process stops with one ``error:`` line holding
     ``pattern`` and exit code 2."""

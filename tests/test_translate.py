@@ -10,9 +10,8 @@ import torch
 from terrasynth.data.store import ChipStore
 from terrasynth.evaluation.translate import Row, evaluate_translation, format_table, tiles
 from terrasynth.models.config import ModelConfig
-from terrasynth.models.factory import build_model
 from terrasynth.models.scene_model import SceneModel
-from tests.conftest import MICRO_CONV, MICRO_MODEL
+from tests.conftest import MICRO_MODEL, open_micro_conv
 
 TINY = MICRO_MODEL
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -122,16 +121,8 @@ def test_evaluate_untrained_model_on_real_chips(small_store):
 def test_continuous_rows_score_the_mean_of_the_samples(small_store):
     """Without spread the mean of 8 samples is the one sample; with a wide spread it is
     nearer the truth than one sample (averaging removes spread)."""
-    store = ChipStore.open(small_store)
-    reg = store.registry
-    mods = {m: reg[m].to_dict() for m in store.modalities}
-    cfg = ModelConfig(backbone="conv_generator", modalities=mods, stats=store.stats, **MICRO_CONV)
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    with torch.no_grad():  # open the zero-initialised FiLM layers so the residual varies
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
+    model = open_micro_conv(small_store)
+    cfg = model.config
     continuous = [m.name for m in cfg.raster_modalities() if m.kind == "continuous"]
     for spread, check in ((0.0, "equal"), (30.0, "nearer")):
         cfg.spread_scale = dict.fromkeys(continuous, spread)
