@@ -16,25 +16,16 @@ from terrasynth.evaluation.calibration import (
 )
 from terrasynth.models.config import ModelConfig
 from terrasynth.models.conv_generator import ConvGenerator
+from terrasynth.models.factory import build_model
 from terrasynth.models.filters import NUM_BANDS, gaussian_blur
-from tests.conftest import MICRO_CONV, run_cli
+from tests.conftest import MICRO_MODEL, open_micro_conv, run_cli
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.needs_data]
 
 
 @pytest.fixture(scope="module")
 def model(small_store) -> ConvGenerator:
-    store = ChipStore.open(small_store)
-    reg = store.registry
-    mods = {m: reg[m].to_dict() for m in store.modalities}
-    cfg = ModelConfig(backbone="conv_generator", modalities=mods, stats=store.stats, **MICRO_CONV)
-    torch.manual_seed(0)
-    m = ConvGenerator(cfg).eval()
-    with torch.no_grad():  # open the zero-initialised FiLM layers so the residual varies
-        for p in m.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
-    return m
+    return open_micro_conv(small_store)
 
 
 def _split(store) -> str:
@@ -80,7 +71,11 @@ def test_cli_refuses_the_test_split_and_a_transformer(small_store, tmp_path, mod
     assert res.returncode != 0
     assert res.stderr.strip().splitlines()[-1].startswith("error:")
     assert "never on the test split" in res.stderr
-    res = run_cli("calibrate", "-m", "src/terrasynth/weights/default", "-d", str(small_store))
+    cfg = ModelConfig.from_dict(
+        {**model.config.to_dict(), "backbone": "scene_transformer", **MICRO_MODEL}
+    )
+    transformer = build_model(cfg).save_pretrained(tmp_path / "transformer")
+    res = run_cli("calibrate", "-m", str(transformer), "-d", str(small_store))
     assert res.returncode != 0 and "only one-step generators" in res.stderr
 
 
@@ -155,13 +150,11 @@ def test_band_factors_skip_windows_with_unknown_truth():
     assert band_factors(poisoned, ["g"]) == ([], [])
 
 
-def test_cli_bands_writes_a_factor_per_scale_and_without_it_removes_them(
-    small_store, tmp_path, model
-):
+def test_cli_writes_factors_per_scale_and_with_no_bands_removes_them(small_store, tmp_path, model):
     folder = model.save_pretrained(tmp_path / "conv3")
     args = ("calibrate", "-m", str(folder), "-d", str(small_store), "--split",
             _split(small_store), "--members", "4", "--max-chips", "4")  # fmt: skip
-    res = run_cli(*args, "--bands")
+    res = run_cli(*args)  # --bands is the default
     assert res.returncode == 0, res.stderr
     assert "per scale" in res.stdout
     cfg = ModelConfig.load(folder / "config.json")
@@ -172,7 +165,7 @@ def test_cli_bands_writes_a_factor_per_scale_and_without_it_removes_them(
         rows = np.asarray(rows)
         assert rows.shape == (sum(len(g.bands) for g in reg[name].groups), NUM_BANDS)
         assert ((lo <= rows) & (rows <= hi)).all()
-    res = run_cli(*args)
+    res = run_cli(*args, "--no-bands")
     assert res.returncode == 0, res.stderr
     assert ModelConfig.load(folder / "config.json").spread_bands == {}
 

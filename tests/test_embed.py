@@ -20,7 +20,16 @@ from terrasynth.models.signals import batch_signals
 from terrasynth.pipeline import Pipeline, scene_batch
 from terrasynth.sampling.conditional import sampling_inputs
 from terrasynth.scenes.embed import embed_scene
-from tests.conftest import DATA, MICRO_CONV, MICRO_UNET, ZION, one_line_error, run_cli, write_s1_utm
+from tests.conftest import (
+    DATA,
+    MICRO_CONV,
+    MICRO_MODEL,
+    MICRO_UNET,
+    ZION,
+    one_line_error,
+    run_cli,
+    write_s1_utm,
+)
 
 pytestmark = [pytest.mark.needs_data, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -29,7 +38,7 @@ BEN_S2 = DATA / "bigearthnet_v1_examples/BigEarthNet-S2-Example/S2A_MSIL2A_20170
 
 @pytest.fixture(scope="module")
 def pipe() -> Pipeline:
-    """The built-in model (a transformer: features per 8 px patch)."""
+    """The built-in model (the convolutional generator: a feature per pixel)."""
     return Pipeline.from_pretrained()
 
 
@@ -46,6 +55,12 @@ def _micro(pipe: Pipeline, backbone: str, sizes: dict) -> Pipeline:
 def conv(pipe) -> Pipeline:
     """A micro convolutional generator: a feature per pixel."""
     return _micro(pipe, "conv_generator", {**MICRO_CONV, "retrieval_k": 0})
+
+
+@pytest.fixture(scope="module")
+def transformer(pipe) -> Pipeline:
+    """A micro transformer: a feature per 8 px patch."""
+    return _micro(pipe, "scene_transformer", {**MICRO_MODEL, "image_size": 32})
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +86,8 @@ def _grid_of(path: Path):
 
 
 @pytest.mark.parametrize("which", ["transformer", "conv"])
-def test_pixels_lie_on_the_input_grid_at_the_feature_resolution(which, pipe, conv, s1):
-    p = pipe if which == "transformer" else conv
+def test_pixels_lie_on_the_input_grid_at_the_feature_resolution(which, transformer, conv, s1):
+    p = transformer if which == "transformer" else conv
     f = p.model.feature_factor
     assert f == (8 if which == "transformer" else 1)
     emb = p.embed({"s1grd": s1}, chip_size=32)
@@ -102,12 +117,13 @@ def test_pixels_lie_on_the_input_grid_at_the_feature_resolution(which, pipe, con
     assert float(da.x[0]) == in_left + f * transform.a / 2
 
 
-def test_chips_are_the_means_of_the_pixels_under_them(pipe, s1):
-    emb = pipe.embed({"s1grd": s1}, chip_size=64)  # 8 x 8 feature pixels per chip
+def test_chips_are_the_means_of_the_pixels_under_them(transformer, s1):
+    emb = transformer.embed({"s1grd": s1}, chip_size=64)  # 8 x 8 feature pixels per chip
     chips = emb.chips
     names = emb.names
     assert list(chips.columns[:8]) == ["chip_id", "row", "col", "x", "y", "lon", "lat", "pixels"]
-    assert list(chips.columns[8:]) == names and len(names) == 128
+    assert list(chips.columns[8:]) == names
+    assert len(names) == transformer.model.feature_channels
     # 200 x 136 px: 4 x 3 chips, the last column and row cut by the scene's edge
     assert len(chips) == 12 and chips.chip_id.is_unique
     for _, c in chips.iterrows():
@@ -147,9 +163,9 @@ def test_nodata_is_nan_and_left_out_of_the_chip_means(conv, s1, tmp_path):
 
 
 @pytest.mark.parametrize("which", ["transformer", "conv"])
-def test_a_tiled_scene_equals_one_pass_and_overlapping_windows_agree(which, pipe, conv, s1,
-                                                                     tmp_path):  # fmt: skip
-    p = pipe if which == "transformer" else conv
+def test_a_tiled_scene_equals_one_pass_and_overlapping_windows_agree(which, transformer, conv,
+                                                                     s1, tmp_path):  # fmt: skip
+    p = transformer if which == "transformer" else conv
     f = p.model.feature_factor
     one = p.embed({"s1grd": s1}, chip_size=32)
     files = embed_scene(p, [("s1grd", s1)], tmp_path / "tiled", chip_size=32, tile=64)
@@ -178,14 +194,17 @@ def test_a_different_input_gives_a_different_embedding(pipe, s1, s2, tmp_path):
     a = pipe.embed({"s1grd": s1}, window=(0, 0, 120, 120)).features
     b = pipe.embed({"s1grd": s1}, window=(80, 0, 120, 120)).features
     s2_emb = pipe.embed({"s2l2a:B02,B03,B04,B08": s2}, scaling={"s2l2a": (1e-4, 0.0)}).features
-    assert a.shape == b.shape == s2_emb.shape == (128, 15, 15)
-    assert np.abs(a - b).mean() > 0.1 * np.abs(a).mean()
-    assert np.abs(a - s2_emb).mean() > 0.1 * np.abs(a).mean()
+    c, f = pipe.model.feature_channels, pipe.model.feature_factor
+    assert a.shape == b.shape == s2_emb.shape == (c, 120 // f, 120 // f)
+    # (the S1 scene has a NaN border, which a per-pixel embedding keeps)
+    assert np.nanmean(np.abs(a - b)) > 0.1 * np.nanmean(np.abs(a))
+    assert np.nanmean(np.abs(a - s2_emb)) > 0.1 * np.nanmean(np.abs(a))
     # the same input, the same embedding
-    assert np.array_equal(a, pipe.embed({"s1grd": s1}, window=(0, 0, 120, 120)).features)
+    again = pipe.embed({"s1grd": s1}, window=(0, 0, 120, 120)).features
+    assert np.array_equal(a, again, equal_nan=True)
 
 
-def test_every_backbone_gives_a_feature_map(pipe, conv, s1):
+def test_every_backbone_gives_a_feature_map(pipe, conv, transformer, s1):
     unet = _micro(pipe, "unet", {**MICRO_UNET, "image_size": 32})
     cfg = pipe.model.config
     from terrasynth.data.align import align_scene
@@ -195,7 +214,7 @@ def test_every_backbone_gives_a_feature_map(pipe, conv, s1):
     scene = generic_scene([("s1grd", s1)], registry=cfg.registry)
     grid = scene.layers[0].grid.window(0, 0, 32, 32)
     groups = align_scene(Scene("s", "generic", "user", grid, scene.layers), cfg.registry).groups
-    for p in (pipe, conv, unet):
+    for p in (pipe, conv, transformer, unet):
         batch, order, _ = scene_batch(p.model.config, groups, grid, [], None, None, {"s1grd"})
         sigs = batch_signals(batch, p.model.config, order)
         sigs = {n: s for n, s in sigs.items() if bool(s.present.any())}
@@ -211,26 +230,28 @@ def test_the_cli_writes_the_embedding_and_its_chips(s1, pipe, tmp_path):
     res = run_cli("embed", "-i", f"s1grd={s1}", "-o", str(out), "--chip-size", "64",
                   "--window", "0,0,160,120")  # fmt: skip
     assert res.returncode == 0, res.stderr
-    assert "embedding.tif: 128 features" in res.stdout
+    c = pipe.model.feature_channels  # the built-in model: a feature per pixel
+    assert f"embedding.tif: {c} features" in res.stdout
     one = pipe.embed({"s1grd": s1}, chip_size=64, window=(0, 0, 160, 120))
     with rasterio.open(out / "embedding.tif") as src:
-        assert src.count == 128 and src.shape == (15, 20) and src.crs == one.grid.crs
+        assert src.count == c and src.shape == (120, 160) and src.crs == one.grid.crs
         assert src.transform == one.grid.transform
         np.testing.assert_allclose(src.read(), one.features, rtol=1e-5, atol=1e-5)
     chips = read_chips(out / "chips.parquet")
     assert len(chips) == 6 and list(chips.columns[:7]) == ["chip_id", "row", "col", "x", "y",
                                                            "lon", "lat"]  # fmt: skip
     info = json.loads((out / "embedding.json").read_text())
-    assert info["backbone"] == "scene_transformer" and info["window"] == [0, 0, 160, 120]
-    assert info["chip_size"] == 64 and info["feature_factor"] == 8
+    assert info["backbone"] == "conv_generator" and info["window"] == [0, 0, 160, 120]
+    assert info["chip_size"] == 64 and info["feature_factor"] == 1
 
 
 def _nothing_left(folder: Path, name: str) -> bool:
     return not any(p.name == name or p.name.startswith(f".{name}.") for p in folder.iterdir())
 
 
-def test_bad_input_is_one_error_line_and_leaves_nothing(s1, tmp_path, capsys):
+def test_bad_input_is_one_error_line_and_leaves_nothing(s1, transformer, tmp_path, capsys):
     out = str(tmp_path / "out")
+    patches = str(transformer.model.save_pretrained(tmp_path / "patches"))  # per 8 px
     with rasterio.open(s1) as src:
         arr, profile = src.read(), src.profile
     three = tmp_path / "three_bands.tif"
@@ -252,8 +273,8 @@ def test_bad_input_is_one_error_line_and_leaves_nothing(s1, tmp_path, capsys):
         (["-i", f"landsat8:B2={truncated}"], "truncated.tif"),
         (["-i", f"s1grd={no_crs}"], "no CRS"),
         (["-i", f"s1grd={s1}", "-i", f"s1grd={far}"], "does not overlap"),
-        (["-i", f"s1grd={s1}", "--chip-size", "12"], "multiple of the model's feature"),
-        (["-i", f"s1grd={s1}", "--tile", "100"], "--tile must be a multiple of 64"),
+        (["-m", patches, "-i", f"s1grd={s1}", "--chip-size", "12"], "multiple of the model's"),
+        (["-m", patches, "-i", f"s1grd={s1}", "--tile", "100"], "--tile must be a multiple of"),
         (["-i", f"s1grd={s1}", "--window", "500,500,10,10"], "window"),
     ]
     for args, pattern in cases:
@@ -276,8 +297,9 @@ def test_the_python_example_in_the_docs_runs(s1, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(example, "docs/embed.md", "exec"), scope)  # noqa: S102
-    assert scope["da"].shape == (128, 17, 25) and scope["da"].rio.crs is not None
-    assert len(scope["first"]) == 128 and np.isfinite(scope["first"].to_numpy(float)).all()
+    c = Pipeline.from_pretrained().model.feature_channels
+    assert scope["da"].shape == (c, 136, 200) and scope["da"].rio.crs is not None
+    assert len(scope["first"]) == c and np.isfinite(scope["first"].to_numpy(float)).all()
     assert sorted(p.name for p in (tmp_path / "emb").iterdir() if not p.name.startswith(".")) == [
         "chips.parquet", "embedding.json", "embedding.tif"
     ]  # fmt: skip

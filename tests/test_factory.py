@@ -181,14 +181,24 @@ def test_old_unet_configs_read_as_unet_configs(store_modalities):
     assert ModelConfig.from_dict({**old, "backbone": "conv_generator"}).use_location
 
 
-def test_the_built_in_model_predates_backbones_and_loads_as_a_transformer():
-    folder = default_model_path()
+def test_a_model_saved_before_backbones_loads_as_a_transformer(store_modalities, tmp_path):
+    folder = build_model(_config(store_modalities, "scene_transformer")).save_pretrained(
+        tmp_path / "old"
+    )
     raw = json.loads((folder / "config.json").read_text())
-    assert "backbone" not in raw  # saved before the field existed
+    del raw["backbone"]  # as saved before the field existed
+    (folder / "config.json").write_text(json.dumps(raw))
     model = load_model(folder)
     assert type(model) is SceneModel
     assert model.config.backbone == "scene_transformer"
     assert sampling_steps(model, None) == SceneModel.default_steps
+
+
+def test_the_built_in_model_is_the_calibrated_one_step_generator():
+    model = load_model(default_model_path())
+    assert type(model) is ConvGenerator and sampling_steps(model, None) == 1
+    assert model.retrieval is not None and len(model.retrieval) > 1000  # its index ships too
+    assert model.config.spread_scale and model.config.spread_bands
 
 
 def test_load_model_needs_config_and_weights(store_modalities, tmp_path):

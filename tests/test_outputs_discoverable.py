@@ -85,7 +85,7 @@ def test_in_memory_generation_has_a_stac_item(generation):
     props = item.properties
     assert props["terrasynth:datetime_source"] == "input"
     assert props["terrasynth:seed"] == 5 and props["terrasynth:num_samples"] == 2
-    assert props["terrasynth:backbone"] == "scene_transformer"
+    assert props["terrasynth:backbone"] == "conv_generator"
     assert props["terrasynth:weights_sha256"] == info["weights_sha256"]
     assert props["terrasynth:targets"] == ["s2l2a"]
     proj = ProjectionExtension.ext(item)

@@ -43,7 +43,7 @@ def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_result(tmp_pa
         [sys.executable, "-m", "terrasynth.cli.main", *args, "-o", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-    markers = work_folder(out) / "done" / "step1"
+    markers = work_folder(out) / "done" / "step0"  # the first phase (one-step models: the only)
     deadline = time.time() + 240
     while time.time() < deadline and not (markers.exists() and len(os.listdir(markers)) >= 5):
         time.sleep(0.05)

@@ -41,9 +41,11 @@ def test_tiles_give_the_same_scene_as_sampling_it_in_one_piece(pipe, s1_utm, tmp
         with rasterio.open(tmp_path / "out" / f"s2l2a_sample{k}.tif") as f:
             assert (f.crs, f.transform, f.width, f.height) == grid
             streamed = f.read()
-        # the 10 m bands (coarser groups are replicated, not interpolated, when streamed)
+        # the 10 m bands (coarser groups are replicated, not interpolated, when streamed:
+        # the same field, apart where it jumps within a 20 or 60 m pixel)
         np.testing.assert_allclose(streamed[:4], mem["s2l2a"].samples[k][:4], atol=1e-5)
-        assert np.abs(streamed - mem["s2l2a"].samples[k]).max() < 0.2
+        coarse = np.abs(streamed[4:] - mem["s2l2a"].samples[k][4:])
+        assert coarse.mean() < 0.01 and coarse.max() < 0.5, (coarse.mean(), coarse.max())
     assert not work_folder(tmp_path / "out").exists()  # the state is removed when done
 
 

@@ -908,13 +908,14 @@ def calibrate(
     max_chips: Annotated[int, count_option("Chips per modality.")] = 64,
     seed: Annotated[int, SEED] = 0,
     bands: Annotated[
-        bool, typer.Option(help="Also fit the spread per spatial scale (spread_bands).")
-    ] = False,
+        bool, typer.Option(help="Also fit the spread per band and spatial scale (spread_bands).")
+    ] = True,
 ) -> None:
     """Fit the spread of a one-step generator per modality on the validation split.
 
-    Writes ``spread_scale`` into the model's config.json (the factor minimising CRPS), and
-    with ``--bands`` ``spread_bands`` (per spatial scale, spread matching error)."""
+    Writes ``spread_bands`` (per band and spatial scale, spread matching error; not with
+    ``--no-bands``) and ``spread_scale`` (then the factor minimising CRPS) into the model's
+    config.json."""
     from terrasynth.data.store import ChipStore
     from terrasynth.evaluation.calibration import fit_spread_scale
     from terrasynth.pipeline import Pipeline

@@ -246,6 +246,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     for name, sizes in _SIZES.items()
 }
 # The convolutional generator: window, widths per level, generator width, ensemble.
+# The design measured best on the frozen protocol (docs/design.md, issue 17): retrieval of
+# 8 neighbours as a mixture of their levels, per pixel, neighbours hidden in training within
+# a radius drawn per chip, elevation residuals smoothed by 2 px.
+PIXEL_MIXTURE: dict[str, Any] = dict(
+    retrieval_k=8,
+    retrieval_mixture=True,
+    retrieval_exclusion_m=[600.0, 2560.0, 50000.0],
+    neighbour_pixels=True,
+    relief_smoothing=2.0,
+)
 CONV_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         image_size=32,
@@ -253,17 +263,17 @@ CONV_PRESETS: dict[str, dict[str, Any]] = {
         generator_channels=32,
         ensemble=4,
         window_stride=24,
-        retrieval_k=8,
+        **PIXEL_MIXTURE,
     ),
     "small": dict(
-        image_size=64, widths=[48, 96, 192], generator_channels=48, ensemble=4, retrieval_k=8
+        image_size=64, widths=[48, 96, 192], generator_channels=48, ensemble=4, **PIXEL_MIXTURE
     ),
     "base": dict(
         image_size=128,
         widths=[64, 128, 256, 512],
         generator_channels=64,
         ensemble=6,
-        retrieval_k=8,
+        **PIXEL_MIXTURE,
     ),
 }
 # The deterministic U-Net: window and widths per level; it conditions on rasters only.
