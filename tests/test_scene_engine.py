@@ -20,6 +20,8 @@ from tests.conftest import run_cli, write_s1_utm
 pytestmark = pytest.mark.needs_data
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # as the workers: convolutions sum in the
+# order of their threads, so bit-identical arrays need the same torch thread count
 def test_a_local_dask_cluster_gives_the_same_arrays_as_this_process(s1_utm, tmp_path):
     pipe = Pipeline.from_pretrained()
     spec = JobSpec(inputs=[("s1grd", str(s1_utm))], targets=["s2l2a", "dem"], num_samples=1,
