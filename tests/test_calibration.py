@@ -50,13 +50,14 @@ def test_fit_chooses_the_crps_minimum_and_leaves_the_config_as_it_was(model, sma
 
 def test_a_doubled_residual_is_fitted_half_the_scale(model, small_store):
     split = _split(small_store)
-    base = fit_spread_scale(model, str(small_store), split, 4, 8, seed=1, progress=False)
+    one = dict(seed=1, progress=False, bands=False)  # the one factor, no per-scale fit
+    base = fit_spread_scale(model, str(small_store), split, 4, 8, **one)
     inflated = ConvGenerator(model.config).eval()
     inflated.load_state_dict(model.state_dict())
     with torch.no_grad():  # residual = coefficients x loadings: scale the coefficients
         inflated.coef.weight.mul_(2.0)
         inflated.coef.bias.mul_(2.0)
-    fits = fit_spread_scale(inflated, str(small_store), split, 4, 8, seed=1, progress=False)
+    fits = fit_spread_scale(inflated, str(small_store), split, 4, 8, **one)
     step = np.exp(np.log(FACTORS[1] / FACTORS[0]))
     for name, fit in fits.items():
         ratio = base[name].scale / fit.scale

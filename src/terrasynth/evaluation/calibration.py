@@ -84,8 +84,6 @@ class ScaleFit:
             "coverage_90_at_1": float(self.inside90[one] / n),
             "coverage_90": float(self.inside90[i] / n),
             "chips": self.chips,
-            "bands": np.round(self.bands, 4).tolist(),
-            "band_spread_skill": np.round(self.band_spread, 4).tolist(),
         }
 
 
@@ -99,10 +97,10 @@ def fit_spread_scale(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
-    bands: bool = False,
+    bands: bool = True,
 ) -> dict[str, ScaleFit]:
-    """Fit ``spread_scale`` (and with ``bands``, ``spread_bands``) per continuous raster
-    modality (see the module docstring).
+    """Fit ``spread_bands`` (unless ``bands`` is false) and ``spread_scale`` per continuous
+    raster modality (see the module docstring).
 
     Units are the store-normalised ones the model works in. Modalities without chips in
     ``split`` are left out (they keep their factor)."""

@@ -364,6 +364,9 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                     s[name] = mu
                 continue
             scale = float(self.config.spread_scale.get(name, 1.0))
+            # calibration per band and spatial scale (models/filters.py), once per modality
+            bands = self.config.spread_bands.get(name)
+            per_scale = band_rows(mod, bands) if bands else None
             loadings = self._band_loadings(mod, f)
             smooth = self.config.relief_smoothing if mod.units == "m" else 0.0
             gate = torch.sigmoid(self.level_gate(e)) if near is not None else None
@@ -382,10 +385,8 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                 elif near is not None:  # this sample's neighbour: its level, gated
                     dev = self._level_deviation(mod, mu, near, u)
                     res = {g: res[g] + gate[:, :, None, None] * dev[g] for g in res}
-                bands = self.config.spread_bands.get(name)
-                if bands:  # calibration per band and spatial scale (models/filters.py)
-                    per_group = band_rows(mod, bands)
-                    res = {g: rescale_bands(r, per_group[g]) for g, r in res.items()}
+                if per_scale is not None:
+                    res = {g: rescale_bands(r, per_scale[g]) for g, r in res.items()}
                 s[name] = {g: mu[g] + scale * res[g] for g in mu}
         if members == 1:
             return samples[0]
