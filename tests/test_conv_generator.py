@@ -710,3 +710,49 @@ def test_a_config_that_validates_builds_a_model_that_runs(config, change):
     with torch.no_grad():
         out = model(inputs, GSD)
     assert out["s2l2a"]["r10m"].shape == (B, 4, cfg.image_size, cfg.image_size)
+
+
+def _repeated(inputs: dict[str, ModalityInput], r: int, gen: torch.Generator) -> dict:
+    """Each row ``r`` times in a row, the generated modalities with fresh noise per row:
+    the samples of each window side by side, as sampling batches them."""
+    out = {}
+    for name, inp in inputs.items():
+        generated = bool((inp.t > 0).any())
+
+        def rep(x: torch.Tensor, generated: bool = generated) -> torch.Tensor:
+            x = x.repeat_interleave(r, 0)
+            if generated:
+                c = x.shape[1] // 3
+                x = x.clone()
+                x[:, :c] = torch.randn(x[:, :c].shape, generator=gen)
+            return x
+
+        out[name] = ModalityInput(
+            inp.t.repeat_interleave(r),
+            inp.present.repeat_interleave(r),
+            groups=None if inp.groups is None else {g: rep(v) for g, v in inp.groups.items()},
+            vector=None if inp.vector is None else rep(inp.vector),
+        )
+    return out
+
+
+@needs_data
+@pytest.mark.parametrize("mixture", [False, True])
+def test_samples_of_one_window_share_the_conditions_work(config, mixture):
+    model = _mixture_model(config, neighbour_pixels=True) if mixture else _model(config)
+    gen = torch.Generator().manual_seed(4)
+    targets = ["s2l2a", "dem", "landcover_nlcd", "location"]
+    inputs = _repeated(_inputs(config, gen, targets, ["s1grd", "time"]), 3, gen)
+    gsd = GSD.repeat_interleave(3)
+    with torch.no_grad():
+        each = model(inputs, gsd)
+        shared = model(inputs, gsd, repeats=3)
+    assert set(shared) == set(each)
+    for name in targets:
+        for a, b in zip(_tensors(each, name), _tensors(shared, name), strict=True):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5), name
+    # the three rows of a window are three different samples
+    s2 = shared["s2l2a"]["r10m"]
+    assert not torch.allclose(s2[0], s2[1]) and not torch.allclose(s2[1], s2[2])
+    with pytest.raises(TerrasynthError, match="whole groups"):
+        model(inputs, gsd, repeats=4)

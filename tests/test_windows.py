@@ -7,11 +7,12 @@ import torch
 
 from terrasynth.modalities import default_registry
 from terrasynth.models.config import ModelConfig
+from terrasynth.models.conv_generator import ConvGenerator
 from terrasynth.models.scene_model import SceneModel
 from terrasynth.models.signals import Signal
 from terrasynth.sampling.flow import FlowSampler
 from terrasynth.sampling.windows import blend_weight, sample_scene, window_offsets
-from tests.conftest import MICRO_MODEL
+from tests.conftest import MICRO_CONV, MICRO_MODEL
 
 
 def test_window_offsets_cover_the_scene_with_a_flush_last_window():
@@ -149,3 +150,37 @@ def test_results_do_not_depend_on_how_windows_are_batched(micro):
         )["dem"].groups["r30m"]  # fmt: skip
 
     assert torch.allclose(run(3), run(64), atol=1e-5)
+
+
+def test_samples_of_a_window_share_one_call_with_the_same_result():
+    reg = default_registry()
+    cfg = ModelConfig(
+        backbone="conv_generator",
+        modalities={m: reg[m].to_dict() for m in ("s1grd", "dem", "landcover_nlcd")},
+        **{**MICRO_CONV, "image_size": 16, "retrieval_k": 0},
+    )
+    torch.manual_seed(0)
+    model = ConvGenerator(cfg).eval()
+    assert model.shares_conditions
+
+    def run(shared: bool) -> tuple[dict, int]:
+        model.shares_conditions = shared  # on this instance only
+        calls = []
+        out = sample_scene(
+            model, _scene(40, 24), ["dem", "landcover_nlcd"], gsd=30.0, num_samples=3,
+            sampler=FlowSampler(steps=1), generator=torch.Generator().manual_seed(2),
+            batch_size=5,
+            on_step=lambda done, total: calls.append((done, total)),
+        )  # fmt: skip
+        assert calls[-1][0] == calls[-1][1]  # progress counts the calls made
+        return out, calls[-1][1]
+
+    apart, calls_apart = run(False)
+    shared, calls_shared = run(True)
+    # 4 x 2 windows of 3 samples: 24 rows in 5 calls of 5, or one window's 3 samples a call
+    assert (calls_apart, calls_shared) == (5, 8)
+    dem = shared["dem"].groups["r30m"]
+    assert torch.allclose(dem, apart["dem"].groups["r30m"], atol=1e-5)
+    assert not torch.allclose(dem[0], dem[1])
+    probs = shared["landcover_nlcd"].probs["r30m"]
+    assert torch.allclose(probs, apart["landcover_nlcd"].probs["r30m"], atol=1e-5)

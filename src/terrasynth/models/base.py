@@ -33,6 +33,10 @@ class GenerativeModel(Protocol):
     # matmuls, while convolutions in bf16 run ~20x slower on CPUs without native bf16
     # (AVX2: 3.8 s against 0.19 s for a 64-channel 3x3 conv pair at batch 24, 32 px)
     cpu_bf16: ClassVar[bool]
+    # whether ``model(inputs, gsd, repeats=r)`` works: the batch holds groups of ``r``
+    # consecutive rows that differ only in the targets' noise (the samples of one window),
+    # and what depends on the conditions alone is computed once per group
+    shares_conditions: ClassVar[bool]
 
     def __call__(self, inputs: dict[str, Any], gsd: torch.Tensor) -> dict[str, Any]: ...
 

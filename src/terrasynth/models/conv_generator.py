@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from terrasynth.errors import TerrasynthError
 from terrasynth.modalities import Modality
 from terrasynth.modalities.registry import SPECTRAL_SLOTS
 from terrasynth.models.base import FullResolutionFeatures, PretrainedMixin
@@ -109,6 +110,35 @@ def _weighted_level(levels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (torch.nan_to_num(levels) * w).sum(1) / w.sum(1).clamp_min(1e-6)
 
 
+def _rows(inputs: dict[str, ModalityInput], rows: slice) -> dict[str, ModalityInput]:
+    """The inputs of some rows of the batch."""
+    return {
+        n: ModalityInput(
+            inp.t[rows],
+            inp.present[rows],
+            groups=None if inp.groups is None else {g: v[rows] for g, v in inp.groups.items()},
+            vector=None if inp.vector is None else inp.vector[rows],
+        )
+        for n, inp in inputs.items()
+    }
+
+
+def _interleave(samples: list[dict]) -> dict:
+    """One batch from per-member outputs: row ``u * len(samples) + i`` is member ``i``'s
+    row ``u`` (the order of :meth:`ConvGenerator.forward`'s ``repeats``)."""
+
+    def join(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(parts, 1).flatten(0, 1)
+
+    out = {}
+    for name, value in samples[0].items():
+        if isinstance(value, dict):
+            out[name] = {g: join([s[name][g] for s in samples]) for g in value}
+        else:
+            out[name] = join([s[name] for s in samples])
+    return out
+
+
 def _uniform_from_noise(noise: torch.Tensor) -> torch.Tensor:
     """(B,) uniform in [0, 1) from a window of unit-variance white noise (B, C, S, S): the
     first channel's mean, rescaled to unit variance, through the normal CDF. Taken from the
@@ -155,11 +185,14 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
 
     default_steps = 1  # one-step sampler: the output at t = 1 is a sample
     cpu_bf16 = False  # convolutions: fp32 on CPU (see GenerativeModel.cpu_bf16)
+    shares_conditions = True  # the trunk reads the conditions only, never the noise
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         config.validate()
         self.config = config
+        # the modalities are fixed with the layers built for them: parsed once, not per call
+        self.registry = config.registry
         self.rasters: list[Modality] = config.raster_modalities()
         self.vectors = config.vector_modalities()
         names = [m.name for m in self.rasters]
@@ -309,6 +342,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         members: int = 1,
         generator: torch.Generator | None = None,
         places: torch.Tensor | None = None,
+        repeats: int = 1,
     ):
         """x0 of every generated modality (``t > 0`` for some sample).
 
@@ -316,20 +350,46 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         and a list of ``members`` samples, the first from the inputs' own noise and the
         others from fresh noise drawn from ``generator``. ``places`` (B, 3), training only:
         the chips' locations, so that retrieval ignores their own surroundings.
+
+        ``repeats`` > 1 (sampling): the batch holds groups of ``repeats`` consecutive rows
+        with the same conditions and their own noise (the samples of one window); the
+        trunk, retrieval and heads run once per group, the residual once per row. The
+        result is the same as without it, in about half the time for 8 samples.
         """
+        if repeats > 1:
+            if members != 1 or gsd.shape[0] % repeats:
+                raise TerrasynthError("repeats: a batch of whole groups, one member each")
+            groups = [_rows(inputs, slice(i, None, repeats)) for i in range(repeats)]
+            _, samples = self._generate(groups[0], gsd[::repeats], repeats, None, None, groups)
+            return _interleave(samples)
+        return self._generate(inputs, gsd, members, generator, places, None)
+
+    def _generate(
+        self,
+        inputs: dict[str, ModalityInput],
+        gsd: torch.Tensor,
+        members: int,
+        generator: torch.Generator | None,
+        places: torch.Tensor | None,
+        noise_from: list[dict[str, ModalityInput]] | None,
+    ):
+        """:meth:`forward`; member ``i`` takes its noise from ``noise_from[i]`` if given."""
         targets = [n for n, inp in inputs.items() if bool((inp.t > 0).any())]
         feats, deep, cond = self._trunk(inputs, gsd)
         retrieved, neighbours = self._retrieve(inputs, targets, places, generator)
         continuous = [
             n
             for n in targets
-            if inputs[n].groups is not None and self.config.registry[n].kind != "categorical"
+            if inputs[n].groups is not None and self.registry[n].kind != "categorical"
         ]
         # One generator pass per member serves every generated modality: its noise is the
         # sum of theirs (rescaled), so jointly generated modalities vary together.
         gen_feats, picks = [], []
         for i in range(members if continuous else 0):
-            noise = self._joint_noise(inputs, continuous, fresh=i > 0, generator=generator)
+            if noise_from is not None:
+                noise = self._joint_noise(noise_from[i], continuous, False, None)
+            else:
+                noise = self._joint_noise(inputs, continuous, fresh=i > 0, generator=generator)
             gen_feats.append(self._residual(feats, noise, cond))
             picks.append(_uniform_from_noise(noise))
         mean: dict = {}
@@ -342,7 +402,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                 for s in samples:
                     s[name] = v
                 continue
-            mod = self.config.registry[name]
+            mod = self.registry[name]
             ret = retrieved.get(name)
             film, e = self._target_film(name, cond, ret)
             f = _modulate(feats, film[0])
@@ -436,7 +496,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         ref = next(inp for inp in inputs.values() if inp.groups is not None)
         name0 = next(n for n, inp in inputs.items() if inp.groups is not None)
         g0 = next(iter(ref.groups))
-        size = ref.groups[g0].shape[-1] * self.config.registry[name0].group(g0).factor
+        size = ref.groups[g0].shape[-1] * self.registry[name0].group(g0).factor
         b, dev = gsd.shape[0], gsd.device
         n_slots = len(self.slot_names)
         slot_sum = torch.zeros(b, n_slots, size, size, device=dev)
@@ -730,7 +790,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         total, count = None, None
         for name in names:
             inp = inputs[name]
-            mod = self.config.registry[name]
+            mod = self.registry[name]
             parts = []
             for g in mod.groups:
                 xg = inp.groups[g.name]

@@ -102,6 +102,7 @@ class SceneModel(PretrainedMixin, nn.Module):
 
     default_steps = 8
     cpu_bf16 = True
+    shares_conditions = False  # the noisy targets are tokens the trunk reads
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

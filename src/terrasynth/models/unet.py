@@ -76,6 +76,7 @@ class UNet(FullResolutionFeatures, PretrainedMixin, nn.Module):
 
     default_steps = 1  # deterministic: one call is the prediction
     cpu_bf16 = False  # convolutions: fp32 on CPU (see GenerativeModel.cpu_bf16)
+    shares_conditions = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

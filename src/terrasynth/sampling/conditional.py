@@ -121,17 +121,21 @@ def predict(
     gsd: torch.Tensor,
     given_bands: dict | None,
     with_conditions: bool,
+    repeats: int = 1,
 ) -> dict:
     """One model call: targets in their current noisy state ``x`` at level ``t``, every
     other modality of ``sigs`` clean (or all dropped: the unconditional branch of guidance).
     A model on another device than the CPU gets its inputs there and returns its
     prediction to the CPU, where sampling keeps its state and draws its noise.
+    ``repeats`` > 1: the rows come in groups of that many samples of one window, for a
+    model that ``shares_conditions``.
     """
     inputs = sampling_inputs(sigs, targets, x, t, gsd, given_bands, with_conditions)
+    extra = {"repeats": repeats} if repeats > 1 else {}
     device = model_device(model)
     if device.type == "cpu":
-        return model(inputs, gsd)
-    pred = model(to_device(inputs, device), gsd.to(device))
+        return model(inputs, gsd, **extra)
+    pred = model(to_device(inputs, device), gsd.to(device), **extra)
     return to_device(pred, torch.device("cpu"))
 
 

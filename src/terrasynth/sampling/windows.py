@@ -147,7 +147,7 @@ def blend_x0(
     scene: dict[str, Signal],
     targets: list[str],
     x: dict,
-    items: list[tuple[int, tuple[int, int]]],
+    windows: list[tuple[int, int]],
     t: float,
     gsd: float,
     factors: dict,
@@ -159,16 +159,27 @@ def blend_x0(
 ) -> tuple[dict, dict, dict]:
     """One sampling step's blended x0 over the grid of ``scene``.
 
-    ``x``: the targets' noisy state on that grid, one row per sample; ``items``: the
-    (sample, (row, col)) windows to run, batched ``batch_size`` at a time. Returns the
-    weighted sums of the windows' x0 predictions, their weights, and (``with_probs``) the
-    weighted class probabilities of categorical targets; sum / weight is the blend.
+    ``x``: the targets' noisy state on that grid, one row per sample; ``windows``: the
+    (row, col) windows to run for every sample, about ``batch_size`` (sample, window)
+    pairs per model call. Returns the weighted sums of the windows' x0 predictions, their
+    weights, and (``with_probs``) the weighted class probabilities of categorical targets;
+    sum / weight is the blend.
     """
     size = model.config.window_size
     weight = blend_weight(size)
     weights = {f: _crop_weight(weight, f) for d in factors.values() for f in d.values()}
     acc, norm = _zeros_like_state(x), _zeros_like_state(x, weights_only=True)
     probs_acc: dict[str, dict[str, torch.Tensor]] = {}
+    samples = _num_samples(x)
+    # a model that shares the conditions' work between samples gets each window's samples
+    # side by side in one call; the sums below take every sample's windows in the same
+    # order either way
+    repeats = samples if model.shares_conditions and samples > 1 else 1
+    if repeats > 1:
+        items = [(s, w) for w in windows for s in range(samples)]
+        batch_size = max(1, batch_size // repeats) * repeats
+    else:
+        items = [(s, w) for s in range(samples) for w in windows]
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         wins = [w for _, w in chunk]
@@ -176,11 +187,11 @@ def blend_x0(
         xs = _window_state(x, chunk, size, factors)
         gsd_b = torch.full((len(chunk),), float(gsd))
         given = _expand_given(given_bands, len(chunk))
-        pred = predict(model, sigs, targets, xs, t, gsd_b, given, True)
+        pred = predict(model, sigs, targets, xs, t, gsd_b, given, True, repeats)
         if on_call is not None:
             on_call()
         if guidance != 1.0:
-            unc = predict(model, sigs, targets, xs, t, gsd_b, given, False)
+            unc = predict(model, sigs, targets, xs, t, gsd_b, given, False, repeats)
             pred = {n: guide(pred[n], unc[n], guidance) for n in targets}
             if on_call is not None:
                 on_call()
@@ -202,6 +213,20 @@ def blend_x0(
                         pa = probs_acc.setdefault(n, {}).setdefault(g, torch.zeros_like(acc[n][g]))
                         _crop(pa[s], r, c, size, f).add_(payload[g][k] * wgt)
     return acc, norm, probs_acc
+
+
+def _num_samples(x: dict) -> int:
+    """Rows (samples) of a sampling state."""
+    v = next(iter(x.values()))
+    return int((next(iter(v.values())) if isinstance(v, dict) else v).shape[0])
+
+
+def model_calls(model: GenerativeModel, windows: int, samples: int, batch_size: int) -> int:
+    """Model calls :func:`blend_x0` makes for one sampling step."""
+    if model.shares_conditions and samples > 1:
+        per_call = max(1, batch_size // samples)
+        return -(-windows // per_call)
+    return -(-(windows * samples) // batch_size)
 
 
 def start_noise(seed: int, target: str, group: str, sample: int, channels: int) -> NoiseField:
@@ -245,7 +270,6 @@ def sample_scene(
     factors, windows = _layout(model, scene)
     # conditions no sample holds would only add masked tokens: leave them out
     scene = {n: s for n, s in scene.items() if n in targets or bool(s.present.any())}
-    items = [(s, w) for s in range(num_samples) for w in windows]
     seed = scene_seed(generator)
     # the state of every target: one noise field per sample over the whole scene
     x: dict[str, object] = {}
@@ -256,7 +280,9 @@ def sample_scene(
         else:
             x[n] = torch.randn((num_samples, sig.vector.shape[1]), generator=generator)
     ts = sampler.timesteps()
-    calls_per_step = -(-len(items) // batch_size) * (2 if guidance != 1.0 else 1)
+    calls_per_step = model_calls(model, len(windows), num_samples, batch_size) * (
+        2 if guidance != 1.0 else 1
+    )
     total_calls = sampler.steps * calls_per_step
     done = [0]
 
@@ -269,7 +295,7 @@ def sample_scene(
     for i in range(sampler.steps):
         t, t_next = float(ts[i]), float(ts[i + 1])
         acc, norm, probs_acc = blend_x0(
-            model, scene, targets, x, items, t, gsd, factors, guidance, given_bands,
+            model, scene, targets, x, windows, t, gsd, factors, guidance, given_bands,
             batch_size, with_probs=t_next <= 0, on_call=on_call,
         )  # fmt: skip
         for n in targets:

@@ -414,12 +414,11 @@ class SceneJob:
         }
         x = self._state(i, region)
         wins = [(r - region.row, c - region.col) for r, c in self.plan.windows(tile)]
-        items = [(s, w) for s in range(self.spec.num_samples) for w in wins]
         ts = self.sampler.timesteps()
         t, t_next = float(ts[i]), float(ts[i + 1])
         last = t_next <= 0
         acc, norm, probs = blend_x0(
-            self.model, signals, targets, x, items, t, self.gsd, factors,
+            self.model, signals, targets, x, wins, t, self.gsd, factors,
             self.spec.guidance, given or None, self.spec.batch_size, with_probs=last,
         )  # fmt: skip
         inner = Box(tile.row - region.row, tile.col - region.col, tile.height, tile.width)
