@@ -11,8 +11,10 @@ from terrasynth.errors import TerrasynthError
 from terrasynth.evaluation.calibration import (
     BAND_FACTOR_RANGE,
     FACTORS,
+    MEAN_FACTOR_RANGE,
     band_factors,
     fit_spread_scale,
+    mean_factors,
 )
 from terrasynth.models.config import ModelConfig
 from terrasynth.models.conv_generator import ConvGenerator
@@ -171,11 +173,76 @@ def test_cli_writes_factors_per_scale_and_with_no_bands_removes_them(small_store
     assert ModelConfig.load(folder / "config.json").spread_bands == {}
 
 
+@pytest.mark.parametrize("key", ["spread_bands", "mean_bands"])
 @pytest.mark.parametrize(
     "bands",
     [{"dem": [[1.0] * (NUM_BANDS - 1)]}, {"dem": [[1.0] * NUM_BANDS] * 2}, {"nope": [[1.0]]}],
 )
-def test_spread_bands_of_the_wrong_shape_or_modality_are_refused(model, bands):
-    cfg = {**model.config.to_dict(), "spread_bands": bands}
-    with pytest.raises(TerrasynthError, match="spread_bands"):
+def test_scale_factors_of_the_wrong_shape_or_modality_are_refused(model, key, bands):
+    cfg = {**model.config.to_dict(), key: bands}
+    with pytest.raises(TerrasynthError, match=key):
         ModelConfig.from_dict(cfg).validate()
+
+
+def _mean_windows(mean_of, members: int = 4, seed: int = 0):
+    """Made-up windows: the truth drawn from (1, 1), the mean ``mean_of(truth, gen)``, the
+    members' residuals zero."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(6):
+        y = _draws(8, gen, 1.0, 1.0)
+        res = torch.zeros(members, *y.shape)
+        out.append(("g", mean_of(y, gen), res, y, torch.ones_like(y, dtype=torch.bool)))
+    return out
+
+
+def test_mean_factors_undo_a_mean_that_is_too_strong_or_too_weak():
+    for gain in (2.0, 0.8):
+        factors = np.asarray(mean_factors(_mean_windows(lambda y, g, k=gain: k * y), ["g"]))
+        assert factors.shape == (2, NUM_BANDS)
+        np.testing.assert_allclose(factors, 1 / gain, rtol=1e-5)
+    lo, hi = MEAN_FACTOR_RANGE
+    clipped = np.asarray(mean_factors(_mean_windows(lambda y, g: 0.1 * y), ["g"]))
+    np.testing.assert_allclose(clipped, hi)  # ten times too weak: at most doubled
+    flipped = np.asarray(mean_factors(_mean_windows(lambda y, g: -y), ["g"]))
+    np.testing.assert_allclose(flipped, lo)  # anti-correlated: none of it
+
+
+def test_mean_factors_drop_invented_fine_structure_and_keep_the_true_broad_one():
+    def invented(y, gen):  # the truth's 3 px structure plus pixel noise of its own
+        return gaussian_blur(y, 3.0) + torch.randn(y.shape, generator=gen)
+
+    factors = np.asarray(mean_factors(_mean_windows(invented), ["g"]))
+    assert (factors[:, 0] < 0.2).all()  # the finest band is mostly made up: shrunk
+    assert (np.abs(factors[:, 4] - 1) < 0.1).all()  # broad structure is the truth's
+    assert ((factors[:, 3] > 1.1) & (factors[:, 3] < 1.5)).all()  # what the blur weakened
+
+
+def test_mean_factors_leave_to_the_members_what_their_mean_explains():
+    windows = []
+    for g, mu, res, y, known in _mean_windows(lambda y, g: 0.5 * y):
+        res = (0.5 * y).expand(4, *y.shape).clone()  # the members add the other half
+        windows.append((g, mu, res, y, known))
+    np.testing.assert_allclose(mean_factors(windows, ["g"]), 1.0, rtol=1e-5)
+    poisoned = [(g, mu, res, y, k.clone()) for g, mu, res, y, k in windows]
+    for *_, known in poisoned:
+        known[:, 0, 0, 0] = False
+    assert mean_factors(poisoned, ["g"]) == [] and mean_factors(windows, ["h"]) == []
+
+
+def test_cli_mean_writes_the_means_factors_per_scale(small_store, tmp_path, model):
+    folder = model.save_pretrained(tmp_path / "conv4")
+    args = ("calibrate", "-m", str(folder), "-d", str(small_store), "--split",
+            _split(small_store), "--members", "4", "--max-chips", "4")  # fmt: skip
+    res = run_cli(*args, "--mean")
+    assert res.returncode == 0, res.stderr
+    assert "the mean per scale" in res.stdout
+    cfg = ModelConfig.load(folder / "config.json")
+    assert cfg.mean_bands and set(cfg.mean_bands) == set(cfg.spread_bands)
+    lo, hi = MEAN_FACTOR_RANGE
+    for rows in cfg.mean_bands.values():
+        assert ((lo <= np.asarray(rows)) & (np.asarray(rows) <= hi)).all()
+    assert ModelConfig.load(folder / "config.json").mean_bands == cfg.mean_bands
+    res = run_cli(*args)  # without --mean: refitted without it
+    assert res.returncode == 0, res.stderr
+    assert ModelConfig.load(folder / "config.json").mean_bands == {}

@@ -223,6 +223,20 @@ def test_spread_bands_rescale_the_residual_per_spatial_scale(config):
 
 
 @needs_data
+def test_mean_bands_rescale_the_mean_per_spatial_scale_not_the_residual(config):
+    rows = [[0.0] * 4 + [1.0] * 2]  # the dem's structure finer than 16 px removed
+    m0, s0, m1, s1 = _with_and_without(config, mean_bands={"dem": rows})
+    mean, raw = m1["dem"]["r30m"], m0["dem"]["r30m"]
+    assert torch.allclose(mean, gaussian_blur(raw, 8.0), atol=1e-5)
+    for i in range(2):  # each sample: the new mean plus the residual it had
+        res = s0[i]["dem"]["r30m"] - raw
+        assert torch.allclose(s1[i]["dem"]["r30m"], mean + res, atol=1e-5)
+        assert _same(s0[i], s1[i], "s2l2a")  # other modalities keep theirs
+    ones = _with_and_without(config, mean_bands={"dem": [[1.0] * NUM_BANDS]})
+    assert torch.allclose(ones[2]["dem"]["r30m"], raw, atol=1e-5)
+
+
+@needs_data
 def test_relief_smoothing_blurs_the_elevation_residual_only(config):
     m0, s0, m1, s1 = _with_and_without(config, relief_smoothing=2.0)
     assert _same(m0, m1, "dem") and _same(s0[0], s1[0], "s2l2a")  # not optical bands

@@ -910,12 +910,17 @@ def calibrate(
     bands: Annotated[
         bool, typer.Option(help="Also fit the spread per band and spatial scale (spread_bands).")
     ] = True,
+    mean: Annotated[
+        bool,
+        typer.Option(help="First fit the mean per band and spatial scale (mean_bands)."),
+    ] = False,
 ) -> None:
     """Fit the spread of a one-step generator per modality on the validation split.
 
-    Writes ``spread_bands`` (per band and spatial scale, spread matching error; not with
-    ``--no-bands``) and ``spread_scale`` (then the factor minimising CRPS) into the model's
-    config.json."""
+    Writes ``mean_bands`` (with ``--mean``: per band and spatial scale, the mean's factor
+    best matching the truth), ``spread_bands`` (per band and spatial scale, spread matching
+    error; not with ``--no-bands``) and ``spread_scale`` (then the factor minimising CRPS)
+    into the model's config.json."""
     from terrasynth.data.store import ChipStore
     from terrasynth.evaluation.calibration import fit_spread_scale
     from terrasynth.pipeline import Pipeline
@@ -928,7 +933,7 @@ def calibrate(
     if cfg.backbone != "conv_generator":
         raise TerrasynthError(f"{model}: only one-step generators (conv_generator) have a spread")
     fits = fit_spread_scale(
-        pipe.model, str(store), split, members, max_chips, seed=seed, bands=bands
+        pipe.model, str(store), split, members, max_chips, seed=seed, bands=bands, mean=mean
     )
     if not fits:
         raise TerrasynthError(f"{store}: no {split} chip holds a modality of the model")
@@ -942,11 +947,15 @@ def calibrate(
             f"{r['spread_skill_at_1']:8.3f} {r['spread_skill']:13.3f} "
             f"{r['coverage_90_at_1']:9.3f} {r['coverage_90']:6.3f}"
         )
+        if fit.mean_bands:
+            typer.echo("  " + fit.mean_summary())
         if fit.bands:
             typer.echo("  " + fit.band_summary())
     cfg.spread_scale = {**cfg.spread_scale, **{n: f.scale for n, f in fits.items()}}
     kept = {n: b for n, b in cfg.spread_bands.items() if n not in fits}
     cfg.spread_bands = {**kept, **{n: f.bands for n, f in fits.items() if f.bands}}
+    kept = {n: b for n, b in cfg.mean_bands.items() if n not in fits}
+    cfg.mean_bands = {**kept, **{n: f.mean_bands for n, f in fits.items() if f.mean_bands}}
     cfg.save(Path(pipe.source) / "config.json")
     typer.echo(f"spread_scale written to {Path(pipe.source) / 'config.json'}")
 

@@ -14,6 +14,13 @@ the error of their mean at that scale (the power of ``truth - ensemble mean`` eq
 ``(1 + 1/N)`` times the members' unbiased variance, as it does for a calibrated
 ensemble), so samples are as rough as the truth at every scale; the CRPS factor is then
 fitted on top of the rescaled residuals.
+
+With ``mean``, the deterministic mean is calibrated before the spread, per band and scale
+band too (``mean_bands``): the least-squares factor that maps the mean's scale band onto
+the truth's (less what the members' mean adds), clipped to ``MEAN_FACTOR_RANGE``. Structure
+the mean invents on validation (roads drawn as relief, blotches of colour) shrinks towards
+none; structure it gets right keeps its factor near 1; what the shrunk mean no longer
+explains is error the spread is then fitted to.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from terrasynth.training.score_objective import fair_crps
 
 FACTORS = np.exp(np.linspace(np.log(0.25), np.log(4.0), 25))
 BAND_FACTOR_RANGE = (0.05, 10.0)  # a band the residual lacks is not blown up from round-off
+MEAN_FACTOR_RANGE = (0.0, 2.0)  # none of the mean's band, up to twice it
 
 
 @dataclass
@@ -53,6 +61,8 @@ class ScaleFit:
     # per band, factors per scale band (empty: none) and the spread/error ratios before them
     bands: list[list[float]] = field(default_factory=list)
     band_spread: list[list[float]] = field(default_factory=list)
+    # per band, the mean's factors per scale band (empty: none)
+    mean_bands: list[list[float]] = field(default_factory=list)
 
     @property
     def best(self) -> int:
@@ -68,6 +78,13 @@ class ScaleFit:
         before, after = np.median(self.band_spread, 0), np.median(self.bands, 0)
         return "per scale, median over bands (spread/skill before -> factor): " + ", ".join(
             f"{n} {b:.2f} -> {f:.2f}" for n, b, f in zip(SCALE_NAMES, before, after, strict=True)
+        )
+
+    def mean_summary(self) -> str:
+        """One line: per scale band, the median over bands of the mean's factor."""
+        med = np.median(self.mean_bands, 0)
+        return "the mean per scale, median over bands: " + ", ".join(
+            f"{n} {f:.2f}" for n, f in zip(SCALE_NAMES, med, strict=True)
         )
 
     def summary(self) -> dict[str, float]:
@@ -98,15 +115,17 @@ def fit_spread_scale(
     seed: int = 0,
     progress: bool = True,
     bands: bool = True,
+    mean: bool = False,
 ) -> dict[str, ScaleFit]:
-    """Fit ``spread_bands`` (unless ``bands`` is false) and ``spread_scale`` per continuous
-    raster modality (see the module docstring).
+    """Fit ``mean_bands`` (with ``mean``), ``spread_bands`` (unless ``bands`` is false)
+    and ``spread_scale`` per continuous raster modality (see the module docstring).
 
     Units are the store-normalised ones the model works in. Modalities without chips in
     ``split`` are left out (they keep their factor)."""
     cfg = model.config
-    saved, saved_bands = dict(cfg.spread_scale), dict(cfg.spread_bands)
-    cfg.spread_scale, cfg.spread_bands = {}, {}  # fit against the raw residuals
+    saved = dict(cfg.spread_scale), dict(cfg.spread_bands), dict(cfg.mean_bands)
+    # fit against the raw mean and residuals
+    cfg.spread_scale, cfg.spread_bands, cfg.mean_bands = {}, {}, {}
     model.eval()
     try:
         ds = ChipDataset(store, split=split)
@@ -132,8 +151,13 @@ def fit_spread_scale(
                 for batch in tiles(chips, cfg.window_size, ds.chip_size)
                 for w in _generate(model, mod.name, batch, cfg, order, members, gen)
             ]
+            groups = [g.name for g in mod.groups]
+            if mean:
+                fit.mean_bands = mean_factors(windows, groups)
+                if fit.mean_bands:
+                    rows = band_rows(mod, fit.mean_bands)
+                    windows = [(g, rescale_bands(mu, rows[g]), *rest) for g, mu, *rest in windows]
             if bands:
-                groups = [g.name for g in mod.groups]
                 fit.bands, fit.band_spread = band_factors(windows, groups)
             per_group = band_rows(mod, fit.bands) if fit.bands else {}
             for group, mu, res, y, known in windows:
@@ -142,7 +166,7 @@ def fit_spread_scale(
                 _accumulate(fit, mu, res, y, known.numpy())
         return fits
     finally:
-        cfg.spread_scale, cfg.spread_bands = saved, saved_bands
+        cfg.spread_scale, cfg.spread_bands, cfg.mean_bands = saved
 
 
 Window = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -168,6 +192,42 @@ def _generate(model, name: str, batch: dict, cfg, order, members, gen) -> list[W
     return out
 
 
+def _whole(windows: list[Window]):
+    """The windows' parts whose truth is known everywhere (a gap would put false edges
+    into every scale band), skipping windows with none."""
+    for group, mu, res, y, known in windows:
+        whole = known.flatten(1).all(1)
+        if bool(whole.any()):
+            yield group, mu[whole], res[:, whole], y[whole]
+
+
+def mean_factors(windows: list[Window], groups: list[str]) -> list[list[float]]:
+    """Per band (``groups``' bands in order) and scale band: the least-squares factor on
+    the mean's band that best gives the truth's band less the members' mean residual
+    (clipped to ``MEAN_FACTOR_RANGE``); an empty list where no window is whole."""
+    cross: dict[str, np.ndarray] = {}
+    power: dict[str, np.ndarray] = {}
+    for group, mu, res, y in _whole(windows):
+        want = split_bands(y - res.mean(0))
+        have = split_bands(mu)
+        c = np.stack(
+            [
+                (h.double() * w.double()).sum((0, 2, 3)).numpy()
+                for h, w in zip(have, want, strict=True)
+            ],
+            1,
+        )
+        p = np.stack([(h.double() ** 2).sum((0, 2, 3)).numpy() for h in have], 1)
+        cross[group] = cross.get(group, 0) + c
+        power[group] = power.get(group, 0) + p
+    if any(g not in power for g in groups):
+        return []
+    c = np.concatenate([cross[g] for g in groups])
+    p = np.concatenate([power[g] for g in groups])
+    factors = np.where(p > 1e-12, c / np.maximum(p, 1e-30), 1.0)
+    return np.clip(factors, *MEAN_FACTOR_RANGE).tolist()
+
+
 def band_factors(
     windows: list[Window], groups: list[str]
 ) -> tuple[list[list[float]], list[list[float]]]:
@@ -178,12 +238,8 @@ def band_factors(
     err_power: dict[str, np.ndarray] = {}
     spread_power: dict[str, np.ndarray] = {}
     members = 2
-    for group, mu, res, y, known in windows:
-        whole = known.flatten(1).all(1)
-        if not bool(whole.any()):
-            continue
+    for group, mu, res, y in _whole(windows):
         members = res.shape[0]
-        res, mu, y = res[:, whole], mu[whole], y[whole]
         ens = res.mean(0)
         err = split_bands(y - mu - ens)
         dev = split_bands((res - ens).flatten(0, 1))

@@ -66,6 +66,10 @@ class ModelConfig:
     # fitted on validation so that each scale's spread matches the error at that scale
     # (samples as rough as the truth, relief as large as the error)
     spread_bands: dict[str, list[list[float]]] = field(default_factory=dict)
+    # the same for the deterministic mean: per band and scale, the least-squares factor
+    # that maps the mean's scale band onto the truth's on validation, so structure the
+    # mean invents (roads as relief) shrinks and structure it gets right stays
+    mean_bands: dict[str, list[list[float]]] = field(default_factory=dict)
     retrieval_k: int = 0  # training chips looked up per window as conditioning (0: none)
     relief_smoothing: float = 0.0  # Gaussian sigma (px) on elevation targets' residual
     # each sample takes the level of one retrieved neighbour (a mixture, as kNN's ensemble
@@ -130,16 +134,17 @@ class ModelConfig:
             out["time"] = TIME_DIM
         return out
 
-    def _validate_spread_bands(self) -> None:
+    def _validate_scale_bands(self) -> None:
         reg = self.registry
-        for name, rows in self.spread_bands.items():
-            if name not in self.modalities or reg[name].kind != "continuous":
-                raise TerrasynthError(f"spread_bands: '{name}' is no continuous modality")
-            bands = sum(len(g.bands) for g in reg[name].groups)
-            if len(rows) != bands or any(len(r) != NUM_BANDS for r in rows):
-                raise TerrasynthError(
-                    f"spread_bands['{name}']: {bands} rows of {NUM_BANDS} factors expected"
-                )
+        for key, table in (("spread_bands", self.spread_bands), ("mean_bands", self.mean_bands)):
+            for name, rows in table.items():
+                if name not in self.modalities or reg[name].kind != "continuous":
+                    raise TerrasynthError(f"{key}: '{name}' is no continuous modality")
+                bands = sum(len(g.bands) for g in reg[name].groups)
+                if len(rows) != bands or any(len(r) != NUM_BANDS for r in rows):
+                    raise TerrasynthError(
+                        f"{key}['{name}']: {bands} rows of {NUM_BANDS} factors expected"
+                    )
 
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
@@ -177,7 +182,7 @@ class ModelConfig:
                 raise TerrasynthError("level_gate_init: a share between 0 and 1 (exclusive)")
             if not self.retrieval_exclusion_m or min(self.retrieval_exclusion_m) < 0:
                 raise TerrasynthError("retrieval_exclusion_m: one or more radii of 0 m or more")
-            self._validate_spread_bands()
+            self._validate_scale_bands()
             return
         if self.backbone == "unet":
             multiple = 2 ** (len(self.widths) - 1)

@@ -418,7 +418,11 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                 mu = {g: v + (amp[g] - 1) * _anomaly(v) for g, v in mu.items()}
             if ret is not None:
                 mu = self._add_retrieved(mod, mu, ret, near)
-            mean[name] = mu
+            # the mean calibrated per band and spatial scale; the residual (made against
+            # the raw mean: the neighbours' levels are deviations from it) is unchanged
+            shrink = self.config.mean_bands.get(name)
+            rows = band_rows(mod, shrink) if shrink else {}
+            mean[name] = {g: rescale_bands(v, rows[g]) if rows else v for g, v in mu.items()}
             if mod.kind == "categorical":
                 for s in samples:
                     s[name] = mu
@@ -447,7 +451,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                     res = {g: res[g] + gate[:, :, None, None] * dev[g] for g in res}
                 if per_scale is not None:
                     res = {g: rescale_bands(r, per_scale[g]) for g, r in res.items()}
-                s[name] = {g: mu[g] + scale * res[g] for g in mu}
+                s[name] = {g: mean[name][g] + scale * res[g] for g in mu}
         if members == 1:
             return samples[0]
         return mean, samples
