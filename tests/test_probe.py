@@ -17,6 +17,7 @@ from terrasynth.errors import TerrasynthError
 from terrasynth.evaluation import metrics as M
 from terrasynth.evaluation import probe as probe_module
 from terrasynth.evaluation.probe import (
+    ProbeRow,
     bootstrap,
     chip_counts,
     class_map_scores,
@@ -25,6 +26,7 @@ from terrasynth.evaluation.probe import (
     fit_mlp,
     head,
     label_counts,
+    markdown,
     multilabel_scores,
     probe_splits,
     select_and_fit,
@@ -226,3 +228,28 @@ def test_the_python_example_in_the_docs_runs(small_store, tmp_path, monkeypatch)
     assert {r.features for r in scope["rows"]} == {"model", "random_init", "raw_bands"}
     assert scope["best"].metric == "macro_f1" and 0 <= scope["best"].value <= 1
     assert (tmp_path / "probe-out" / "probe.csv").is_file()
+
+
+def _row(label: str, features: str, value: float, low: float, high: float) -> ProbeRow:
+    return ProbeRow(label, features, "s2l2a", "macro_f1", value, low, high, "categorical",
+                    "store", 10, 5, 5, 4, 500, 0.01, "linear")  # fmt: skip
+
+
+def test_the_summary_counts_label_sets_ahead_and_apart():
+    rows = [
+        # ahead of both, intervals apart
+        _row("a", "model", 0.6, 0.55, 0.65), _row("a", "raw_bands", 0.4, 0.35, 0.5),
+        _row("a", "random_init", 0.3, 0.2, 0.4),
+        # ahead of both, intervals overlapping
+        _row("b", "model", 0.5, 0.4, 0.6), _row("b", "raw_bands", 0.45, 0.3, 0.55),
+        _row("b", "random_init", 0.3, 0.2, 0.4),
+        # behind raw bands
+        _row("c", "model", 0.5, 0.4, 0.6), _row("c", "raw_bands", 0.55, 0.5, 0.6),
+        _row("c", "random_init", 0.3, 0.2, 0.4),
+    ]  # fmt: skip
+    md = markdown(rows)
+    assert "| a | s2l2a | linear | 0.600 | 0.400 | 0.300 | yes | yes | yes | 4 |" in md
+    assert "| b | s2l2a | linear | 0.500 | 0.450 | 0.300 | yes | yes | no | 4 |" in md
+    assert "| c | s2l2a | linear | 0.500 | 0.550 | 0.300 | no | yes | no | 4 |" in md
+    assert "Ahead of both for some input subset and head: 2 of 3 label sets (a, b)" in md
+    assert "apart from both: 1 (a)." in md

@@ -853,7 +853,8 @@ def _cell(r) -> str:
 def markdown(rows: list[ProbeRow], settings: dict | None = None) -> str:
     """``probe.md``: per label set a table of every input subset x feature set x head, then
     which input subsets put the model ahead of raw band statistics and of the random-init
-    model on macro F1 (with the same head)."""
+    model on macro F1 (with the same head), by point estimate and with the 95 % intervals
+    apart, and on how many label sets."""
     heads = list(dict.fromkeys(r.head for r in rows))
     title = "Linear probes" if heads == ["linear"] else "Probes (heads: " + ", ".join(heads) + ")"
     lines = [f"# {title}", ""]
@@ -861,6 +862,8 @@ def markdown(rows: list[ProbeRow], settings: dict | None = None) -> str:
         lines += [", ".join(f"{k}: {v}" for k, v in settings.items()), ""]
     by = {(r.label, r.inputs, r.features, r.head, r.metric): r for r in rows}
     summary = []
+    ahead_sets: dict[str, None] = {}
+    apart_sets: dict[str, None] = {}
     for label in dict.fromkeys(r.label for r in rows):
         first = next(r for r in rows if r.label == label)
         metrics = METRICS[first.kind]
@@ -889,19 +892,32 @@ def markdown(rows: list[ProbeRow], settings: dict | None = None) -> str:
                 ]
                 if m is not None and all(o is not None for o in others):
                     ahead = ["yes" if m.value > o.value else "no" for o in others]
+                    apart = all(m.low > o.high for o in others)
+                    if ahead == ["yes", "yes"]:
+                        ahead_sets[label] = None
+                    if apart:
+                        apart_sets[label] = None
                     summary.append(
                         f"| {label} | {inputs} | {h} | {m.value:.3f} | {others[0].value:.3f} | "
-                        f"{others[1].value:.3f} | {ahead[0]} | {ahead[1]} |"
+                        f"{others[1].value:.3f} | {ahead[0]} | {ahead[1]} | "
+                        f"{'yes' if apart else 'no'} | {m.test_places} |"
                     )
         lines.append("")
     if summary:
         lines += [
-            "## Model ahead? (macro F1, point estimates)",
+            "## Model ahead? (macro F1)",
+            "",
+            "Point estimates; *apart*: the model's 95 % interval lies above both others' "
+            "(with one test place an interval is a point, so apart says little there).",
             "",
             "| label | inputs | head | model | raw bands | random init | ahead of raw | "
-            "ahead of random |",
-            "|---|---|---|---:|---:|---:|:---:|:---:|",
+            "ahead of random | apart from both | test places |",
+            "|---|---|---|---:|---:|---:|:---:|:---:|:---:|---:|",
             *summary,
+            "",
+            f"Ahead of both for some input subset and head: {len(ahead_sets)} of "
+            f"{len({r.label for r in rows})} label sets ({', '.join(ahead_sets) or 'none'}); "
+            f"apart from both: {len(apart_sets)} ({', '.join(apart_sets) or 'none'}).",
             "",
         ]
     return "\n".join(lines)
