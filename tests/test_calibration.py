@@ -52,7 +52,7 @@ def test_fit_chooses_the_crps_minimum_and_leaves_the_config_as_it_was(model, sma
 
 def test_a_doubled_residual_is_fitted_half_the_scale(model, small_store):
     split = _split(small_store)
-    one = dict(seed=1, progress=False, bands=False)  # the one factor, no per-scale fit
+    one = dict(seed=1, progress=False, bands=False, mean=False)  # the one factor alone
     base = fit_spread_scale(model, str(small_store), split, 4, 8, **one)
     inflated = ConvGenerator(model.config).eval()
     inflated.load_state_dict(model.state_dict())
@@ -231,11 +231,13 @@ def test_mean_factors_leave_to_the_members_what_their_mean_explains():
     assert mean_factors(poisoned, ["g"]) == [] and mean_factors(windows, ["h"]) == []
 
 
-def test_cli_mean_writes_the_means_factors_per_scale(small_store, tmp_path, model):
+def test_cli_writes_the_means_factors_per_scale_and_no_mean_removes_them(
+    small_store, tmp_path, model
+):
     folder = model.save_pretrained(tmp_path / "conv4")
     args = ("calibrate", "-m", str(folder), "-d", str(small_store), "--split",
             _split(small_store), "--members", "4", "--max-chips", "4")  # fmt: skip
-    res = run_cli(*args, "--mean")
+    res = run_cli(*args)  # --mean is the default
     assert res.returncode == 0, res.stderr
     assert "the mean per scale" in res.stdout
     cfg = ModelConfig.load(folder / "config.json")
@@ -244,6 +246,6 @@ def test_cli_mean_writes_the_means_factors_per_scale(small_store, tmp_path, mode
     for rows in cfg.mean_bands.values():
         assert ((lo <= np.asarray(rows)) & (np.asarray(rows) <= hi)).all()
     assert ModelConfig.load(folder / "config.json").mean_bands == cfg.mean_bands
-    res = run_cli(*args)  # without --mean: refitted without it
+    res = run_cli(*args, "--no-mean")  # refitted without it
     assert res.returncode == 0, res.stderr
     assert ModelConfig.load(folder / "config.json").mean_bands == {}

@@ -913,14 +913,14 @@ def calibrate(
     mean: Annotated[
         bool,
         typer.Option(help="First fit the mean per band and spatial scale (mean_bands)."),
-    ] = False,
+    ] = True,
 ) -> None:
     """Fit the spread of a one-step generator per modality on the validation split.
 
-    Writes ``mean_bands`` (with ``--mean``: per band and spatial scale, the mean's factor
-    best matching the truth), ``spread_bands`` (per band and spatial scale, spread matching
-    error; not with ``--no-bands``) and ``spread_scale`` (then the factor minimising CRPS)
-    into the model's config.json."""
+    Writes ``mean_bands`` (per band and spatial scale, the mean's factor best matching the
+    truth, its level kept; not with ``--no-mean``), ``spread_bands`` (per band and spatial
+    scale, spread matching error; not with ``--no-bands``) and ``spread_scale`` (then the
+    factor minimising CRPS) into the model's config.json."""
     from terrasynth.data.store import ChipStore
     from terrasynth.evaluation.calibration import fit_spread_scale
     from terrasynth.pipeline import Pipeline

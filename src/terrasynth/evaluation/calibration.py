@@ -116,10 +116,10 @@ def fit_spread_scale(
     seed: int = 0,
     progress: bool = True,
     bands: bool = True,
-    mean: bool = False,
+    mean: bool = True,
 ) -> dict[str, ScaleFit]:
-    """Fit ``mean_bands`` (with ``mean``), ``spread_bands`` (unless ``bands`` is false)
-    and ``spread_scale`` per continuous raster modality (see the module docstring).
+    """Fit ``mean_bands`` (unless ``mean`` is false), ``spread_bands`` (unless ``bands``
+    is false) and ``spread_scale`` per continuous raster modality (see the module docstring).
 
     Units are the store-normalised ones the model works in. Modalities without chips in
     ``split`` are left out (they keep their factor)."""
