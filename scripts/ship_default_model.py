@@ -78,13 +78,15 @@ def main() -> None:
     if c.backbone == "conv_generator":
         scales = ", ".join(f"{k} {v:.2f}" for k, v in sorted(c.spread_scale.items())) or "none"
         banded = ", ".join(sorted(c.spread_bands)) or "none"
+        mean_banded = ", ".join(sorted(c.mean_bands)) or "none"
         lines = [
             f"- Backbone `conv_generator`, preset `{c.preset}`: {params:.2f} M parameters;",
             f"  U-Net widths {c.widths}, residual generator width {c.generator_channels},",
             f"  training crop {c.image_size} px, sampling window {c.window_size} px",
             f"  (stride {c.stride}), ensemble of {c.ensemble} in training, one sampling step.",
-            "- Spread per modality calibrated on the validation split (`terrasynth calibrate",
-            f"  --bands`): {scales}; per band and spatial scale for: {banded}.",
+            "- Calibrated on the validation split (`terrasynth calibrate`): the mean per band",
+            f"  and spatial scale, its level kept, for: {mean_banded}; the spread per band and",
+            f"  spatial scale for: {banded}; then one spread factor per modality: {scales}.",
             f"- Modalities ({len(model.modality_names)}): {names}.",
             "- Full-resolution convolutional mean plus a one-step residual generator trained",
             "  with proper scores (fair CRPS, patch and spectral energy scores); spectral slots",
