@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from terrasynth.models import filters
 from terrasynth.models.filters import (
     NUM_BANDS,
     SIGMAS,
@@ -66,3 +67,23 @@ def test_a_wrong_number_of_factors_is_refused():
         rescale_bands(_field(), [1.0, 2.0])
     with pytest.raises(ValueError, match="factors"):
         rescale_bands(_field(), torch.ones(2, NUM_BANDS))  # the field has 3 channels
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (1, 2, 40, 24), (2, 1, 5, 5)])
+@pytest.mark.parametrize("sigma", [1.0, 1.5, 8.0])
+def test_the_matrix_blur_is_the_padded_convolution(monkeypatch, shape, sigma):
+    x = _field(4, shape)
+    by_matrix = gaussian_blur(x, sigma)
+    monkeypatch.setattr(filters, "MATRIX_MAX", 0)  # every size by convolution
+    by_conv = gaussian_blur(x, sigma)
+    assert torch.allclose(by_matrix, by_conv, atol=1e-6)
+    # a constant stays constant, whichever border rule the size needs
+    flat = gaussian_blur(torch.full(shape, 3.0), sigma)
+    assert torch.allclose(flat, torch.full(shape, 3.0), atol=1e-5)
+
+
+def test_the_blur_commutes_with_a_shift_away_from_the_borders():
+    x = _field(5, (1, 1, 64, 64))
+    a = gaussian_blur(x[..., :48, :48], 2.0)
+    b = gaussian_blur(x[..., 8:56, 8:56], 2.0)
+    assert torch.allclose(a[..., 14:40, 14:40], b[..., 6:32, 6:32], atol=1e-5)

@@ -14,6 +14,7 @@ already uses, and a wavelet library would add a dependency for it.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,19 +30,48 @@ def radius_of(sigma: float) -> int:
     return max(1, math.ceil(3 * sigma))
 
 
+MATRIX_MAX = 256  # windows up to this side blur by matrix products, larger ones by convolution
+
+
+def _kernel(sigma: float, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    radius = radius_of(sigma)
+    t = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+@functools.lru_cache(maxsize=128)
+def _blur_matrix(n: int, sigma: float, mode: str) -> torch.Tensor:
+    """(n, n): the 1-D blur of ``n`` samples, borders padded by ``mode``, as a matrix (row
+    ``i``: the weights of the inputs on output ``i``), made by blurring unit impulses."""
+    radius = radius_of(sigma)
+    impulses = torch.eye(n, dtype=torch.float64)[:, None, :]  # (n signals, 1, n samples)
+    padded = F.pad(impulses, (radius, radius), mode=mode)
+    responses = F.conv1d(padded, _kernel(sigma, torch.float64).view(1, 1, -1))[:, 0]
+    return responses.T.contiguous()
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """``x`` (B, C, H, W) blurred by a separable Gaussian of ``sigma`` pixels, borders
     reflected. A stride-1 filter keeps it translation-equivariant: two overlapping windows
-    cut from one field agree where they overlap (up to their borders)."""
+    cut from one field agree where they overlap (up to their borders).
+
+    Windows up to ``MATRIX_MAX`` px a side are blurred as ``Mh @ x @ Mw^T`` with the blur
+    written as a matrix per axis: the same operator as the padded convolution, but matrix
+    products run several times faster on CPUs than long depthwise convolutions (the
+    per-scale calibration blurs every sample's residual four times)."""
     if sigma <= 0:
         return x
     radius = radius_of(sigma)
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
+    h, w = x.shape[-2:]
+    mode = "replicate" if radius >= min(h, w) else "reflect"  # reflection needs more pixels
+    if max(h, w) <= MATRIX_MAX:
+        mh = _blur_matrix(h, float(sigma), mode).to(x.device, x.dtype)
+        mw = _blur_matrix(w, float(sigma), mode).to(x.device, x.dtype)
+        return mh @ x @ mw.T
+    k = _kernel(sigma, x.dtype, x.device)
     c = x.shape[1]
-    small = radius >= min(x.shape[-2:])  # reflection needs more pixels than the pad
-    y = F.pad(x, (radius, radius, radius, radius), mode="replicate" if small else "reflect")
+    y = F.pad(x, (radius, radius, radius, radius), mode=mode)
     # separable: a row pass then a column pass
     y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
     return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
