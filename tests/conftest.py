@@ -103,7 +103,14 @@ def open_micro_conv(store_path: Path):
     mods = {m: reg[m].to_dict() for m in store.modalities}
     cfg = ModelConfig(backbone="conv_generator", modalities=mods, stats=store.stats, **MICRO_CONV)
     torch.manual_seed(0)
-    model = ConvGenerator(cfg).eval()
+    return open_zero_layers(ConvGenerator(cfg).eval())
+
+
+def open_zero_layers(model):
+    """``model`` with its zero-initialised layers (FiLM, adaLN-Zero gates) drawn small from
+    torch's global generator, so every condition acts in tests."""
+    import torch
+
     with torch.no_grad():
         for p in model.parameters():
             if not p.any():

@@ -153,13 +153,16 @@ def test_band_factors_skip_windows_with_unknown_truth():
     assert band_factors(poisoned, ["g"]) == ([], [])
 
 
-def test_cli_writes_factors_per_scale_and_with_no_bands_removes_them(small_store, tmp_path, model):
+def test_cli_writes_mean_and_spread_factors_per_scale_and_no_flags_remove_them(
+    small_store, tmp_path, model
+):
     folder = model.save_pretrained(tmp_path / "conv3")
     args = ("calibrate", "-m", str(folder), "-d", str(small_store), "--split",
             _split(small_store), "--members", "4", "--max-chips", "4")  # fmt: skip
-    res = run_cli(*args)  # --bands is the default
+    res = run_cli(*args)  # --mean and --bands are the defaults
     assert res.returncode == 0, res.stderr
     assert "per scale" in res.stdout
+    assert "the mean per scale" in res.stdout
     cfg = ModelConfig.load(folder / "config.json")
     assert cfg.spread_bands and set(cfg.spread_bands) <= set(cfg.spread_scale)
     lo, hi = BAND_FACTOR_RANGE
@@ -168,9 +171,17 @@ def test_cli_writes_factors_per_scale_and_with_no_bands_removes_them(small_store
         rows = np.asarray(rows)
         assert rows.shape == (sum(len(g.bands) for g in reg[name].groups), NUM_BANDS)
         assert ((lo <= rows) & (rows <= hi)).all()
+    assert cfg.mean_bands and set(cfg.mean_bands) == set(cfg.spread_bands)
+    lo, hi = MEAN_FACTOR_RANGE
+    for rows in cfg.mean_bands.values():
+        assert ((lo <= np.asarray(rows)) & (np.asarray(rows) <= hi)).all()
+    assert ModelConfig.load(folder / "config.json").mean_bands == cfg.mean_bands
     res = run_cli(*args, "--no-bands")
     assert res.returncode == 0, res.stderr
     assert ModelConfig.load(folder / "config.json").spread_bands == {}
+    res = run_cli(*args, "--no-mean")  # refitted without it
+    assert res.returncode == 0, res.stderr
+    assert ModelConfig.load(folder / "config.json").mean_bands == {}
 
 
 @pytest.mark.parametrize("key", ["spread_bands", "mean_bands"])
@@ -229,23 +240,3 @@ def test_mean_factors_leave_to_the_members_what_their_mean_explains():
     for *_, known in poisoned:
         known[:, 0, 0, 0] = False
     assert mean_factors(poisoned, ["g"]) == [] and mean_factors(windows, ["h"]) == []
-
-
-def test_cli_writes_the_means_factors_per_scale_and_no_mean_removes_them(
-    small_store, tmp_path, model
-):
-    folder = model.save_pretrained(tmp_path / "conv4")
-    args = ("calibrate", "-m", str(folder), "-d", str(small_store), "--split",
-            _split(small_store), "--members", "4", "--max-chips", "4")  # fmt: skip
-    res = run_cli(*args)  # --mean is the default
-    assert res.returncode == 0, res.stderr
-    assert "the mean per scale" in res.stdout
-    cfg = ModelConfig.load(folder / "config.json")
-    assert cfg.mean_bands and set(cfg.mean_bands) == set(cfg.spread_bands)
-    lo, hi = MEAN_FACTOR_RANGE
-    for rows in cfg.mean_bands.values():
-        assert ((lo <= np.asarray(rows)) & (np.asarray(rows) <= hi)).all()
-    assert ModelConfig.load(folder / "config.json").mean_bands == cfg.mean_bands
-    res = run_cli(*args, "--no-mean")  # refitted without it
-    assert res.returncode == 0, res.stderr
-    assert ModelConfig.load(folder / "config.json").mean_bands == {}

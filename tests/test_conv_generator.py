@@ -22,7 +22,7 @@ from terrasynth.models.filters import NUM_BANDS, gaussian_blur, radius_of
 from terrasynth.models.retrieval import RetrievalIndex, summary_size
 from terrasynth.models.scene_model import ModalityInput
 from terrasynth.models.signals import location_vector
-from tests.conftest import MICRO_CONV
+from tests.conftest import MICRO_CONV, open_zero_layers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 needs_data = pytest.mark.needs_data
@@ -42,12 +42,7 @@ def config(small_store) -> ModelConfig:
 def _model(config: ModelConfig, seed: int = 0) -> ConvGenerator:
     """A model whose zero-initialised FiLM layers are opened, so every condition acts."""
     torch.manual_seed(seed)
-    model = ConvGenerator(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
-    return model
+    return open_zero_layers(ConvGenerator(config).eval())
 
 
 def _three(x: torch.Tensor, generated: bool, gen: torch.Generator) -> torch.Tensor:

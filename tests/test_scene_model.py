@@ -15,7 +15,7 @@ from terrasynth.models.scene_model import (
     patch_contrast,
     timestep_embedding,
 )
-from tests.conftest import MICRO_MODEL
+from tests.conftest import MICRO_MODEL, open_zero_layers
 
 pytestmark = [pytest.mark.needs_data, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -34,12 +34,7 @@ def config(small_store) -> ModelConfig:
 def _model(config: ModelConfig, seed: int = 0) -> SceneModel:
     """A model whose adaLN-Zero gates are opened, so every block really mixes tokens."""
     torch.manual_seed(seed)
-    model = SceneModel(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
-    return model
+    return open_zero_layers(SceneModel(config).eval())
 
 
 def _inputs(config: ModelConfig, gen: torch.Generator, present=None) -> dict[str, ModalityInput]:

@@ -18,10 +18,9 @@ fitted on top of the rescaled residuals.
 With ``mean``, the deterministic mean is calibrated before the spread, per band and scale
 band too (``mean_bands``): the least-squares factor that maps the mean's scale band onto
 the truth's (less what the members' mean adds), clipped to ``MEAN_FACTOR_RANGE``; the
-level band keeps its factor of 1. Structure
-the mean invents on validation (roads drawn as relief, blotches of colour) shrinks towards
-none; structure it gets right keeps its factor near 1; what the shrunk mean no longer
-explains is error the spread is then fitted to.
+level band keeps its factor of 1. Structure the mean invents on validation (roads drawn as
+relief, blotches of colour) shrinks towards none; structure it gets right keeps its factor
+near 1; what the shrunk mean no longer explains is error the spread is then fitted to.
 """
 
 from __future__ import annotations

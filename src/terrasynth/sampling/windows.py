@@ -170,16 +170,7 @@ def blend_x0(
     weights = {f: _crop_weight(weight, f) for d in factors.values() for f in d.values()}
     acc, norm = _zeros_like_state(x), _zeros_like_state(x, weights_only=True)
     probs_acc: dict[str, dict[str, torch.Tensor]] = {}
-    samples = _num_samples(x)
-    # a model that shares the conditions' work between samples gets each window's samples
-    # side by side in one call; the sums below take every sample's windows in the same
-    # order either way
-    repeats = samples if model.shares_conditions and samples > 1 else 1
-    if repeats > 1:
-        items = [(s, w) for w in windows for s in range(samples)]
-        batch_size = max(1, batch_size // repeats) * repeats
-    else:
-        items = [(s, w) for s in range(samples) for w in windows]
+    items, repeats, batch_size = _call_plan(model, windows, _num_samples(x), batch_size)
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         wins = [w for _, w in chunk]
@@ -221,12 +212,25 @@ def _num_samples(x: dict) -> int:
     return int((next(iter(v.values())) if isinstance(v, dict) else v).shape[0])
 
 
-def model_calls(model: GenerativeModel, windows: int, samples: int, batch_size: int) -> int:
-    """Model calls :func:`blend_x0` makes for one sampling step."""
+def _call_plan(
+    model: GenerativeModel, windows: list[tuple[int, int]], samples: int, batch_size: int
+) -> tuple[list[tuple[int, tuple[int, int]]], int, int]:
+    """How :func:`blend_x0` runs a step: the (sample, window) pairs in order, how many
+    consecutive pairs share a window (``repeats``), and the pairs per model call. A model
+    that shares the conditions' work between samples gets each window's samples side by
+    side in one call; every sample's windows are summed in the same order either way."""
     if model.shares_conditions and samples > 1:
-        per_call = max(1, batch_size // samples)
-        return -(-windows // per_call)
-    return -(-(windows * samples) // batch_size)
+        items = [(s, w) for w in windows for s in range(samples)]
+        return items, samples, max(1, batch_size // samples) * samples
+    return [(s, w) for s in range(samples) for w in windows], 1, batch_size
+
+
+def model_calls(
+    model: GenerativeModel, windows: list[tuple[int, int]], samples: int, batch_size: int
+) -> int:
+    """Model calls :func:`blend_x0` makes for one sampling step."""
+    items, _, per_call = _call_plan(model, windows, samples, batch_size)
+    return -(-len(items) // per_call)
 
 
 def start_noise(seed: int, target: str, group: str, sample: int, channels: int) -> NoiseField:
@@ -280,7 +284,7 @@ def sample_scene(
         else:
             x[n] = torch.randn((num_samples, sig.vector.shape[1]), generator=generator)
     ts = sampler.timesteps()
-    calls_per_step = model_calls(model, len(windows), num_samples, batch_size) * (
+    calls_per_step = model_calls(model, windows, num_samples, batch_size) * (
         2 if guidance != 1.0 else 1
     )
     total_calls = sampler.steps * calls_per_step
