@@ -3,6 +3,8 @@ slots shared across optical sensors, absent modalities, and the noise maps."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,6 +154,32 @@ def test_ensemble_returns_the_mean_and_members_of_its_noise(config):
     # class maps carry their uncertainty in the logits: every member is the mean
     for s in samples:
         assert _same(s, mean, "landcover_nlcd")
+
+
+def _grads(model: ConvGenerator, loss: torch.Tensor) -> dict[str, float]:
+    model.zero_grad()
+    loss.backward()
+    return {n: float(p.grad.abs().sum()) for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_regression_mean_stops_the_scores_gradient_at_the_mean(config, regression):
+    model = _model(replace(config, regression_mean=regression)).train()
+    inputs = _inputs(config, torch.Generator().manual_seed(1), ["s2l2a"], ["s1grd"])
+    mean, samples = model(inputs, GSD, members=3, generator=torch.Generator().manual_seed(0))
+    on_samples = _grads(model, sum(v.square().sum() for s in samples for v in s["s2l2a"].values()))
+    mean, _ = model(inputs, GSD, members=3, generator=torch.Generator().manual_seed(0))
+    on_mean = _grads(model, sum(v.square().sum() for v in mean["s2l2a"].values()))
+    heads = [n for n in on_mean if n.startswith("slot_head") and on_mean[n] > 0]
+    assert heads  # the mean's own head learns from a loss on the mean either way
+    # the samples' loss reaches the mean head only without regression_mean
+    assert all((on_samples.get(n, 0.0) > 0) != regression for n in heads), on_samples
+    # and reaches the residual generator either way
+    assert any(n.startswith("coef") and v > 0 for n, v in on_samples.items())
+    with torch.no_grad():  # at sampling, the same outputs as without it
+        plain = _model(config)(inputs, GSD)
+        other = _model(replace(config, regression_mean=regression))(inputs, GSD)
+    assert _same(plain, other, "s2l2a")
 
 
 @needs_data

@@ -101,6 +101,10 @@ class ModelConfig:
     # the inputs fix the level (S2 L2A -> L1C) the model can learn to correct the
     # neighbours, elsewhere it keeps their level (0: no gate, the neighbours' level alone)
     head_level_gate_init: float = 0.0
+    # the mean as a regression (training): samples are built on the mean with its gradient
+    # stopped, so the mean head (and the trunk through it) learns from the squared error of
+    # the mean alone, as the U-Net baseline does, and the scores train only the residual
+    regression_mean: bool = False
     # sampling windows (0: the training crop, half-window stride); a fully convolutional
     # model can also slide with a smaller overlap
     window: int = 0

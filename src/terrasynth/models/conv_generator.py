@@ -432,6 +432,9 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
             bands = self.config.spread_bands.get(name)
             per_scale = band_rows(mod, bands) if bands else None
             loadings = self._band_loadings(mod, f)
+            # regression_mean: in training the scores reach the residual, not the mean
+            stop = self.config.regression_mean and members > 1
+            base = {g: v.detach() if stop else v for g, v in mean[name].items()}
             smooth = self.config.relief_smoothing if mod.units == "m" else 0.0
             gate = torch.sigmoid(self.level_gate(e)) if near is not None else None
             for s, h, u in zip(samples, gen_feats, picks, strict=True):
@@ -451,7 +454,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                     res = {g: res[g] + gate[:, :, None, None] * dev[g] for g in res}
                 if per_scale is not None:
                     res = {g: rescale_bands(r, per_scale[g]) for g, r in res.items()}
-                s[name] = {g: mean[name][g] + scale * res[g] for g in mu}
+                s[name] = {g: base[g] + scale * res[g] for g in mu}
         if members == 1:
             return samples[0]
         return mean, samples

@@ -20,6 +20,8 @@ ensemble of ``config.ensemble`` samples, scored against the truth over generated
   dominate (a DEM's spread is a kilometre, its relief in a chip a few metres); this term
   scores the relief, the structure within the chip, on its own;
 * **MSE of the mean** (weight ``mse_weight``), so the mean head is the conditional mean;
+  with ``regression_mean`` the samples carry the mean with its gradient stopped, and the
+  mean learns from this term alone (weight ``regression_mse_weight``);
 * class maps: cross-entropy of the logits (calibrated class probabilities); vectors: MSE.
 """
 
@@ -47,6 +49,8 @@ class ScoreConfig:
     spectral_weight: float = 1.0
     anomaly_weight: float = 0.5
     mse_weight: float = 0.25
+    # a model whose mean is a regression (``regression_mean``) learns it from this alone
+    regression_mse_weight: float = 1.0
 
 
 def fair_crps(samples: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -99,19 +103,21 @@ class ScoreObjective:
         if getattr(base, "retrieval", None) is not None and loc is not None:
             extra["places"] = loc.vector  # retrieval ignores each chip's own surroundings
         mean, samples = model(inputs, gsd, members=config.ensemble, generator=gen, **extra)
+        regression = getattr(config, "regression_mean", False)
+        mse_weight = self.cfg.regression_mse_weight if regression else self.cfg.mse_weight
 
         def score(name: str, g: str, x0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             """Summed scores of one continuous band group's generated values."""
             ens = torch.stack([s[name][g].float() for s in samples]) * mask[None]
             y = x0 * mask
             crps = (fair_crps(ens, y) * mask).sum()
-            mse = (((mean[name][g].float() - x0) ** 2) * mask).sum()
+            mse = (((mean[name][g].float() - x0) ** 2) * mask).sum() * mse_weight
             es = self._energy(ens, y, mask)
             spectral = self._energy(ens, y, mask, patch=1) if y.shape[1] > 1 else 0.0
             anomaly = (fair_crps(_anomaly(ens, mask[None]), _anomaly(y, mask)) * mask).sum()
             return (
                 crps
-                + self.cfg.mse_weight * mse
+                + mse
                 + self.cfg.energy_weight * es
                 + self.cfg.spectral_weight * spectral
                 + self.cfg.anomaly_weight * anomaly
