@@ -1,6 +1,6 @@
 """Seams of window-by-window generation: shared noise field against independent tiles.
 
-    python bench/seams.py [--side 256] [--steps 8]
+    python bench/seams.py [-m MODEL] [--side 256] [--steps 8]
 
 Input: the 10 m bands (B02, B03, B04, B08) of a real Sentinel-2 L2A scene from the shared
 Major TOM sample (UTM, 10 m, so the working grid is the input's grid and window borders sit
@@ -35,9 +35,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--side", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("-m", "--model", default=None, help="model folder (default: built in)")
     args = ap.parse_args()
-    pipe = Pipeline.from_pretrained()
-    size = pipe.model.config.image_size
+    pipe = Pipeline.from_pretrained(args.model)
+    size, stride = pipe.model.config.window_size, pipe.model.config.stride
     with tempfile.TemporaryDirectory() as tmp:
         inputs = []
         for b in BANDS:
@@ -53,7 +54,7 @@ def main() -> None:
             inputs.append((f"s2l2a:{b}", out))
         print(
             f"input {SCENE.name} bands {', '.join(BANDS)}, {args.side} px at 10 m; "
-            f"window {size} px, stride {size // 2}; {args.steps} steps, 1 sample"
+            f"window {size} px, stride {stride}; {args.steps} steps, 1 sample"
         )
         print("| method | target | seam ratio (all other lines) | seam ratio (patch edges) | s |")
         print("|---|---|---:|---:|---:|")
