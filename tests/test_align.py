@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from rasterio.transform import Affine
 
 from terrasynth.data.align import align_scene
 from terrasynth.modalities import default_registry
@@ -73,3 +74,67 @@ def test_nodata_stays_invalid(zion_scene):
     b2 = g.bands.index("B2")
     assert not g.valid[b2, :199, :].any()
     assert g.valid[b2, 250:, :].mean() > 0.5
+
+
+def _gdal(data, valid, layer, dst, resampling):
+    """What GDAL's reproject gives, band by band (the path the crop shortcut replaces)."""
+    from rasterio.warp import reproject
+
+    out = []
+    for band, ok in zip(data, valid, strict=True):
+        o = np.zeros((dst.height, dst.width), np.float32)
+        src = np.where(ok, band.astype(np.float32), np.nan)
+        reproject(
+            src, o, src_transform=layer.transform, src_crs=layer.crs, dst_transform=dst.transform,
+            dst_crs=dst.crs, src_nodata=np.nan, dst_nodata=np.nan, resampling=resampling,
+        )  # fmt: skip
+        out.append(o)
+    out = np.stack(out)
+    return np.nan_to_num(out), np.isfinite(out)
+
+
+@pytest.mark.parametrize("offset", [(100, 200), (-7, 5), (1400, 1100)])
+@pytest.mark.parametrize("method", ["bilinear", "nearest"])
+def test_a_crop_of_the_source_grid_is_copied_as_gdal_would_resample_it(zion_scene, offset, method):
+    from rasterio.warp import Resampling
+
+    from terrasynth.data.align import warp_to_grid
+    from terrasynth.data.scene import Grid
+
+    layer = zion_scene.layers[0]
+    data = np.concatenate([layer.data, zion_scene.layers[1].data])[:, :400, :400]
+    valid = np.isfinite(data) & (data > 0)
+    valid[:, 50:60, 70:90] = False  # a hole of nodata inside the crop
+    r, c = offset
+    dst = Grid(layer.crs, layer.transform @ Affine.translation(c, r), 64, 48)
+    resampling = Resampling[method]
+    got, ok = warp_to_grid(data, valid, layer.transform, layer.crs, dst, resampling)
+    want, want_ok = _gdal(data, valid, layer, dst, resampling)
+    assert got.shape == (2, 48, 64)
+    np.testing.assert_array_equal(ok, want_ok)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    if offset == (100, 200):  # inside the source: its own pixels
+        np.testing.assert_array_equal(got, np.where(valid, data, 0)[:, 100:148, 200:264])
+    if offset == (1400, 1100):  # off the source altogether: nothing valid
+        assert not ok.any()
+
+
+@pytest.mark.parametrize("own_gaps", [False, True])
+def test_a_stack_of_bands_resamples_as_each_band_alone(zion_scene, own_gaps):
+    from rasterio.warp import Resampling
+
+    from terrasynth.data.align import warp_to_grid
+
+    layer = zion_scene.layers[0]
+    data = np.concatenate([lyr.data for lyr in zion_scene.layers[:3]])[:, :300, :300]
+    valid = np.isfinite(data) & (data > 0)
+    valid[:, 100:110] = False  # a gap in every band
+    if own_gaps:
+        valid[1, :40] = False  # and one of the second band alone
+    dst = layer.grid.scaled(3)  # a coarser grid: GDAL resamples
+    dst = type(dst)(dst.crs, dst.transform, 80, 80)
+    got, ok = warp_to_grid(data, valid, layer.transform, layer.crs, dst, Resampling.bilinear)
+    want, want_ok = _gdal(data, valid, layer, dst, Resampling.bilinear)
+    np.testing.assert_array_equal(ok, want_ok)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert ok[0].sum() > ok[1].sum() > 0 if own_gaps else (ok == ok[:1]).all()

@@ -897,11 +897,8 @@ def _warp(
         valid = np.broadcast_to(valid, data.shape)
     nearest = mod.kind == "categorical" and force is None
     resampling = Resampling.nearest if nearest else Resampling.bilinear
-    out = np.full((data.shape[0], dst.height, dst.width), np.nan, np.float32)
-    for i in range(data.shape[0]):
-        warped, ok = warp_to_grid(data[i], valid[i], src.transform, src.crs, dst, resampling)
-        out[i] = np.where(ok, warped, np.nan)
-    return out
+    warped, ok = warp_to_grid(data, valid, src.transform, src.crs, dst, resampling)
+    return np.where(ok, warped, np.nan).astype(np.float32)
 
 
 def _write_target(folder: Path, name: str, res: TargetResult, grid: Grid) -> list[Path]:

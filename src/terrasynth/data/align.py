@@ -74,29 +74,76 @@ def warp_to_grid(
     dst: Grid,
     resampling: Resampling,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Reproject one band and its validity onto ``dst``: (values, valid); 0 where invalid."""
-    out = np.zeros((dst.height, dst.width), np.float32)
+    """Reproject one band (h, w) or a stack of bands (C, h, w) and its validity onto ``dst``:
+    (values, valid) of shape (H, W) or (C, H, W); 0 where invalid.
+
+    Where ``dst`` is a crop of the source's own pixel grid (the same CRS, pixel size and
+    alignment: a model's output written back to its input's grid), the pixels are copied:
+    resampling at the pixel centres themselves gives the same values without GDAL's cost."""
+    shape = (*src.shape[:-2], dst.height, dst.width)
     # NaN marks invalid input so bilinear weights never mix nodata into valid pixels.
     src_f = np.where(src_valid, src.astype(np.float32), np.nan)
-    try:
-        reproject(
-            src_f,
-            out,
-            src_transform=src_transform,
-            src_crs=src_crs,
-            dst_transform=dst.transform,
-            dst_crs=dst.crs,
-            src_nodata=np.nan,
-            dst_nodata=np.nan,
-            resampling=resampling,
-        )
-    except GDAL_ERRORS as exc:  # e.g. no coordinate operation from a local CRS to EPSG
-        raise InputError(
-            f"cannot warp a layer in {_crs_text(src_crs)} onto a grid in {_crs_text(dst.crs)} "
-            f"({first_line(exc)[:120]})"
-        ) from exc
+    offset = _pixel_offset(src_transform, src_crs, dst)
+    if src.ndim == 3:
+        src_valid = np.broadcast_to(src_valid, src.shape)
+    if offset is None and src.ndim == 3 and not (src_valid == src_valid[:1]).all():
+        # GDAL warps a stack with one validity for all bands; bands with gaps of their
+        # own go one at a time so each keeps its own edges
+        parts = [
+            warp_to_grid(b, v, src_transform, src_crs, dst, resampling)
+            for b, v in zip(src, src_valid, strict=True)
+        ]
+        return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
+    if offset is not None:
+        out = _crop_pixels(src_f, offset, dst.height, dst.width)
+    else:
+        out = np.zeros(shape, np.float32)
+        try:
+            reproject(
+                src_f,
+                out,
+                src_transform=src_transform,
+                src_crs=src_crs,
+                dst_transform=dst.transform,
+                dst_crs=dst.crs,
+                src_nodata=np.nan,
+                dst_nodata=np.nan,
+                resampling=resampling,
+            )
+        except GDAL_ERRORS as exc:  # e.g. no coordinate operation from a local CRS to EPSG
+            raise InputError(
+                f"cannot warp a layer in {_crs_text(src_crs)} onto a grid in "
+                f"{_crs_text(dst.crs)} ({first_line(exc)[:120]})"
+            ) from exc
     valid = np.isfinite(out)
     return np.where(valid, out, 0.0).astype(np.float32), valid
+
+
+def _pixel_offset(src_transform, src_crs, dst: Grid) -> tuple[int, int] | None:
+    """(row, col) of ``dst``'s first pixel on the source grid when ``dst`` is a crop of that
+    grid (same CRS, pixel size and alignment, no rotation); None when it must be resampled."""
+    if src_crs is None or dst.crs is None or src_crs != dst.crs:
+        return None
+    a, b, c, d, e, f = tuple(src_transform)[:6]
+    a2, b2, c2, d2, e2, f2 = tuple(dst.transform)[:6]
+    if b or d or b2 or d2 or not (np.isclose(a, a2, rtol=1e-9) and np.isclose(e, e2, rtol=1e-9)):
+        return None
+    col, row = (c2 - c) / a, (f2 - f) / e
+    if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
+        return None
+    return round(row), round(col)
+
+
+def _crop_pixels(src: np.ndarray, offset: tuple[int, int], height: int, width: int) -> np.ndarray:
+    """``src``'s pixels from ``offset`` (row, col), ``height`` x ``width``; NaN off its edges."""
+    out = np.full((*src.shape[:-2], height, width), np.nan, np.float32)
+    r, c = offset
+    h, w = src.shape[-2:]
+    r0, c0 = max(r, 0), max(c, 0)
+    r1, c1 = min(r + height, h), min(c + width, w)
+    if r1 > r0 and c1 > c0:
+        out[..., r0 - r : r1 - r, c0 - c : c1 - c] = src[..., r0:r1, c0:c1]
+    return out
 
 
 def _crs_text(crs) -> str:
