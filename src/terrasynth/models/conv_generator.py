@@ -201,7 +201,11 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         n_slots = len(self.slot_names)
         w, cd = list(config.widths), config.cond_dim
         # Fixed band -> slot maps per band group, and the channels of unmapped bands.
-        self._slot_maps: dict[str, torch.Tensor] = {}
+        # per band group: the slot of each band (0 for a band without one: its own head
+        # overwrites it) and the bands that have a slot. The band -> slot map is one-hot,
+        # so gathers and index sums stand for the matrix products it would otherwise take
+        self._slot_of: dict[str, torch.Tensor] = {}
+        self._slotted: dict[str, torch.Tensor] = {}
         cin = 2 * n_slots
         self._own: dict[str, list[int]] = {}  # group key -> indices of bands without a slot
         for mod in self.rasters:
@@ -212,14 +216,17 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                     self._own[key] = list(range(mod.num_classes))
                     cin += mod.num_classes + 1
                     continue
-                m = torch.zeros(len(g.bands), n_slots)
-                own = []
+                slot_of, own = [], []
                 for i, b in enumerate(g.bands):
                     if b in slots:
-                        m[i, self.slot_names.index(slots[b])] = 1.0
+                        slot_of.append(self.slot_names.index(slots[b]))
                     else:
+                        slot_of.append(0)
                         own.append(i)
-                self._slot_maps[key] = m
+                self._slot_of[key] = torch.tensor(slot_of, dtype=torch.long)
+                self._slotted[key] = torch.tensor(
+                    [i for i in range(len(g.bands)) if i not in own], dtype=torch.long
+                )
                 self._own[key] = own
                 cin += 2 * len(own)
         self.in_channels = cin
@@ -534,9 +541,10 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                     onehot = (val + 1) / 2 * mask
                     own_parts.append(torch.cat([onehot, mask.amax(1, keepdim=True)], 1))
                     continue
-                m = self._slot_maps[key].to(dev)
-                slot_sum = slot_sum + torch.einsum("bchw,cs->bshw", val * mask, m)
-                slot_cnt = slot_cnt + torch.einsum("bchw,cs->bshw", mask, m)
+                bands = self._slotted[key].to(dev)
+                slots = self._slot_of[key].to(dev)[bands]
+                slot_sum = slot_sum.index_add(1, slots, (val * mask)[:, bands])
+                slot_cnt = slot_cnt.index_add(1, slots, mask[:, bands])
                 if own:
                     own_parts.append(torch.cat([val[:, own] * mask[:, own], mask[:, own]], 1))
         slots = slot_sum / slot_cnt.clamp_min(1.0)
@@ -743,7 +751,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         out = {}
         for g in mod.groups:
             key = f"{mod.name}/{g.name}"
-            y = torch.einsum("brshw,cs->brchw", slots, self._slot_maps[key].to(f.device))
+            y = slots.index_select(2, self._slot_of[key].to(f.device))
             own = self._own[key]
             if own:
                 y = y.clone()
@@ -770,8 +778,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
             if mod.kind == "categorical":
                 y = self.own_head[_k(key)](f)
             else:
-                m = self._slot_maps[key].to(f.device)
-                y = torch.einsum("bshw,cs->bchw", slots, m)
+                y = slots.index_select(1, self._slot_of[key].to(f.device))
                 own = self._own[key]
                 if own:
                     y = y.clone()
