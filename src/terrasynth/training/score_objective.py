@@ -103,8 +103,8 @@ class ScoreObjective:
         if getattr(base, "retrieval", None) is not None and loc is not None:
             extra["places"] = loc.vector  # retrieval ignores each chip's own surroundings
         mean, samples = model(inputs, gsd, members=config.ensemble, generator=gen, **extra)
-        regression = getattr(config, "regression_mean", False)
-        mse_weight = self.cfg.regression_mse_weight if regression else self.cfg.mse_weight
+        cfg = self.cfg
+        mse_weight = cfg.regression_mse_weight if config.regression_mean else cfg.mse_weight
 
         def score(name: str, g: str, x0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             """Summed scores of one continuous band group's generated values."""
