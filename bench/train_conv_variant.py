@@ -32,6 +32,12 @@ def main() -> None:
     ap.add_argument("--set", default="{}", help="JSON object of ModelConfig fields")
     ap.add_argument("--preset", choices=sorted(CONV_PRESETS), default="tiny")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--roles",
+        choices=("any", "inputs"),
+        default="any",
+        help="split of each chip's modalities (training/score_objective.py)",
+    )
     args = ap.parse_args()
     CONV_PRESETS[args.preset].update(json.loads(args.set))
     cfg = TrainConfig(
@@ -42,6 +48,7 @@ def main() -> None:
         time_limit_min=args.minutes,
         schedule=args.schedule,
         seed=args.seed,
+        roles=args.roles,
     )
     args.run.mkdir(parents=True, exist_ok=True)
     write_marker(args.run, "train")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from terrasynth.data.dataset import ChipDataset, RandomCropFlip, collate_chips
+from terrasynth.errors import TerrasynthError
 from terrasynth.models.config import ModelConfig
 from terrasynth.models.conv_generator import ConvGenerator
 from terrasynth.models.signals import Signal, batch_signals
@@ -202,6 +203,47 @@ def test_score_parts_are_weighted_per_generated_value(real):
     assert float(loss.detach()) == pytest.approx(float(np.mean(list(parts.values()))))
     loss.backward()  # the loss reaches the model's parameters
     assert oracle.w.grad is not None
+
+
+def _split_of_each_chip(inputs, signals) -> list[tuple[set, set, set]]:
+    """Per chip: (present modalities, generated ones, given ones) of a training call."""
+    b = next(iter(signals.values())).present.shape[0]
+    out = []
+    for i in range(b):
+        present = {n for n, s in signals.items() if bool(s.present[i])}
+        shown = {n for n, inp in inputs.items() if bool(inp.present[i])}
+        generated = {n for n in shown if float(inputs[n].t[i]) == 1.0}
+        out.append((present, generated, shown - generated))
+    return out
+
+
+@needs_data
+def test_the_inputs_split_gives_every_chip_inputs_and_all_but_its_targets(real):
+    """``roles="inputs"`` (the U-Net's split): every chip with two or more modalities has at
+    least one given and one generated, and none dropped. The default ``"any"`` split does
+    not promise that: over the same draws some chip loses a modality or all its inputs."""
+    cfg, batch, sig = real
+    seen_any = []
+    for seed in range(4):
+        for roles in ("inputs", "any"):
+            oracle = Oracle(cfg, sig, offset=1.0)
+            oracle.modality_names = list(sig)
+            obj = ScoreObjective(ScoreConfig(roles=roles))
+            obj(oracle, sig, batch["gsd"], torch.Generator().manual_seed(seed))
+            split = _split_of_each_chip(oracle.calls[0]["inputs"], sig)
+            if roles == "any":
+                seen_any += split
+                continue
+            for present, generated, given in split:
+                assert len(present) >= 2
+                assert generated and given and generated | given == present
+                assert not generated & given
+    assert any(not given or gen | given != p for p, gen, given in seen_any)
+
+
+def test_an_unknown_split_is_refused():
+    with pytest.raises(TerrasynthError, match="unknown role split 'all'"):
+        ScoreConfig(roles="all")
 
 
 @needs_data

@@ -371,6 +371,15 @@ def test_runs_saved_before_backbones_train_the_transformer():
     assert isinstance(objective_for(ModelConfig(backbone="conv_generator")), ScoreObjective)
 
 
+def test_the_generators_role_split_comes_from_the_train_config():
+    """Runs saved before the option split as the flow objective does ("any")."""
+    assert TrainConfig.from_dict({"preset": "tiny"}).roles == "any"
+    cfg = TrainConfig.from_dict({"backbone": "conv_generator", "roles": "inputs"})
+    obj = objective_for(ModelConfig(backbone="conv_generator"), cfg.roles)
+    assert obj.cfg.roles == "inputs"
+    assert objective_for(ModelConfig(backbone="conv_generator")).cfg.roles == "any"
+
+
 @pytest.fixture
 def micro_conv(monkeypatch):
     """The convolutional 'tiny' preset shrunk to a model that trains in milliseconds."""

@@ -1,7 +1,10 @@
 """Proper scoring rules for the one-step generator (``ConvGenerator``).
 
 Each step splits every chip's modalities at random into generated, conditioned and dropped
-(with band infilling), exactly as the flow objective does; generated modalities are shown
+(with band infilling). ``roles="any"`` does it as the flow objective does (any subset
+generated, each other modality shown with probability 0.7, now and then none);
+``roles="inputs"`` as the U-Net's regression does (at least one modality given, all that are
+not generated given). Generated modalities are shown
 at ``t = 1`` (their noisy input is the generator's noise). The model returns its mean and an
 ensemble of ``config.ensemble`` samples, scored against the truth over generated values:
 
@@ -32,15 +35,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from terrasynth.errors import TerrasynthError
 from terrasynth.models.signals import Signal
 from terrasynth.training.objective import (
     ObjectiveConfig,
     modality_losses,
+    regression_roles,
     sample_roles,
     training_inputs,
 )
 
 PATCH = 4
+ROLE_SPLITS = ("any", "inputs")
 
 
 @dataclass
@@ -51,6 +57,14 @@ class ScoreConfig:
     mse_weight: float = 0.25
     # a model whose mean is a regression (``regression_mean``) learns it from this alone
     regression_mse_weight: float = 1.0
+    # how each chip's modalities are split (module docstring): "any" or "inputs"
+    roles: str = "any"
+
+    def __post_init__(self) -> None:
+        if self.roles not in ROLE_SPLITS:
+            raise TerrasynthError(
+                f"unknown role split '{self.roles}' (splits: {', '.join(ROLE_SPLITS)})"
+            )
 
 
 def fair_crps(samples: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -93,11 +107,16 @@ class ScoreObjective:
     def __call__(
         self, model, signals: dict[str, Signal], gsd: torch.Tensor, gen: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        roles = sample_roles(signals, self.roles, gen)
-        inputs, loss_mask, _ = training_inputs(signals, roles, self.roles, gen)
-        inputs = {n: inp for n, inp in inputs.items() if bool(inp.present.any())}
         base = getattr(model, "module", model)
         config = base.config
+        if self.cfg.roles == "inputs":
+            roles = regression_roles(signals, list(base.modality_names), gen)
+        else:
+            roles = sample_roles(signals, self.roles, gen)
+        inputs, loss_mask, _ = training_inputs(signals, roles, self.roles, gen)
+        inputs = {n: inp for n, inp in inputs.items() if bool(inp.present.any())}
+        if not inputs:  # no chip of the batch has two modalities to split
+            return sum(p.sum() * 0 for p in model.parameters()), {}
         extra = {}
         loc = signals.get("location")
         if getattr(base, "retrieval", None) is not None and loc is not None:

@@ -56,7 +56,7 @@ from terrasynth.models.factory import build_model
 from terrasynth.models.retrieval import build_index
 from terrasynth.models.signals import batch_signals
 from terrasynth.training.objective import FlowObjective, RegressionObjective
-from terrasynth.training.score_objective import ScoreObjective
+from terrasynth.training.score_objective import ScoreConfig, ScoreObjective
 
 KEEP_CHECKPOINTS = 2
 CHECKPOINT_NAME = re.compile(r"step_(\d{7,})")  # as ``Trainer.save`` names them
@@ -93,6 +93,10 @@ class TrainConfig:
     # limit, wall clock of the whole run, a resumed run's earlier time included: a compute
     # budget in minutes, not steps)
     schedule: str = "steps"
+    # the convolutional generator's split of each chip's modalities into generated and
+    # given (training/score_objective.py): "any" (as the flow objective) or "inputs" (as
+    # the U-Net: at least one given, all that are not generated given)
+    roles: str = "any"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -347,12 +351,13 @@ def truncate_metrics(path: Path, step: int) -> None:
     write_text(path, "".join(keep))
 
 
-def objective_for(config: ModelConfig):
+def objective_for(config: ModelConfig, roles: str = "any"):
     """The training objective of a model's backbone: flow matching for the transformer,
-    proper scores over an ensemble for the one-step convolutional generator, MSE /
-    cross-entropy of one prediction for the deterministic U-Net."""
+    proper scores over an ensemble for the one-step convolutional generator (its chips'
+    modalities split as ``roles`` says), MSE / cross-entropy of one prediction for the
+    deterministic U-Net."""
     if config.backbone == "conv_generator":
-        return ScoreObjective()
+        return ScoreObjective(ScoreConfig(roles=roles))
     if config.backbone == "unet":
         return RegressionObjective()
     return FlowObjective()
@@ -450,7 +455,7 @@ class Trainer:
             cfg.balance_by,
         )
         self.gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.rank)
-        self.objective = objective_for(model_cfg)
+        self.objective = objective_for(model_cfg, cfg.roles)
         self.step = 0
         self.trained_batches = 0  # micro-batches trained since the start or the resume
         self._window: list[float] = []  # losses of the steps since the last log line
