@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--roles",
-        choices=("any", "inputs"),
+        choices=("any", "inputs", "mixed"),
         default="any",
         help="split of each chip's modalities (training/score_objective.py)",
     )

@@ -241,6 +241,29 @@ def test_the_inputs_split_gives_every_chip_inputs_and_all_but_its_targets(real):
     assert any(not given or gen | given != p for p, gen, given in seen_any)
 
 
+@needs_data
+def test_the_mixed_split_takes_the_inputs_split_for_about_half_the_chips(real):
+    """``roles="mixed"``: the share of chips split with inputs given and none dropped lies
+    between the free split's and 1 (the "inputs" split's), over the same draws."""
+    cfg, batch, sig = real
+
+    def share_split_as_inputs(roles: str) -> float:
+        ok = []
+        for seed in range(8):
+            oracle = Oracle(cfg, sig, offset=1.0)
+            oracle.modality_names = list(sig)
+            ScoreObjective(ScoreConfig(roles=roles))(
+                oracle, sig, batch["gsd"], torch.Generator().manual_seed(seed)
+            )
+            for present, gen, given in _split_of_each_chip(oracle.calls[0]["inputs"], sig):
+                ok.append(bool(gen) and bool(given) and gen | given == present)
+        return float(np.mean(ok))
+
+    free, mixed = share_split_as_inputs("any"), share_split_as_inputs("mixed")
+    assert share_split_as_inputs("inputs") == 1.0
+    assert free < 0.6 and free + 0.15 < mixed < 0.95, (free, mixed)
+
+
 def test_an_unknown_split_is_refused():
     with pytest.raises(TerrasynthError, match="unknown role split 'all'"):
         ScoreConfig(roles="all")

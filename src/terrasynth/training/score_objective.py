@@ -4,7 +4,8 @@ Each step splits every chip's modalities at random into generated, conditioned a
 (with band infilling). ``roles="any"`` does it as the flow objective does (any subset
 generated, each other modality shown with probability 0.7, now and then none);
 ``roles="inputs"`` as the U-Net's regression does (at least one modality given, all that are
-not generated given). Generated modalities are shown
+not generated given); ``roles="mixed"`` draws one of the two per chip, each half the time.
+Generated modalities are shown
 at ``t = 1`` (their noisy input is the generator's noise). The model returns its mean and an
 ensemble of ``config.ensemble`` samples, scored against the truth over generated values:
 
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from terrasynth.errors import TerrasynthError
 from terrasynth.models.signals import Signal
 from terrasynth.training.objective import (
+    DROPPED,
     ObjectiveConfig,
     modality_losses,
     regression_roles,
@@ -46,7 +48,7 @@ from terrasynth.training.objective import (
 )
 
 PATCH = 4
-ROLE_SPLITS = ("any", "inputs")
+ROLE_SPLITS = ("any", "inputs", "mixed")
 
 
 @dataclass
@@ -57,7 +59,7 @@ class ScoreConfig:
     mse_weight: float = 0.25
     # a model whose mean is a regression (``regression_mean``) learns it from this alone
     regression_mse_weight: float = 1.0
-    # how each chip's modalities are split (module docstring): "any" or "inputs"
+    # how each chip's modalities are split (module docstring): "any", "inputs" or "mixed"
     roles: str = "any"
 
     def __post_init__(self) -> None:
@@ -109,10 +111,7 @@ class ScoreObjective:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         base = getattr(model, "module", model)
         config = base.config
-        if self.cfg.roles == "inputs":
-            roles = regression_roles(signals, list(base.modality_names), gen)
-        else:
-            roles = sample_roles(signals, self.roles, gen)
+        roles = self._split(signals, list(base.modality_names), gen)
         inputs, loss_mask, _ = training_inputs(signals, roles, self.roles, gen)
         inputs = {n: inp for n, inp in inputs.items() if bool(inp.present.any())}
         if not inputs:  # no chip of the batch has two modalities to split
@@ -149,6 +148,22 @@ class ScoreObjective:
             return zero, {}
         loss = torch.stack(list(losses.values())).mean()
         return loss, {k: float(v.detach()) for k, v in losses.items()}
+
+    def _split(
+        self, signals: dict[str, Signal], names: list[str], gen: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """Each chip's roles (DROPPED, CONDITIONED, GENERATED) as ``cfg.roles`` says."""
+        if self.cfg.roles == "any":
+            return sample_roles(signals, self.roles, gen)
+        if self.cfg.roles == "inputs":
+            return regression_roles(signals, names, gen)
+        free = sample_roles(signals, self.roles, gen)
+        given = regression_roles(signals, names, gen)
+        b = next(iter(signals.values())).present.shape[0]
+        # chips without two modalities to split keep the free split
+        usable = torch.stack([given[n] != DROPPED for n in signals], 1).any(1)
+        take = (torch.rand(b, generator=gen) < 0.5) & usable
+        return {n: torch.where(take, given[n], free[n]) for n in signals}
 
     @staticmethod
     def _energy(

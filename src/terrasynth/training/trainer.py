@@ -94,8 +94,9 @@ class TrainConfig:
     # budget in minutes, not steps)
     schedule: str = "steps"
     # the convolutional generator's split of each chip's modalities into generated and
-    # given (training/score_objective.py): "any" (as the flow objective) or "inputs" (as
-    # the U-Net: at least one given, all that are not generated given)
+    # given (training/score_objective.py): "any" (as the flow objective), "inputs" (as
+    # the U-Net: at least one given, all that are not generated given) or "mixed" (one of
+    # the two per chip)
     roles: str = "any"
 
     @classmethod
