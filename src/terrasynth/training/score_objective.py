@@ -111,7 +111,7 @@ class ScoreObjective:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         base = getattr(model, "module", model)
         config = base.config
-        roles = self._split(signals, list(base.modality_names), gen)
+        roles = self._split(signals, base, gen)
         inputs, loss_mask, _ = training_inputs(signals, roles, self.roles, gen)
         inputs = {n: inp for n, inp in inputs.items() if bool(inp.present.any())}
         if not inputs:  # no chip of the batch has two modalities to split
@@ -150,11 +150,13 @@ class ScoreObjective:
         return loss, {k: float(v.detach()) for k, v in losses.items()}
 
     def _split(
-        self, signals: dict[str, Signal], names: list[str], gen: torch.Generator
+        self, signals: dict[str, Signal], model, gen: torch.Generator
     ) -> dict[str, torch.Tensor]:
-        """Each chip's roles (DROPPED, CONDITIONED, GENERATED) as ``cfg.roles`` says."""
+        """Each chip's roles (DROPPED, CONDITIONED, GENERATED) as ``cfg.roles`` says; the
+        inputs split is over the modalities ``model`` knows."""
         if self.cfg.roles == "any":
             return sample_roles(signals, self.roles, gen)
+        names = list(model.modality_names)
         if self.cfg.roles == "inputs":
             return regression_roles(signals, names, gen)
         free = sample_roles(signals, self.roles, gen)
