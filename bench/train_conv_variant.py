@@ -19,6 +19,7 @@ from pathlib import Path
 
 from terrasynth.atomic import write_marker
 from terrasynth.models.config import CONV_PRESETS
+from terrasynth.training.score_objective import ROLE_SPLITS
 from terrasynth.training.trainer import TrainConfig, Trainer
 
 
@@ -34,7 +35,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--roles",
-        choices=("any", "inputs", "mixed"),
+        choices=ROLE_SPLITS,
         default="any",
         help="split of each chip's modalities (training/score_objective.py)",
     )

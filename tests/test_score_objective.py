@@ -156,6 +156,7 @@ class Oracle(torch.nn.Module):
     def __init__(self, config: ModelConfig, signals: dict[str, Signal], offset: float) -> None:
         super().__init__()
         self.config, self.signals, self.offset = config, signals, offset
+        self.modality_names = list(signals)  # what the inputs split reads of a model
         self.w = torch.nn.Parameter(torch.zeros(()))
         self.calls: list[dict] = []
 
@@ -227,7 +228,6 @@ def test_the_inputs_split_gives_every_chip_inputs_and_all_but_its_targets(real):
     for seed in range(4):
         for roles in ("inputs", "any"):
             oracle = Oracle(cfg, sig, offset=1.0)
-            oracle.modality_names = list(sig)
             obj = ScoreObjective(ScoreConfig(roles=roles))
             obj(oracle, sig, batch["gsd"], torch.Generator().manual_seed(seed))
             split = _split_of_each_chip(oracle.calls[0]["inputs"], sig)
@@ -251,7 +251,6 @@ def test_the_mixed_split_takes_the_inputs_split_for_about_half_the_chips(real):
         ok = []
         for seed in range(8):
             oracle = Oracle(cfg, sig, offset=1.0)
-            oracle.modality_names = list(sig)
             ScoreObjective(ScoreConfig(roles=roles))(
                 oracle, sig, batch["gsd"], torch.Generator().manual_seed(seed)
             )

@@ -195,11 +195,7 @@ def training_step(
     inputs = {n: inp for n, inp in inputs.items() if bool(inp.present.any())}
     pred = model(inputs, gsd)
     losses = modality_losses(pred, batch_signals, loss_mask)
-    if not losses:
-        zero = sum(p.sum() * 0 for p in model.parameters())
-        return zero, {}
-    loss = torch.stack(list(losses.values())).mean()
-    return loss, {k: float(v.detach()) for k, v in losses.items()}
+    return total_loss(model, losses)
 
 
 class FlowObjective:
@@ -213,6 +209,15 @@ class FlowObjective:
         self, model, signals: dict[str, Signal], gsd: torch.Tensor, gen: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
         return training_step(model, signals, gsd, self.cfg, gen)
+
+
+def total_loss(model, losses: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The mean over modalities of their losses, and each as a number. A batch with none
+    gives a zero that still reaches every parameter (DDP waits for a gradient of each)."""
+    if not losses:
+        return sum(p.sum() * 0 for p in model.parameters()), {}
+    loss = torch.stack(list(losses.values())).mean()
+    return loss, {k: float(v.detach()) for k, v in losses.items()}
 
 
 def regression_roles(
@@ -265,8 +270,4 @@ class RegressionObjective:
         inputs = {n: inp for n, inp in inputs.items() if bool(inp.present.any())}
         pred = model(inputs, gsd) if inputs else {}
         losses = modality_losses(pred, signals, loss_mask)
-        if not losses:
-            zero = sum(p.sum() * 0 for p in model.parameters())
-            return zero, {}
-        loss = torch.stack(list(losses.values())).mean()
-        return loss, {k: float(v.detach()) for k, v in losses.items()}
+        return total_loss(model, losses)

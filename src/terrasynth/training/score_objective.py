@@ -44,6 +44,7 @@ from terrasynth.training.objective import (
     modality_losses,
     regression_roles,
     sample_roles,
+    total_loss,
     training_inputs,
 )
 
@@ -115,7 +116,7 @@ class ScoreObjective:
         inputs, loss_mask, _ = training_inputs(signals, roles, self.roles, gen)
         inputs = {n: inp for n, inp in inputs.items() if bool(inp.present.any())}
         if not inputs:  # no chip of the batch has two modalities to split
-            return sum(p.sum() * 0 for p in model.parameters()), {}
+            return total_loss(model, {})
         extra = {}
         loc = signals.get("location")
         if getattr(base, "retrieval", None) is not None and loc is not None:
@@ -143,11 +144,7 @@ class ScoreObjective:
 
         # the mean's cross-entropy for class maps and squared error for vectors
         losses = modality_losses(mean, signals, loss_mask, continuous=score)
-        if not losses:
-            zero = sum(p.sum() * 0 for p in model.parameters())
-            return zero, {}
-        loss = torch.stack(list(losses.values())).mean()
-        return loss, {k: float(v.detach()) for k, v in losses.items()}
+        return total_loss(model, losses)
 
     def _split(
         self, signals: dict[str, Signal], model, gen: torch.Generator
