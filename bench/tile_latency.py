@@ -1,12 +1,15 @@
 """S1 -> S2 latency on one 224 x 224 tile: seconds per sample, and how it grows with samples.
 
-    python bench/tile_latency.py [-m MODEL] [--samples 1 4 8] [--repeats 3]
+    python bench/tile_latency.py [-m MODEL] [--samples 1 4 8] [--repeats 3] \
+        [--precision float32 auto]
 
 Crops 224 x 224 px of a real Sentinel-1 GeoTIFF of the shared data (SSL4EO-S12, VV and
 VH stacked into one file), generates S2 L2A with the model's own sampler (one step for the
 convolutional generator, 8 for the transformer) and prints the best of ``--repeats`` wall
 times of ``Pipeline.generate`` (reading, sampling, writing to memory), seconds per sample,
-and the process's peak resident memory. Timings depend on other load: run it alone.
+and the process's peak resident memory, for each sampling precision (``auto``: bfloat16
+convolutions where the CPU runs them natively, ``Pipeline.set_precision``). Timings depend
+on other load: run it alone.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def main() -> None:
     ap.add_argument("-m", "--model", type=Path, default=None, help="model folder (built-in)")
     ap.add_argument("--samples", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--precision", nargs="+", default=["float32", "auto"])
     args = ap.parse_args()
     pipe = Pipeline.from_pretrained(args.model)
     cfg = pipe.model.config
@@ -64,16 +68,18 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         s1 = tile(Path(tmp))
-        pipe.generate({"s1grd": s1}, ["s2l2a"], num_samples=1, seed=0)  # warm-up
-        print(f"{'samples':>7} {'best s':>8} {'s/sample':>9} {'peak MiB':>9}")
-        for n in args.samples:
-            best = float("inf")
-            for r in range(args.repeats):
-                t0 = time.perf_counter()
-                pipe.generate({"s1grd": s1}, ["s2l2a"], num_samples=n, seed=r)
-                best = min(best, time.perf_counter() - t0)
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            print(f"{n:7d} {best:8.3f} {best / n:9.3f} {peak:9.0f}")
+        print(f"{'precision':>9} {'samples':>7} {'best s':>8} {'s/sample':>9} {'peak MiB':>9}")
+        for precision in args.precision:
+            pipe.set_precision(precision)
+            pipe.generate({"s1grd": s1}, ["s2l2a"], num_samples=1, seed=0)  # warm-up
+            for n in args.samples:
+                best = float("inf")
+                for r in range(args.repeats):
+                    t0 = time.perf_counter()
+                    pipe.generate({"s1grd": s1}, ["s2l2a"], num_samples=n, seed=r)
+                    best = min(best, time.perf_counter() - t0)
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                print(f"{pipe.precision:>9} {n:7d} {best:8.3f} {best / n:9.3f} {peak:9.0f}")
 
 
 if __name__ == "__main__":

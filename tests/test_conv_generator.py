@@ -793,3 +793,50 @@ def test_samples_of_one_window_share_the_conditions_work(config, mixture):
     assert not torch.allclose(s2[0], s2[1]) and not torch.allclose(s2[1], s2[2])
     with pytest.raises(TerrasynthError, match="whole groups"):
         model(inputs, gsd, repeats=4)
+
+
+# -- precision ---------------------------------------------------------------------------------
+def _run(model: ConvGenerator, precision: str, inputs: dict) -> dict:
+    model.precision = precision
+    with torch.no_grad():
+        return model(inputs, GSD)
+
+
+@needs_data
+def test_bfloat16_convolutions_move_samples_by_a_small_fraction_of_their_size(config):
+    model = _model(config)
+    inputs = _inputs(config, torch.Generator().manual_seed(3), ["s2l2a", "dem"], ["s1grd"])
+    full, fast = _run(model, "float32", inputs), _run(model, "bfloat16", inputs)
+    for name in ("s2l2a", "dem"):
+        for a, b in zip(_tensors(full, name), _tensors(fast, name), strict=True):
+            assert b.dtype == torch.float32  # the heads and levels stay float32
+            rel = float((a - b).abs().mean() / a.abs().mean())
+            assert 0 < rel < 0.03, (name, rel)  # bf16 ran (not equal) and moved little
+
+
+@needs_data
+def test_training_runs_in_float32_whatever_the_precision(config):
+    model = _model(config).train()
+    inputs = _inputs(config, torch.Generator().manual_seed(4), ["s2l2a"], ["s1grd"])
+    assert _same(_run(model, "float32", inputs), _run(model, "bfloat16", inputs), "s2l2a")
+
+
+@needs_data
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bfloat16_only_where_the_device_runs_it_natively(
+    config, monkeypatch, native
+):
+    monkeypatch.setattr("terrasynth.models.conv_generator.native_bf16", lambda device: native)
+    model = _model(config)
+    inputs = _inputs(config, torch.Generator().manual_seed(5), ["s2l2a"], ["s1grd"])
+    auto = _run(model, "auto", inputs)
+    assert _same(auto, _run(model, "bfloat16" if native else "float32", inputs), "s2l2a")
+    assert not _same(auto, _run(model, "float32" if native else "bfloat16", inputs), "s2l2a")
+
+
+@needs_data
+def test_an_unknown_precision_is_refused(config):
+    model = _model(config)
+    inputs = _inputs(config, torch.Generator().manual_seed(6), ["s2l2a"], ["s1grd"])
+    with pytest.raises(TerrasynthError, match="unknown precision 'float16'"):
+        _run(model, "float16", inputs)

@@ -18,7 +18,7 @@ from terrasynth.models.config import ModelConfig
 from terrasynth.models.conv_generator import ConvGenerator
 from terrasynth.models.factory import build_model
 from terrasynth.pipeline import Pipeline, default_model_path
-from tests.conftest import DATA, MICRO_CONV, ZION, run_cli
+from tests.conftest import DATA, MICRO_CONV, MICRO_MODEL, ZION, run_cli
 
 pytestmark = pytest.mark.needs_data
 
@@ -290,3 +290,34 @@ def test_a_conv_generator_writes_georeferenced_reproducible_samples(conv_folder,
             assert np.array_equal(f.read(), s[i])
     info = json.loads((out / "generation.json").read_text())
     assert info["model"] == str(conv_folder) and info["seed"] == 0
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_sampling_precision_is_chosen_and_recorded(conv_folder, s1_utm):
+    pipe = Pipeline.from_pretrained(conv_folder)
+    full = pipe.set_precision("float32").generate({"s1grd": s1_utm}, ["s2l2a"], seed=0)
+    fast = pipe.set_precision("bfloat16").generate({"s1grd": s1_utm}, ["s2l2a"], seed=0)
+    assert full.info["precision"] == "float32" and fast.info["precision"] == "bfloat16"
+    a, b = full["s2l2a"].samples, fast["s2l2a"].samples
+    assert not np.array_equal(a, b)
+    assert np.abs(a - b).mean() < 0.03 * np.abs(a - a.mean((-2, -1), keepdims=True)).mean()
+    with pytest.raises(TerrasynthError, match="unknown precision 'half'"):
+        pipe.set_precision("half")
+
+
+def test_a_backbone_without_bfloat16_sampling_refuses_it(small_store):
+    store = ChipStore.open(small_store)
+    mods = {m: store.registry[m].to_dict() for m in store.modalities}
+    cfg = ModelConfig(modalities=mods, stats=store.stats, **MICRO_MODEL)  # the transformer
+    pipe = Pipeline(build_model(cfg))
+    assert pipe.set_precision("auto").precision == "float32"
+    with pytest.raises(TerrasynthError, match="samples in float32 only"):
+        pipe.set_precision("bfloat16")
+
+
+def test_cli_refuses_an_unknown_precision_in_one_line(tmp_path, s1_utm):
+    res = cli("generate", "-i", f"s1grd={s1_utm}", "-t", "s2l2a", "--precision", "half",
+              "-o", str(tmp_path / "o"))  # fmt: skip
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert res.stderr.startswith("error: --precision: unknown precision 'half'")
+    assert not (tmp_path / "o").exists()

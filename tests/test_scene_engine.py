@@ -63,9 +63,11 @@ def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_result(tmp_pa
 
 
 def test_two_runs_on_one_work_folder_the_second_gets_an_error_line(tmp_path):
-    s1 = write_s1_utm(tmp_path / "s1.tif", 320, 320)
+    # a scene large enough that the first run is still going when the second starts (it
+    # is killed then): with 320 px and one sample it could end first on a fast machine
+    s1 = write_s1_utm(tmp_path / "s1.tif", 960, 960)
     out = tmp_path / "out"
-    args = ["generate", "-i", f"s1grd={s1}", "-t", "s2l2a", "-n", "1", "--steps", "8",
+    args = ["generate", "-i", f"s1grd={s1}", "-t", "s2l2a", "-n", "4", "--steps", "8",
             "--stream", "--tile", "64", "-o", str(out)]  # fmt: skip
     first = subprocess.Popen(
         [sys.executable, "-m", "terrasynth.cli.main", *args],

@@ -162,6 +162,14 @@ def test_a_work_folder_is_not_resumed_after_the_model_is_calibrated_again(s1_utm
         SceneJob(Pipeline.from_pretrained(model), spec_for(s1_utm), tmp_path / "w").open()
 
 
+def test_a_work_folder_is_not_resumed_in_another_precision(s1_utm, tmp_path):
+    pipe = Pipeline.from_pretrained().set_precision("bfloat16")
+    job = SceneJob(pipe, spec_for(s1_utm), tmp_path / "w").open()
+    assert job.signature()["precision"] == "bfloat16"
+    with pytest.raises(TerrasynthError, match="different job"):
+        SceneJob(pipe.set_precision("float32"), spec_for(s1_utm), tmp_path / "w").open()
+
+
 def test_generation_json_records_versions_and_the_weights_hash(pipe, s1_utm, tmp_path):
     weights = default_model_path() / "model.safetensors"
     expected = {"model.safetensors": hashlib.sha256(weights.read_bytes()).hexdigest()}

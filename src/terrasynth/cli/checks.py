@@ -136,6 +136,17 @@ def device_check(param: typer.CallbackParam, value: str | None) -> str | None:
     return value
 
 
+def precision_check(param: typer.CallbackParam, value: str) -> str:
+    """Typer callback: one of the sampling precisions (``models.base.PRECISIONS``)."""
+    from terrasynth.models.base import check_precision
+
+    name = max(param.opts, key=len) if param.opts else param.name
+    try:
+        return check_precision(value)
+    except TerrasynthError as exc:
+        raise TerrasynthError(f"{name}: {exc}") from None
+
+
 def count_option(help: str, *names: str) -> Any:
     """An option counting something (steps, chips, samples): at least 1."""
     return typer.Option(*names, help=help, callback=at_least(1))
@@ -150,6 +161,11 @@ WORKERS = typer.Option(help="DataLoader worker processes.", callback=at_least(0)
 DEVICE = typer.Option(
     help="Where the model runs: cpu, cuda, cuda:N, mps or auto (a GPU if there is one).",
     callback=device_check,
+)
+PRECISION = typer.Option(
+    help="auto (bfloat16 convolutions where the device runs them natively, else float32), "
+    "float32 (the same samples on any machine) or bfloat16.",
+    callback=precision_check,
 )
 WINDOW = typer.Option(
     help="Only this part of the first input: COL,ROW,WIDTH,HEIGHT in its pixels "

@@ -22,6 +22,7 @@ from terrasynth.cli.checks import (
     BBOX,
     DEVICE,
     ETA,
+    PRECISION,
     SAMPLES,
     SEED,
     STEPS,
@@ -329,6 +330,7 @@ def generate(
     window: Annotated[str | None, WINDOW] = None,
     bbox: Annotated[str | None, BBOX] = None,
     device: Annotated[str, DEVICE] = "cpu",
+    precision: Annotated[str, PRECISION] = "auto",
 ) -> None:
     """Generate modalities from GeoTIFFs (any CRS) onto the first input's grid.
 
@@ -354,7 +356,7 @@ def generate(
         raise TerrasynthError(
             "--device works with --engine local; Dask workers run the model on their CPUs"
         )
-    pipe = Pipeline.from_pretrained(model).to(device)
+    pipe = Pipeline.from_pretrained(model).to(device).set_precision(precision)
     if stac is not None:  # the found assets on one grid (the bbox) become the first inputs
         stac_inputs, day = _stac_inputs(
             stac, collections, bbox, stac_datetime, mapping, crs, gsd, max_items,
@@ -650,6 +652,7 @@ def evaluate(
         bool, typer.Option(help="Replace an earlier terrasynth report in the output folder.")
     ] = False,
     device: Annotated[str, DEVICE] = "cpu",
+    precision: Annotated[str, PRECISION] = "auto",
 ) -> None:
     """Score generation on a store's split against baselines (JSON, CSV, report).
 
@@ -692,7 +695,7 @@ def evaluate(
         steps = fixed.get("steps", steps)
         eta = fixed.get("eta", eta)
         seed = fixed.get("seed", seed)
-    pipe = Pipeline.from_pretrained(model).to(device)
+    pipe = Pipeline.from_pretrained(model).to(device).set_precision(precision)
     config = pipe.model.config
     for t in target or []:
         if t not in pipe.modalities:
@@ -737,6 +740,7 @@ def evaluate(
         settings["shuffle_conditions"] = True
     if str(pipe.device) != "cpu":
         settings["device"] = str(pipe.device)
+    settings["precision"] = pipe.precision
     for p in predictors:
         if hasattr(p, "fitted"):
             settings[f"{p.name}_sigmas"] = p.fitted()

@@ -23,6 +23,31 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 convolutions natively (fast), not emulated.
+
+    On a CPU that is AVX512-BF16 or AMX: without them oneDNN emulates bf16 and a convolution
+    runs many times slower than in float32 (see ``GenerativeModel.cpu_bf16``). torch has no
+    public test for these instruction sets; ``torch.cpu``'s private ones are used."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else one clear error."""
+    if precision not in PRECISIONS:
+        raise TerrasynthError(
+            f"unknown precision '{precision}' (precisions: {', '.join(PRECISIONS)})"
+        )
+    return precision
+
+
 @runtime_checkable
 class GenerativeModel(Protocol):
     """The model interface (see the module docstring)."""

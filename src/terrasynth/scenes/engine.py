@@ -87,7 +87,7 @@ def _worker_job(folder: str) -> SceneJob:
     process (with its cascade parent, if any)."""
     sig = json.loads((Path(folder) / "job.json").read_text())
     torch.set_num_threads(1)
-    pipe = _worker_pipeline(sig["model"])
+    pipe = _worker_pipeline(sig["model"], sig.get("precision", "auto"))
     grid = None
     if sig.get("grid_override"):
         g = sig["grid_override"]
@@ -97,8 +97,10 @@ def _worker_job(folder: str) -> SceneJob:
 
 
 @lru_cache(maxsize=2)
-def _worker_pipeline(model: str) -> Pipeline:
-    return Pipeline.from_pretrained(model)
+def _worker_pipeline(model: str, precision: str) -> Pipeline:
+    """The model as the job's client runs it (the precision it resolved, so every tile of a
+    scene is made alike whichever machine makes it)."""
+    return Pipeline.from_pretrained(model).set_precision(precision)
 
 
 def _dask_task(folder: str, phase: str, key: str) -> str:

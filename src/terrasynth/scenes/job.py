@@ -244,6 +244,8 @@ class SceneJob:
             "model": self.pipe.source,
             "weights_sha256": self.pipe.weights_sha256,
             "config_sha256": self.pipe.config_sha256,
+            # tiles of one scene are made in one precision (a resume in another is refused)
+            "precision": self.pipe.precision,
             "grid": grid_json(self.work),
         }
 
