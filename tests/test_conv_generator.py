@@ -182,6 +182,32 @@ def test_regression_mean_stops_the_scores_gradient_at_the_mean(config, regressio
     assert _same(plain, other, "s2l2a")
 
 
+@pytest.mark.parametrize("cut", [False, True])
+def test_regression_trunk_keeps_the_scores_gradient_out_of_the_trunk(config, cut):
+    change = dict(regression_mean=True, regression_trunk=cut)
+    model = _model(replace(config, **change)).train()
+    inputs = _inputs(config, torch.Generator().manual_seed(1), ["s2l2a"], ["s1grd"])
+    _, samples = model(inputs, GSD, members=3, generator=torch.Generator().manual_seed(0))
+    on_samples = _grads(model, sum(v.square().sum() for s in samples for v in s["s2l2a"].values()))
+    trunk = [n for n, _ in model.named_parameters() if n.startswith(("stem", "down", "cond_mlp"))]
+    assert trunk
+    # the samples' loss reaches the trunk only without regression_trunk
+    assert any(on_samples.get(n, 0.0) > 0 for n in trunk) != cut
+    assert not cut or all(on_samples.get(n, 0.0) == 0 for n in trunk)
+    # the residual generator's own layers learn from it either way
+    for layer in ("gen_in", "gen_mid", "coef", "slot_loadings"):
+        assert any(n.startswith(layer) and v > 0 for n, v in on_samples.items()), layer
+    with torch.no_grad():  # at sampling, the same outputs as without it
+        plain = _model(replace(config, regression_mean=True))(inputs, GSD)
+        other = _model(replace(config, **change))(inputs, GSD)
+    assert _same(plain, other, "s2l2a")
+
+
+def test_regression_trunk_needs_regression_mean(config):
+    with pytest.raises(TerrasynthError, match="regression_trunk needs regression_mean"):
+        replace(config, regression_trunk=True).validate()
+
+
 @needs_data
 def test_the_targets_noise_moves_the_samples_of_all_targets_not_the_mean(config):
     model = _model(config)

@@ -105,6 +105,11 @@ class ModelConfig:
     # stopped, so the mean head (and the trunk through it) learns from the squared error of
     # the mean alone, as the U-Net baseline does, and the scores train only the residual
     regression_mean: bool = False
+    # with regression_mean: the residual generator also reads the trunk's features and the
+    # conditioning with their gradient stopped (training), so the trunk, like the U-Net
+    # baseline's, learns from the mean's squared error alone and the scores train only the
+    # residual generator's own layers
+    regression_trunk: bool = False
     # sampling windows (0: the training crop, half-window stride); a fully convolutional
     # model can also slide with a smaller overlap
     window: int = 0
@@ -176,6 +181,8 @@ class ModelConfig:
                 raise TerrasynthError(
                     f"retrieval_amplitude_max must be more than the floor {AMPLITUDE_FLOOR}"
                 )
+            if self.regression_trunk and not self.regression_mean:
+                raise TerrasynthError("regression_trunk needs regression_mean")
             if self.neighbour_level and not (self.retrieval_mixture and self.retrieval_k > 0):
                 raise TerrasynthError("neighbour_level needs retrieval_mixture and retrieval_k")
             if not 0.0 <= self.head_level_gate_init < 1.0:

@@ -393,6 +393,13 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         """:meth:`forward`; member ``i`` takes its noise from ``noise_from[i]`` if given."""
         targets = [n for n, inp in inputs.items() if bool((inp.t > 0).any())]
         feats, deep, cond = self._trunk(inputs, gsd)
+        # regression_trunk: in training the residual path reads the trunk with its gradient
+        # stopped, so only the mean's squared error trains the trunk
+        cut = self.config.regression_trunk and members > 1
+
+        def cut_grad(x: torch.Tensor) -> torch.Tensor:
+            return x.detach() if cut else x
+
         retrieved, neighbours = self._retrieve(inputs, targets, places, generator)
         continuous = [
             n
@@ -407,7 +414,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                 noise = self._joint_noise(noise_from[i], continuous, False, None)
             else:
                 noise = self._joint_noise(inputs, continuous, fresh=i > 0, generator=generator)
-            gen_feats.append(self._residual(feats, noise, cond))
+            gen_feats.append(self._residual(cut_grad(feats), noise, cut_grad(cond)))
             picks.append(_uniform_from_noise(noise))
         mean: dict = {}
         samples: list[dict] = [{} for _ in range(members)]
@@ -424,6 +431,9 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
             film, e = self._target_film(name, cond, ret)
             f = _modulate(feats, film[0])
             mu = self._head(mod, f)
+            # the residual path's FiLM and target vector (their own rows of target_film)
+            f0 = self.config.widths[0]
+            film_r = self.target_film(e.detach())[:, 2 * f0 :, None, None] if cut else film[1]
             near = neighbours.get(name)
             # neighbour_level: where neighbours were found, the level is theirs alone
             apart = self._level_apart(mod, ret)
@@ -448,14 +458,15 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
             # calibration per band and spatial scale (models/filters.py), once per modality
             bands = self.config.spread_bands.get(name)
             per_scale = band_rows(mod, bands) if bands else None
-            loadings = self._band_loadings(mod, f)
+            loadings = self._band_loadings(mod, cut_grad(f))
             # regression_mean: in training the scores reach the residual, not the mean
             stop = self.config.regression_mean and members > 1
             base = {g: v.detach() if stop else v for g, v in mean[name].items()}
             smooth = self.config.relief_smoothing if mod.units == "m" else 0.0
-            gate = torch.sigmoid(self.level_gate(e)) if near is not None else None
+            gate = torch.sigmoid(self.level_gate(cut_grad(e))) if near is not None else None
+            mu_r = {g: cut_grad(v) for g, v in mu.items()}  # neighbours' deviations from it
             for s, h, u in zip(samples, gen_feats, picks, strict=True):
-                res = self._residual_head(mod, loadings, self.coef(_modulate(h, film[1])))
+                res = self._residual_head(mod, loadings, self.coef(_modulate(h, film_r)))
                 if smooth > 0:  # elevation varies smoothly at the pixel scale
                     res = {g: gaussian_blur(r, smooth) for g, r in res.items()}
                 if amp is not None:
@@ -463,11 +474,11 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                 if apart is not None:  # the level's spread comes from the neighbours' levels
                     res = {g: torch.where(apart, _anomaly(r, keep), r) for g, r in res.items()}
                 if near is not None and self.neighbour_pixels:  # each pixel: a mix of levels
-                    hf = _modulate(h, film[1])
-                    dev = self._pixel_levels(mod, mu, near, self.neighbour_logits(hf))
+                    hf = _modulate(h, film_r)
+                    dev = self._pixel_levels(mod, mu_r, near, self.neighbour_logits(hf))
                     res = {g: res[g] + gate[:, :, None, None] * dev[g] for g in res}
                 elif near is not None:  # this sample's neighbour: its level, gated
-                    dev = self._level_deviation(mod, mu, near, u)
+                    dev = self._level_deviation(mod, mu_r, near, u)
                     res = {g: res[g] + gate[:, :, None, None] * dev[g] for g in res}
                 if per_scale is not None:
                     res = {g: rescale_bands(r, per_scale[g]) for g, r in res.items()}
