@@ -164,7 +164,7 @@ DEVICE = typer.Option(
 )
 PRECISION = typer.Option(
     help="auto (bfloat16 convolutions where the device runs them natively, else float32), "
-    "float32 (the same samples on any machine) or bfloat16.",
+    "float32 (a seed's samples equal on every machine, to float precision) or bfloat16.",
     callback=precision_check,
 )
 WINDOW = typer.Option(
