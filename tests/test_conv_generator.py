@@ -182,14 +182,16 @@ def test_regression_mean_stops_the_scores_gradient_at_the_mean(config, regressio
     assert _same(plain, other, "s2l2a")
 
 
+@pytest.mark.parametrize("net", ["film", "unet"])
 @pytest.mark.parametrize("cut", [False, True])
-def test_regression_trunk_keeps_the_scores_gradient_out_of_the_trunk(config, cut):
-    change = dict(regression_mean=True, regression_trunk=cut)
+def test_regression_trunk_keeps_the_scores_gradient_out_of_the_trunk(config, cut, net):
+    change = dict(regression_mean=True, regression_trunk=cut, trunk=net)
     model = _model(replace(config, **change)).train()
     inputs = _inputs(config, torch.Generator().manual_seed(1), ["s2l2a"], ["s1grd"])
     _, samples = model(inputs, GSD, members=3, generator=torch.Generator().manual_seed(0))
     on_samples = _grads(model, sum(v.square().sum() for s in samples for v in s["s2l2a"].values()))
-    trunk = [n for n, _ in model.named_parameters() if n.startswith(("stem", "down", "cond_mlp"))]
+    layers = ("stem", "down", "unet_trunk", "cond_mlp")
+    trunk = [n for n, _ in model.named_parameters() if n.startswith(layers)]
     assert trunk
     # the samples' loss reaches the trunk only without regression_trunk
     assert any(on_samples.get(n, 0.0) > 0 for n in trunk) != cut
@@ -198,9 +200,34 @@ def test_regression_trunk_keeps_the_scores_gradient_out_of_the_trunk(config, cut
     for layer in ("gen_in", "gen_mid", "coef", "slot_loadings"):
         assert any(n.startswith(layer) and v > 0 for n, v in on_samples.items()), layer
     with torch.no_grad():  # at sampling, the same outputs as without it
-        plain = _model(replace(config, regression_mean=True))(inputs, GSD)
+        plain = _model(replace(config, regression_mean=True, trunk=net))(inputs, GSD)
         other = _model(replace(config, **change))(inputs, GSD)
     assert _same(plain, other, "s2l2a")
+
+
+@needs_data
+def test_the_unet_trunk_reads_every_sensor_on_its_own_channels(config):
+    model = _model(replace(config, trunk="unet"))
+    names = [n for n, _ in model.named_parameters()]
+    assert any(n.startswith("unet_trunk.down") for n in names)
+    assert not any(n.startswith(("stem", "down.", "merge.", "unet_trunk.heads")) for n in names)
+    inputs = _inputs(config, torch.Generator().manual_seed(7), ["s2l2a", "dem"], ["s1grd"])
+    with torch.no_grad():
+        out = model(inputs, GSD)
+    assert out["s2l2a"]["r10m"].shape == (B, 4, 32, 32) and out["dem"]["r30m"].shape[1] == 1
+    # the U-Net's input stack: S2 L2A and S2 L1C are different channels, not one slot each
+    trunk = model.unet_trunk
+    assert trunk is not None and trunk.in_channels > model.in_channels
+    with torch.no_grad():  # the input reaches the output through it
+        other = dict(
+            inputs, s1grd=_inputs(config, torch.Generator().manual_seed(8), (), ["s1grd"])["s1grd"]
+        )
+        assert not _same(out, model(other, GSD), "s2l2a")
+
+
+def test_an_unknown_trunk_is_refused(config):
+    with pytest.raises(TerrasynthError, match="unknown trunk 'resnet'"):
+        replace(config, trunk="resnet").validate()
 
 
 def test_regression_trunk_needs_regression_mean(config):

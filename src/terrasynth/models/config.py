@@ -23,6 +23,7 @@ TIME_DIM = 3  # sin / cos of day of year, scaled year
 AMPLITUDE_FLOOR = 0.05  # retrieval_amplitude: share of the typical roughness always kept
 
 
+TRUNKS = ("film", "unet")  # the conv generator's trunk networks
 BACKBONES = ("scene_transformer", "conv_generator", "unet")
 # keys of a U-Net folder's config.json saved before the U-Net was a backbone
 _LEGACY_UNET_KEYS = {"modalities", "stats", "image_size", "widths", "source"}
@@ -110,6 +111,12 @@ class ModelConfig:
     # baseline's, learns from the mean's squared error alone and the scores train only the
     # residual generator's own layers
     regression_trunk: bool = False
+    # the trunk's network: "film" (spectral slots, FiLM from the given sensors, GSD and
+    # place in every block, reflection padding) or "unet" (the U-Net baseline's network:
+    # every sensor's bands on channels of their own, one mask per band group, zero padding,
+    # max pooling, transposed convolutions; the conditioning then reaches only the heads and
+    # the residual generator). Measured in docs/design.md (issue 17, tenth round)
+    trunk: str = "film"
     # sampling windows (0: the training crop, half-window stride); a fully convolutional
     # model can also slide with a smaller overlap
     window: int = 0
@@ -181,6 +188,8 @@ class ModelConfig:
                 raise TerrasynthError(
                     f"retrieval_amplitude_max must be more than the floor {AMPLITUDE_FLOOR}"
                 )
+            if self.trunk not in TRUNKS:
+                raise TerrasynthError(f"unknown trunk '{self.trunk}' (trunks: {', '.join(TRUNKS)})")
             if self.regression_trunk and not self.regression_mean:
                 raise TerrasynthError("regression_trunk needs regression_mean")
             if self.neighbour_level and not (self.retrieval_mixture and self.retrieval_k > 0):

@@ -55,6 +55,7 @@ from terrasynth.models.config import AMPLITUDE_FLOOR, ModelConfig
 from terrasynth.models.filters import gaussian_blur, radius_of, rescale_bands
 from terrasynth.models.retrieval import RetrievalIndex, summarise, summary_size
 from terrasynth.models.scene_model import ModalityInput
+from terrasynth.models.unet import UNet, unet_config
 
 NOISE_CHANNELS = 4  # noise maps per blur width
 # how near the retrieved neighbours are (mixture): mean and nearest log distance, place known
@@ -244,18 +245,25 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         self.sensor_in = nn.Embedding(len(names), cd)
         self.sensor_out = nn.Embedding(len(names), cd)
         self.cond_mlp = nn.Sequential(nn.Linear(cd + 1 + 8, cd), nn.SiLU(), nn.Linear(cd, cd))
-        # trunk
-        self.stem = nn.Conv2d(cin, w[0], 1)  # per-pixel embedding of the stacked inputs
+        # trunk: the generator's own (FiLM blocks over spectral slots) or the U-Net's
+        self.unet_trunk: UNet | None = None
         self.down = nn.ModuleList()
-        prev = w[0]
-        for width in w:
-            self.down.append(FiLMBlock(prev, width, cd))
-            prev = width
         self.up = nn.ModuleList()
         self.merge = nn.ModuleList()
-        for i in range(len(w) - 2, -1, -1):
-            self.up.append(nn.Conv2d(w[i + 1], w[i], 1))
-            self.merge.append(FiLMBlock(2 * w[i], w[i], cd))
+        if config.trunk == "unet":
+            ucfg = unet_config(config)
+            ucfg.widths = list(w)
+            self.unet_trunk = UNet(ucfg)
+            self.unet_trunk.heads = nn.ModuleDict()  # this model's heads read its features
+        else:
+            self.stem = nn.Conv2d(cin, w[0], 1)  # per-pixel embedding of the stacked inputs
+            prev = w[0]
+            for width in w:
+                self.down.append(FiLMBlock(prev, width, cd))
+                prev = width
+            for i in range(len(w) - 2, -1, -1):
+                self.up.append(nn.Conv2d(w[i + 1], w[i], 1))
+                self.merge.append(FiLMBlock(2 * w[i], w[i], cd))
         # heads: FiLM per target sensor, a shared slot head, own heads for unmapped bands
         f0, gch = w[0], config.generator_channels
         self.target_film = nn.Linear(cd, 2 * f0 + 2 * gch)
@@ -513,6 +521,10 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
             else:
                 extra += [torch.zeros(b, 3, device=x.device), torch.zeros(b, 1, device=x.device)]
         cond = self.cond_mlp(torch.cat([emb_in, *extra], 1))
+        if self.unet_trunk is not None:
+            with self._fast_convolutions(x.device):
+                h, deep = self.unet_trunk.encode_decode(self.unet_trunk.stack(inputs, gsd))
+            return h.float(), deep.float(), cond
         with self._fast_convolutions(x.device):
             h = self.stem(x)
             skips = []

@@ -143,15 +143,20 @@ class UNet(FullResolutionFeatures, PretrainedMixin, nn.Module):
 
     def network(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, S, S) stacked inputs -> (B, widths[0], S, S) features."""
+        return self.encode_decode(x)[0]
+
+    def encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full-resolution features and the deepest ones (B, widths[-1], S / 2^L, ...)."""
         skips = []
         for i, block in enumerate(self.down):
             if i > 0:
                 x = F.max_pool2d(x, 2)
             x = block(x)
             skips.append(x)
+        deep = x
         for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1]), strict=True):
             x = merge(torch.cat([up(x), skip], 1))
-        return x
+        return x, deep
 
     def stack(self, inputs: dict[str, ModalityInput], gsd: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, S, S): per raster group of the config, its given values (one-hot
