@@ -506,12 +506,12 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         return self._trunk(inputs, gsd)[0]
 
     def _trunk(self, inputs: dict[str, ModalityInput], gsd: torch.Tensor):
-        x, given_ids = self._stack(inputs, gsd)
-        b = x.shape[0]
+        given_ids = self._given_sensors(inputs, gsd)
+        b, dev = gsd.shape[0], gsd.device
         emb_in = (given_ids.float() @ self.sensor_in.weight) / given_ids.sum(1, keepdim=True).clamp(
             min=1
         )
-        extra = [torch.log10(gsd.clamp_min(1e-3))[:, None].to(x.dtype)]
+        extra = [torch.log10(gsd.clamp_min(1e-3))[:, None].float()]
         for name in ("location", "time"):
             inp = inputs.get(name)
             if inp is not None and inp.vector is not None and name in self.vectors:
@@ -519,14 +519,14 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                 shown = inp.present[:, None].float() * (inp.t == 0).float()[:, None]
                 extra += [inp.vector[:, c : 2 * c] * shown, shown]
             else:
-                extra += [torch.zeros(b, 3, device=x.device), torch.zeros(b, 1, device=x.device)]
+                extra += [torch.zeros(b, 3, device=dev), torch.zeros(b, 1, device=dev)]
         cond = self.cond_mlp(torch.cat([emb_in, *extra], 1))
-        if self.unet_trunk is not None:
-            with self._fast_convolutions(x.device):
+        if self.unet_trunk is not None:  # its own input stack: the slots' is not built
+            with self._fast_convolutions(dev):
                 h, deep = self.unet_trunk.encode_decode(self.unet_trunk.stack(inputs, gsd))
             return h.float(), deep.float(), cond
-        with self._fast_convolutions(x.device):
-            h = self.stem(x)
+        with self._fast_convolutions(dev):
+            h = self.stem(self._stack(inputs, gsd))
             skips = []
             for i, block in enumerate(self.down):
                 if i > 0:
@@ -554,8 +554,21 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         on = not self.training and self.sampling_precision(device) == "bfloat16"
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
-    def _stack(self, inputs: dict[str, ModalityInput], gsd: torch.Tensor):
-        """(B, in_channels, S, S) given values and masks, and (B, M) which sensors were given."""
+    def _given_sensors(self, inputs: dict[str, ModalityInput], gsd: torch.Tensor) -> torch.Tensor:
+        """(B, M) 1 where a raster modality has a given pixel in the row, else 0."""
+        given = torch.zeros(gsd.shape[0], len(self.rasters), device=gsd.device)
+        for mi, mod in enumerate(self.rasters):
+            inp = inputs.get(mod.name)
+            if inp is None or inp.groups is None:
+                continue
+            for xg in (inp.groups[g.name] for g in mod.groups if g.name in inp.groups):
+                c = xg.shape[1] // 3
+                shown = (xg[:, 2 * c :].flatten(1).amax(1) > 0) & inp.present
+                given[:, mi] = torch.maximum(given[:, mi], shown.float())
+        return given
+
+    def _stack(self, inputs: dict[str, ModalityInput], gsd: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, S, S) given values and masks on the spectral slots."""
         ref = next(inp for inp in inputs.values() if inp.groups is not None)
         name0 = next(n for n, inp in inputs.items() if inp.groups is not None)
         g0 = next(iter(ref.groups))
@@ -565,8 +578,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         slot_sum = torch.zeros(b, n_slots, size, size, device=dev)
         slot_cnt = torch.zeros(b, n_slots, size, size, device=dev)
         own_parts = []
-        given_ids = torch.zeros(b, len(self.rasters), device=dev)
-        for mi, mod in enumerate(self.rasters):
+        for mod in self.rasters:
             inp = inputs.get(mod.name)
             for g in mod.groups:
                 key = f"{mod.name}/{g.name}"
@@ -580,9 +592,6 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                 c = xg.shape[1] // 3
                 val, mask = xg[:, c : 2 * c], xg[:, 2 * c :]
                 mask = mask * inp.present.float()[:, None, None, None]
-                given_ids[:, mi] = torch.maximum(
-                    given_ids[:, mi], (mask.flatten(1).amax(1) > 0).float()
-                )
                 if g.factor > 1:
                     val = F.interpolate(val, scale_factor=g.factor, mode="nearest")
                     mask = F.interpolate(mask, scale_factor=g.factor, mode="nearest")
@@ -597,8 +606,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                 if own:
                     own_parts.append(torch.cat([val[:, own] * mask[:, own], mask[:, own]], 1))
         slots = slot_sum / slot_cnt.clamp_min(1.0)
-        x = torch.cat([slots, (slot_cnt > 0).float(), *own_parts], 1)
-        return x, given_ids
+        return torch.cat([slots, (slot_cnt > 0).float(), *own_parts], 1)
 
     def _retrieve(
         self,
