@@ -225,6 +225,31 @@ def test_the_unet_trunk_reads_every_sensor_on_its_own_channels(config):
         assert not _same(out, model(other, GSD), "s2l2a")
 
 
+@needs_data
+def test_the_unet_heads_give_the_unet_trunks_own_prediction_as_the_mean(config):
+    cfg = replace(config, trunk="unet", mean_heads="unet", retrieval_k=0, regression_mean=True)
+    model = _model(cfg).train()
+    names = [n for n, _ in model.named_parameters()]
+    assert any(n.startswith("unet_trunk.heads") for n in names)
+    assert not any(n.startswith(("slot_head", "own_head", "band_scale")) for n in names)
+    inputs = _inputs(config, torch.Generator().manual_seed(3), ["s2l2a", "dem"], ["s1grd"])
+    with torch.no_grad():
+        mean, samples = model(inputs, GSD, members=2, generator=torch.Generator().manual_seed(0))
+        unet = model.unet_trunk(inputs, GSD)
+    for name in ("s2l2a", "dem"):  # the mean is the U-Net's prediction, unmodulated
+        for g, v in unet[name].items():
+            assert torch.equal(mean[name][g], v)
+    # the samples spread about it by the residual generator
+    assert not _same(samples[0], samples[1], "s2l2a")
+
+
+def test_unknown_or_unmatched_mean_heads_are_refused(config):
+    with pytest.raises(TerrasynthError, match="unknown mean_heads 'mlp'"):
+        replace(config, mean_heads="mlp").validate()
+    with pytest.raises(TerrasynthError, match='mean_heads "unet" needs trunk "unet"'):
+        replace(config, mean_heads="unet").validate()
+
+
 def test_an_unknown_trunk_is_refused(config):
     with pytest.raises(TerrasynthError, match="unknown trunk 'resnet'"):
         replace(config, trunk="resnet").validate()

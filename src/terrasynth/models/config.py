@@ -24,6 +24,7 @@ AMPLITUDE_FLOOR = 0.05  # retrieval_amplitude: share of the typical roughness al
 
 
 TRUNKS = ("film", "unet")  # the conv generator's trunk networks
+MEAN_HEADS = ("slots", "unet")  # the conv generator's mean heads
 BACKBONES = ("scene_transformer", "conv_generator", "unet")
 # keys of a U-Net folder's config.json saved before the U-Net was a backbone
 _LEGACY_UNET_KEYS = {"modalities", "stats", "image_size", "widths", "source"}
@@ -117,6 +118,11 @@ class ModelConfig:
     # max pooling, transposed convolutions; the conditioning then reaches only the heads and
     # the residual generator). Measured in docs/design.md (issue 17, tenth round)
     trunk: str = "film"
+    # the mean's heads: "slots" (the target sensor's FiLM on the trunk's features, one head
+    # per spectral slot shared by the sensors, a scale and shift per band) or "unet" (with
+    # trunk "unet": the U-Net baseline's own heads, one 1x1 convolution per modality on the
+    # unmodulated features). The residual generator is the same with either
+    mean_heads: str = "slots"
     # sampling windows (0: the training crop, half-window stride); a fully convolutional
     # model can also slide with a smaller overlap
     window: int = 0
@@ -190,6 +196,12 @@ class ModelConfig:
                 )
             if self.trunk not in TRUNKS:
                 raise TerrasynthError(f"unknown trunk '{self.trunk}' (trunks: {', '.join(TRUNKS)})")
+            if self.mean_heads not in MEAN_HEADS:
+                raise TerrasynthError(
+                    f"unknown mean_heads '{self.mean_heads}' (mean heads: {', '.join(MEAN_HEADS)})"
+                )
+            if self.mean_heads == "unet" and self.trunk != "unet":
+                raise TerrasynthError('mean_heads "unet" needs trunk "unet"')
             if self.regression_trunk and not self.regression_mean:
                 raise TerrasynthError("regression_trunk needs regression_mean")
             if self.neighbour_level and not (self.retrieval_mixture and self.retrieval_k > 0):

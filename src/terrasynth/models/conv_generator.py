@@ -254,7 +254,8 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
             ucfg = unet_config(config)
             ucfg.widths = list(w)
             self.unet_trunk = UNet(ucfg)
-            self.unet_trunk.heads = nn.ModuleDict()  # this model's heads read its features
+            if config.mean_heads != "unet":  # this model's slot heads read its features
+                self.unet_trunk.heads = nn.ModuleDict()
         else:
             self.stem = nn.Conv2d(cin, w[0], 1)  # per-pixel embedding of the stacked inputs
             prev = w[0]
@@ -269,7 +270,8 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         self.target_film = nn.Linear(cd, 2 * f0 + 2 * gch)
         nn.init.zeros_(self.target_film.weight)
         nn.init.zeros_(self.target_film.bias)
-        self.slot_head = nn.Conv2d(f0, n_slots, 1)
+        slot_heads = config.mean_heads == "slots"  # else the U-Net trunk's own heads
+        self.slot_head = nn.Conv2d(f0, n_slots, 1) if slot_heads else None
         # residual = sum over RANK coefficient maps (from the generator) of spectral loadings
         # (from the trunk): a pixel's residual spectrum is a mix of a few plausible spectra,
         # not independent noise per band (which paints fields pure red or green)
@@ -283,11 +285,11 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
             for g in mod.groups:
                 key = f"{mod.name}/{g.name}"
                 own = self._own[key]
-                if own:
+                if own and slot_heads:
                     self.own_head[_k(key)] = nn.Conv2d(f0, len(own), 1)
-                    if mod.kind != "categorical":
-                        self.own_residual[_k(key)] = nn.Conv2d(f0, RANK * len(own), 1)
-                if mod.kind != "categorical":
+                if own and mod.kind != "categorical":
+                    self.own_residual[_k(key)] = nn.Conv2d(f0, RANK * len(own), 1)
+                if mod.kind != "categorical" and slot_heads:
                     # per-sensor calibration of the shared slots (identity at start)
                     self.band_scale[_k(key)] = nn.Parameter(torch.ones(len(g.bands)))
                     self.band_shift[_k(key)] = nn.Parameter(torch.zeros(len(g.bands)))
@@ -438,7 +440,11 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
             ret = retrieved.get(name)
             film, e = self._target_film(name, cond, ret)
             f = _modulate(feats, film[0])
-            mu = self._head(mod, f)
+            mu = (
+                self._unet_head(mod, feats)
+                if self.config.mean_heads == "unet"
+                else self._head(mod, f)
+            )
             # the residual path's FiLM and target vector (their own rows of target_film)
             f0 = self.config.widths[0]
             film_r = self.target_film(e.detach())[:, 2 * f0 :, None, None] if cut else film[1]
@@ -846,6 +852,11 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                 )
             out[g.name] = F.avg_pool2d(y, g.factor) if g.factor > 1 else y
         return out
+
+    def _unet_head(self, mod: Modality, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per band group on its own grid: the U-Net trunk's own head of ``mod`` on the
+        unmodulated features (``mean_heads: "unet"``)."""
+        return self.unet_trunk.head(mod, feats)
 
     def _joint_noise(
         self,

@@ -125,17 +125,18 @@ class UNet(FullResolutionFeatures, PretrainedMixin, nn.Module):
         if not targets:
             return {}
         y = self.network(self.stack(inputs, gsd))
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        for mod in targets:
-            v = self.heads[_key(mod.name)](y)
-            groups, offset = {}, 0
-            for g in mod.groups:
-                c = _channels(mod, g)
-                part = v[:, offset : offset + c]
-                groups[g.name] = F.avg_pool2d(part, g.factor) if g.factor > 1 else part
-                offset += c
-            out[mod.name] = groups
-        return out
+        return {mod.name: self.head(mod, y) for mod in targets}
+
+    def head(self, mod: Modality, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per band group of ``mod`` on the group's grid: its head on the decoder's features."""
+        v = self.heads[_key(mod.name)](features)
+        groups, offset = {}, 0
+        for g in mod.groups:
+            c = _channels(mod, g)
+            part = v[:, offset : offset + c]
+            groups[g.name] = F.avg_pool2d(part, g.factor) if g.factor > 1 else part
+            offset += c
+        return groups
 
     def feature_map(self, inputs: dict[str, ModalityInput], gsd: torch.Tensor) -> torch.Tensor:
         """(B, widths[0], S, S): the decoder's last features, which the heads read."""
