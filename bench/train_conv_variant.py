@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from terrasynth.atomic import write_marker
+from terrasynth.evaluation.baselines import load_unet
 from terrasynth.models.config import CONV_PRESETS
 from terrasynth.training.score_objective import ROLE_SPLITS
 from terrasynth.training.trainer import TrainConfig, Trainer
@@ -39,6 +40,17 @@ def main() -> None:
         default="any",
         help="split of each chip's modalities (training/score_objective.py)",
     )
+    ap.add_argument(
+        "--init-unet",
+        type=Path,
+        help="a U-Net run or model folder whose weights start the trunk (with trunk 'unet')",
+    )
+    ap.add_argument(
+        "--infill",
+        type=float,
+        default=None,
+        help="share of generated rasters that keep some bands shown (default: the objective's)",
+    )
     args = ap.parse_args()
     CONV_PRESETS[args.preset].update(json.loads(args.set))
     cfg = TrainConfig(
@@ -54,12 +66,30 @@ def main() -> None:
     args.run.mkdir(parents=True, exist_ok=True)
     write_marker(args.run, "train")
     trainer = Trainer(args.store, args.run, cfg)
+    if args.infill is not None:
+        trainer.objective.roles.p_infill = args.infill
+    if args.init_unet is not None:
+        init_trunk(trainer.model, args.init_unet)
     trainer.train(
         lambda r: (
             print(r["step"], round(r["loss"], 4), flush=True) if r["step"] % 100 == 0 else None
         )
     )
     print(f"done: {trainer.step} steps")
+
+
+def init_trunk(model, folder: Path) -> None:
+    """Start ``model``'s U-Net trunk (and its heads, with ``mean_heads: "unet"``) from the
+    trained U-Net in ``folder``: the two-stage design, a regression mean first, the
+    residual generator on top. The EMA copies the weights at its first update."""
+    unet = load_unet(folder)
+    trunk = model.unet_trunk
+    if trunk is None:
+        raise SystemExit("--init-unet needs trunk 'unet'")
+    state = unet.state_dict()
+    if not trunk.heads:  # the generator's own slot heads: the U-Net's are not used
+        state = {k: v for k, v in state.items() if not k.startswith("heads.")}
+    trunk.load_state_dict(state)
 
 
 if __name__ == "__main__":
