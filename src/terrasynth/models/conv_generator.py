@@ -440,8 +440,10 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
             ret = retrieved.get(name)
             film, e = self._target_film(name, cond, ret)
             f = _modulate(feats, film[0])
+            # the mean: the slot heads on the target's FiLM'd features, or (mean_heads
+            # "unet") the U-Net trunk's own head on the unmodulated ones
             mu = (
-                self._unet_head(mod, feats)
+                self.unet_trunk.head(mod, feats)
                 if self.config.mean_heads == "unet"
                 else self._head(mod, f)
             )
@@ -852,11 +854,6 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                 )
             out[g.name] = F.avg_pool2d(y, g.factor) if g.factor > 1 else y
         return out
-
-    def _unet_head(self, mod: Modality, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per band group on its own grid: the U-Net trunk's own head of ``mod`` on the
-        unmodulated features (``mean_heads: "unet"``)."""
-        return self.unet_trunk.head(mod, feats)
 
     def _joint_noise(
         self,
