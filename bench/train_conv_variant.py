@@ -46,6 +46,11 @@ def main() -> None:
         help="a U-Net run or model folder whose weights start the trunk (with trunk 'unet')",
     )
     ap.add_argument(
+        "--clip-parts",
+        action="store_true",
+        help="clip the trunk's gradient and the rest's apart (TrainConfig.grad_clip_parts)",
+    )
+    ap.add_argument(
         "--infill",
         type=float,
         default=None,
@@ -62,6 +67,7 @@ def main() -> None:
         schedule=args.schedule,
         seed=args.seed,
         roles=args.roles,
+        grad_clip_parts=args.clip_parts,
     )
     args.run.mkdir(parents=True, exist_ok=True)
     write_marker(args.run, "train")

@@ -243,6 +243,19 @@ def test_the_unet_heads_give_the_unet_trunks_own_prediction_as_the_mean(config):
     assert not _same(samples[0], samples[1], "s2l2a")
 
 
+@needs_data
+@pytest.mark.parametrize("trunk", ["film", "unet"])
+def test_the_parts_hold_every_parameter_once_and_the_trunk_apart(config, trunk):
+    model = ConvGenerator(replace(config, trunk=trunk, mean_heads="slots"))
+    parts = model.parameter_parts()
+    ids = [id(p) for params in parts.values() for p in params]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())  # all, each once
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    prefixes = ("unet_trunk.",) if trunk == "unet" else ("stem.", "down.", "up.", "merge.")
+    assert all(name_of[id(p)].startswith(prefixes) for p in parts["trunk"])
+    assert not any(name_of[id(p)].startswith(prefixes) for p in parts["rest"])
+
+
 def test_unknown_or_unmatched_mean_heads_are_refused(config):
     with pytest.raises(TerrasynthError, match="unknown mean_heads 'mlp'"):
         replace(config, mean_heads="mlp").validate()

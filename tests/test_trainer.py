@@ -701,3 +701,38 @@ def test_ctrl_c_checkpoints_the_interrupted_step(small_store, tmp_path):
     assert (run / "latest").read_text() == f"step_{step:07d}"
     assert _complete(_latest(run))["step"] == step
     assert 1 <= step < 1000
+
+
+def test_clipping_the_parts_apart_bounds_each_part_and_not_only_the_whole(
+    micro_conv, small_store, tmp_path
+):
+    trainer = Trainer(
+        small_store,
+        tmp_path / "run",
+        _cfg(backbone="conv_generator", steps=1, grad_clip=1e-3, grad_clip_parts=True),
+    )
+    parts = trainer.model.parameter_parts()
+    for p in trainer.model.parameters():
+        p.grad = torch.full_like(p, 1.0)
+    before = float(torch.cat([p.grad.flatten() for p in trainer.model.parameters()]).norm())
+    total, norms = trainer._clip()
+    assert float(total) == pytest.approx(before, rel=1e-4)  # the norm before clipping
+    assert set(norms) == set(parts) and all(n > 1e-3 for n in norms.values())
+    for params in parts.values():
+        norm = float(torch.cat([p.grad.flatten() for p in params]).norm())
+        assert norm == pytest.approx(1e-3, rel=1e-3)  # each part at the clip, not below it
+    trainer.cfg.grad_clip_parts = False  # one clip over all: the parts share it
+    for p in trainer.model.parameters():
+        p.grad = torch.full_like(p, 1.0)
+    trainer._clip()
+    whole = float(torch.cat([p.grad.flatten() for p in trainer.model.parameters()]).norm())
+    assert whole == pytest.approx(1e-3, rel=1e-3)
+    trainer.cfg.grad_clip_parts = True  # a step logs each part's norm
+    trainer.train()
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(rec["grad_norm_parts"]) == {"trunk", "rest"}
+
+
+def test_clipping_parts_apart_is_refused_for_a_backbone_without_parts(micro, small_store, tmp_path):
+    with pytest.raises(TerrasynthError, match="no parts to clip apart"):
+        Trainer(small_store, tmp_path / "run", _cfg(steps=1, grad_clip_parts=True))

@@ -337,6 +337,17 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
             nn.init.zeros_(self.neighbour_logits.weight)
             nn.init.zeros_(self.neighbour_logits.bias)
 
+    def parameter_parts(self) -> dict[str, list[nn.Parameter]]:
+        """The parameters in two parts, each once: the trunk (the U-Net's, with its heads
+        when they give the mean, or the FiLM blocks) and the rest (conditioning, heads,
+        residual generator); the trainer can clip their gradients apart."""
+        if self.unet_trunk is not None:
+            trunk = list(self.unet_trunk.parameters())
+        else:
+            trunk = [p for m in (self.stem, self.down, self.up, self.merge) for p in m.parameters()]
+        ids = {id(p) for p in trunk}
+        return {"trunk": trunk, "rest": [p for p in self.parameters() if id(p) not in ids]}
+
     def set_retrieval(self, index: RetrievalIndex | None) -> None:
         """Use ``index`` (training chips' summaries) as conditioning from now on."""
         self.retrieval = index

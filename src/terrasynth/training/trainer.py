@@ -78,6 +78,10 @@ class TrainConfig:
     weight_decay: float = 0.02
     warmup: int = 100
     grad_clip: float = 1.0
+    # clip each of the model's parts (``model.parameter_parts()``) to ``grad_clip`` on its
+    # own, so one part's large gradient does not shrink another's step (a design option,
+    # measured in docs/design.md; off: one clip over all parameters)
+    grad_clip_parts: bool = False
     ema_decay: float = 0.995
     bf16: bool = True
     checkpoint_every: int = 200
@@ -432,6 +436,10 @@ class Trainer:
             model_cfg.image_size, self.dataset.chip_size, seed=cfg.seed + 1000 * self.rank
         )
         self.model = build_model(model_cfg)
+        if cfg.grad_clip_parts and not hasattr(self.model, "parameter_parts"):
+            raise TerrasynthError(
+                f"grad_clip_parts: the {cfg.backbone} backbone has no parts to clip apart"
+            )
         if getattr(model_cfg, "retrieval_k", 0) > 0 and hasattr(self.model, "set_retrieval"):
             # the training split's summaries, looked up as conditioning (models/retrieval.py)
             plain = ChipDataset(store, split="train")
@@ -593,7 +601,7 @@ class Trainer:
                         parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.accumulate
                     n_log += len(batch["index"])
                     tokens_log += _tokens(signals, self.model.config)
-                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                gnorm, part_norms = self._clip()
                 self.opt.step()
                 self.sched.step()
                 self.ema.update_parameters(self.model)
@@ -610,6 +618,7 @@ class Trainer:
                         "last_loss": round(loss_sum, 5),
                         "lr": self.sched.get_last_lr()[0],
                         "grad_norm": float(gnorm),
+                        **({"grad_norm_parts": part_norms} if part_norms else {}),
                         "samples_per_s": n_log * self.world / (now - t_log),
                         "elapsed_s": round(now - t_start, 1),  # since this (re)start
                         "tokens_per_s": tokens_log * self.world / (now - t_log),
@@ -634,6 +643,20 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return reason
+
+    def _clip(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """Clip the gradient to ``grad_clip``: of all parameters at once, or of each of the
+        model's parts on its own (``grad_clip_parts``). The norm over all before clipping,
+        and each part's (empty without parts)."""
+        cfg = self.cfg
+        if not cfg.grad_clip_parts:
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip), {}
+        norms = {
+            name: torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            for name, params in self.model.parameter_parts().items()
+        }
+        total = torch.stack(list(norms.values())).square().sum().sqrt()
+        return total, {name: round(float(n), 4) for name, n in norms.items()}
 
     def _all_agree(self, stop: bool) -> bool:
         """Under DDP, stop only together (any rank's clock may say so first)."""
