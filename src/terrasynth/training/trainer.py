@@ -436,7 +436,9 @@ class Trainer:
             model_cfg.image_size, self.dataset.chip_size, seed=cfg.seed + 1000 * self.rank
         )
         self.model = build_model(model_cfg)
-        if cfg.grad_clip_parts and not hasattr(self.model, "parameter_parts"):
+        # the parts to clip apart, listed once (``grad_clip_parts``); None: no parts
+        self._parts = getattr(self.model, "parameter_parts", lambda: None)()
+        if cfg.grad_clip_parts and self._parts is None:
             raise TerrasynthError(
                 f"grad_clip_parts: the {cfg.backbone} backbone has no parts to clip apart"
             )
@@ -649,11 +651,11 @@ class Trainer:
         model's parts on its own (``grad_clip_parts``). The norm over all before clipping,
         and each part's (empty without parts)."""
         cfg = self.cfg
-        if not cfg.grad_clip_parts:
+        if not cfg.grad_clip_parts or self._parts is None:
             return torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip), {}
         norms = {
             name: torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            for name, params in self.model.parameter_parts().items()
+            for name, params in self._parts.items()
         }
         total = torch.stack(list(norms.values())).square().sum().sqrt()
         return total, {name: round(float(n), 4) for name, n in norms.items()}
