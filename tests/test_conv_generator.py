@@ -548,6 +548,53 @@ def test_the_head_level_gate_needs_neighbour_level_and_a_share_below_1(config, c
         cfg.validate()
 
 
+@needs_data
+def test_the_level_correction_is_bounded_by_the_neighbours_spread(config):
+    model = _mixture_model(config, level_correction_bound=0.5)
+    mod = model.config.registry["dem"]
+    inputs = _inputs(config, torch.Generator().manual_seed(3), ["dem"], ["s1grd"])
+    with torch.no_grad():
+        ret, near = model._retrieve(inputs, ["dem"], None)
+    ret, near = ret["dem"], near["dem"]
+    levels, weight = near
+    w = (weight / weight.sum(1, keepdim=True))[:, :, None]
+    want = (levels * w).sum(1)  # (B, C) the neighbours' weighted level
+    bound = 0.5 * (((levels - want[:, None]) ** 2 * w).sum(1).sqrt() + 0.02)
+    assert float(bound.min()) > 0.1  # the made-up levels 0..5 disagree
+    structure = torch.randn(B, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    structure = structure - structure.mean((2, 3), keepdim=True)
+    for shift in (0.01, 100.0, -100.0):
+        out = model._add_retrieved(mod, {"r30m": structure + shift}, ret, near)["r30m"]
+        moved = out.mean((2, 3)) - want
+        assert bool((moved.abs() <= bound + 1e-5).all())
+        if abs(shift) > 1:  # a far correction ends at the bound, on its side
+            torch.testing.assert_close(moved, (1 if shift > 0 else -1) * bound)
+        else:  # a small one passes (tanh is near linear)
+            torch.testing.assert_close(moved, torch.full_like(moved, shift), atol=1e-4, rtol=0)
+        torch.testing.assert_close(out - out.mean((2, 3), keepdim=True), structure)
+    none = ret.clone()  # no neighbour found: the head's level, unbounded
+    none[:, ret.shape[1] - 4] = 0.0
+    out = model._add_retrieved(mod, {"r30m": structure + 100.0}, none, near)["r30m"]
+    torch.testing.assert_close(out.mean((2, 3)) - want, torch.full_like(want, 100.0))
+    # neighbours that agree exactly, or none found: the gradient stays finite
+    head = (structure + 1.0).requires_grad_()
+    nearness = weight.detach().requires_grad_()
+    for row in (ret, none):
+        out = model._add_retrieved(mod, {"r30m": head}, row, (torch.ones_like(levels), nearness))
+        out["r30m"].sum().backward()
+        assert bool(torch.isfinite(head.grad).all() and torch.isfinite(nearness.grad).all())
+
+
+@pytest.mark.parametrize("change", [{"level_correction_bound": -1.0}, {"retrieval_k": 0}])
+def test_the_level_correction_bound_is_positive_and_needs_the_mixture(config, change):
+    cfg = ModelConfig.from_dict(
+        {**config.to_dict(), "retrieval_mixture": True, "retrieval_k": 3}
+        | {"level_correction_bound": 1.0, **change}
+    )
+    with pytest.raises(TerrasynthError, match="level_correction_bound"):
+        cfg.validate()
+
+
 def test_neighbour_level_needs_the_mixture(config):
     cfg = ModelConfig.from_dict({**config.to_dict(), "neighbour_level": True, "retrieval_k": 3})
     with pytest.raises(TerrasynthError, match="neighbour_level"):

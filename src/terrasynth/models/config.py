@@ -103,6 +103,11 @@ class ModelConfig:
     # the inputs fix the level (S2 L2A -> L1C) the model can learn to correct the
     # neighbours, elsewhere it keeps their level (0: no gate, the neighbours' level alone)
     head_level_gate_init: float = 0.0
+    # with the mixture: the mean head's correction of the neighbours' level (its own chip
+    # level) is bounded, smoothly (tanh), by this many times the neighbours' spread of
+    # levels (their weighted std, plus a small floor), so where near neighbours agree the
+    # level stays theirs and where they disagree the head may move it (0: unbounded)
+    level_correction_bound: float = 0.0
     # the mean as a regression (training): samples are built on the mean with its gradient
     # stopped, so the mean head (and the trunk through it) learns from the squared error of
     # the mean alone, as the U-Net baseline does, and the scores train only the residual
@@ -210,6 +215,14 @@ class ModelConfig:
                 raise TerrasynthError("head_level_gate_init: a share from 0 (no gate) below 1")
             if self.head_level_gate_init > 0 and not self.neighbour_level:
                 raise TerrasynthError("head_level_gate_init needs neighbour_level")
+            if self.level_correction_bound < 0 or (
+                self.level_correction_bound > 0
+                and not (self.retrieval_mixture and self.retrieval_k > 0)
+            ):
+                raise TerrasynthError(
+                    "level_correction_bound: 0 (off) or a positive multiple, with "
+                    "retrieval_mixture and retrieval_k"
+                )
             if not 0.0 < self.level_gate_init < 1.0:
                 raise TerrasynthError("level_gate_init: a share between 0 and 1 (exclusive)")
             if not self.retrieval_exclusion_m or min(self.retrieval_exclusion_m) < 0:

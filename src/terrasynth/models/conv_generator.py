@@ -64,6 +64,9 @@ RATE_GAIN = 10.0  # the nearness rate's parameter is scaled up so that Adam move
 RANK = 3  # spectral rank of the residual: each pixel's residual spectrum mixes RANK loadings
 NOISE_SIGMAS = (0.0, 1.5, 4.0)  # fine and low-resolution noise maps (Gaussian, base-grid px)
 LATENT_SIGMA = 8.0  # the near-constant latent
+# with level_correction_bound: the bound's floor (normalised units, 2 % of a band's spread
+# over the training set) where the neighbours agree on the level exactly
+LEVEL_BOUND_FLOOR = 0.02
 
 
 def _k(name: str) -> str:
@@ -114,6 +117,24 @@ def _weighted_level(levels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     over the known ones."""
     w = weight[:, :, None] * torch.isfinite(levels)
     return (torch.nan_to_num(levels) * w).sum(1) / w.sum(1).clamp_min(1e-6)
+
+
+def _level_spread(levels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(B, C) the weighted standard deviation of the neighbours' levels (B, k, C; NaN
+    unknown) around their weighted mean: how much the neighbours disagree on the level."""
+    w = weight[:, :, None] * torch.isfinite(levels)
+    mean = _weighted_level(levels, weight)
+    sq = (torch.nan_to_num(levels) - mean[:, None]) ** 2
+    return ((sq * w).sum(1) / w.sum(1).clamp_min(1e-6) + 1e-12).sqrt()  # finite gradient at 0
+
+
+def _bounded_level(x: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, C, H, W) with its chip level ``m`` (per image and band) replaced by
+    ``bound * tanh(m / bound)``: at most ``bound`` (B, C), unchanged where it is small
+    against it; the structure within the chip is kept."""
+    level = x.mean((2, 3), keepdim=True)
+    b = bound[:, :, None, None].to(x)
+    return x - level + b * torch.tanh(level / b)
 
 
 def _rows(inputs: dict[str, ModalityInput], rows: slice) -> dict[str, ModalityInput]:
@@ -712,21 +733,33 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The mean head predicts the difference from the neighbours' level: their mean
         per band (continuous; weighted by nearness with the mixture) or the log of their
-        class frequencies (class maps)."""
+        class frequencies (class maps). With ``level_correction_bound``, the head's own
+        chip level (its correction of the neighbours') is at most that many times the
+        neighbours' spread of levels (plus a floor) where neighbours were found."""
         found = self._found(ret)[:, None].to(ret)
+        bound = None
         if near is not None:
             mean = _weighted_level(*near)
+            if self.config.level_correction_bound > 0:  # where found, bounded by their spread
+                levels, weight = near  # a constraint, not learnt through
+                bound = self.config.level_correction_bound * (
+                    _level_spread(levels, weight.detach()) + LEVEL_BOUND_FLOOR
+                )
         out, offset = {}, 0
         for g in mod.groups:
+            head = mu[g.name]
             if mod.kind == "categorical":
                 level = torch.log(ret[:, : mod.num_classes] + 0.02) * found
             elif near is not None:
                 level = mean[:, offset : offset + len(g.bands)]
+                if bound is not None:  # no neighbour found: the head's level, unbounded
+                    bounded = _bounded_level(head, bound[:, offset : offset + len(g.bands)])
+                    head = torch.where(found[:, :, None, None].bool(), bounded, head)
                 offset += len(g.bands)
             else:
                 level = ret[:, offset : offset + len(g.bands)]
                 offset += len(g.bands)
-            out[g.name] = mu[g.name] + level[:, :, None, None].to(mu[g.name].dtype)
+            out[g.name] = head + level[:, :, None, None].to(head.dtype)
         return out
 
     def _found(self, ret: torch.Tensor) -> torch.Tensor:
