@@ -585,7 +585,34 @@ def test_the_level_correction_is_bounded_by_the_neighbours_spread(config):
         assert bool(torch.isfinite(head.grad).all() and torch.isfinite(nearness.grad).all())
 
 
-@pytest.mark.parametrize("change", [{"level_correction_bound": -1.0}, {"retrieval_k": 0}])
+@needs_data
+def test_with_the_level_bound_the_residual_gives_no_level(config):
+    base = _mixture_model(config)
+    bounded = _mixture_model(config, level_correction_bound=1.0)
+    bounded.load_state_dict(base.state_dict())
+    with torch.no_grad():  # the residual on, the gate shut: no neighbour's deviation
+        for m in (base, bounded):
+            m.coef.weight.normal_(generator=torch.Generator().manual_seed(1))
+            m.level_gate.bias.fill_(-30.0)
+    inputs = _inputs(config, torch.Generator().manual_seed(3), ["dem"], ["s1grd"])
+
+    def levels(model):
+        with torch.no_grad():
+            mean, samples = model(
+                inputs, GSD, members=3, generator=torch.Generator().manual_seed(0)
+            )
+        return [x["dem"]["r30m"].mean((2, 3)) for x in [mean, *samples]]
+
+    (m0, *s0), (m1, *s1) = levels(base), levels(bounded)
+    for s in s1:  # every sample at the mean's level
+        torch.testing.assert_close(s, m1, atol=1e-5, rtol=0)
+    assert max(float((s - m0).abs().max()) for s in s0) > 1e-3  # unbounded: its own level
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"level_correction_bound": -1.0}, {"retrieval_k": 0}, {"neighbour_level": True}],
+)
 def test_the_level_correction_bound_is_positive_and_needs_the_mixture(config, change):
     cfg = ModelConfig.from_dict(
         {**config.to_dict(), "retrieval_mixture": True, "retrieval_k": 3}

@@ -106,7 +106,9 @@ class ModelConfig:
     # with the mixture: the mean head's correction of the neighbours' level (its own chip
     # level) is bounded, smoothly (tanh), by this many times the neighbours' spread of
     # levels (their weighted std, plus a small floor), so where near neighbours agree the
-    # level stays theirs and where they disagree the head may move it (0: unbounded)
+    # level stays theirs and where they disagree the head may move it; the residual's chip
+    # level is removed, so a sample's level is the bounded mean's plus its gated share of
+    # the neighbours' deviations (0: unbounded)
     level_correction_bound: float = 0.0
     # the mean as a regression (training): samples are built on the mean with its gradient
     # stopped, so the mean head (and the trunk through it) learns from the squared error of
@@ -217,11 +219,11 @@ class ModelConfig:
                 raise TerrasynthError("head_level_gate_init needs neighbour_level")
             if self.level_correction_bound < 0 or (
                 self.level_correction_bound > 0
-                and not (self.retrieval_mixture and self.retrieval_k > 0)
+                and (self.neighbour_level or not (self.retrieval_mixture and self.retrieval_k > 0))
             ):
                 raise TerrasynthError(
                     "level_correction_bound: 0 (off) or a positive multiple, with "
-                    "retrieval_mixture and retrieval_k"
+                    "retrieval_mixture and retrieval_k, not beside neighbour_level"
                 )
             if not 0.0 < self.level_gate_init < 1.0:
                 raise TerrasynthError("level_gate_init: a share between 0 and 1 (exclusive)")

@@ -486,6 +486,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
             # neighbour_level: where neighbours were found, the level is theirs alone
             apart = self._level_apart(mod, ret)
             keep = self._head_level_share(e)
+            bounded = self._level_bounded(mod, ret)
             if apart is not None:
                 mu = {g: torch.where(apart, _anomaly(v, keep), v) for g, v in mu.items()}
             amp = self._amplitude(mod, ret)
@@ -521,6 +522,8 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                     res = {g: amp[g] * r for g, r in res.items()}
                 if apart is not None:  # the level's spread comes from the neighbours' levels
                     res = {g: torch.where(apart, _anomaly(r, keep), r) for g, r in res.items()}
+                elif bounded is not None:  # so too with the bound: the residual has no level
+                    res = {g: torch.where(bounded, _anomaly(r), r) for g, r in res.items()}
                 if near is not None and self.neighbour_pixels:  # each pixel: a mix of levels
                     hf = _modulate(h, film_r)
                     dev = self._pixel_levels(mod, mu_r, near, self.neighbour_logits(hf))
@@ -772,6 +775,14 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         """(B, 1, 1, 1) bool with ``neighbour_level``: the chips whose level comes from
         their neighbours (continuous targets, neighbours found). None otherwise."""
         if ret is None or not self.config.neighbour_level or mod.kind == "categorical":
+            return None
+        return self._found(ret)[:, None, None, None]
+
+    def _level_bounded(self, mod: Modality, ret: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, 1, 1, 1) bool with ``level_correction_bound``: the chips whose level is the
+        neighbours' plus the mean head's bounded correction (continuous targets, neighbours
+        found). None otherwise."""
+        if ret is None or self.config.level_correction_bound <= 0 or mod.kind == "categorical":
             return None
         return self._found(ret)[:, None, None, None]
 
