@@ -389,6 +389,24 @@ def _mixture_model(config: ModelConfig, seed: int = 0, **change) -> ConvGenerato
     return model
 
 
+def _residual_twins(config: ModelConfig, **change) -> tuple[ConvGenerator, ConvGenerator]:
+    """Two mixture models with the same weights, the second with ``change``: the residual
+    on and the level gate shut (no neighbour's deviation); and their run on three members."""
+    base = _mixture_model(config)
+    twin = _mixture_model(config, **change)
+    twin.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for m in (base, twin):
+            m.coef.weight.normal_(generator=torch.Generator().manual_seed(1))
+            m.level_gate.bias.fill_(-30.0)
+    return base, twin
+
+
+def _run_three(model: ConvGenerator, inputs: dict):
+    with torch.no_grad():
+        return model(inputs, GSD, members=3, generator=torch.Generator().manual_seed(0))
+
+
 def _given_location(inputs: dict, lat: float) -> dict:
     v = location_vector(torch.full((B,), lat), torch.zeros(B))
     t = torch.zeros(B)
@@ -470,23 +488,13 @@ def test_level_gate_starts_at_the_configured_share(config):
 
 @needs_data
 def test_neighbour_level_takes_each_chips_level_from_its_neighbours(config):
-    base = _mixture_model(config)
-    apart = _mixture_model(config, neighbour_level=True)
-    apart.load_state_dict(base.state_dict())
-    with torch.no_grad():  # the residual on, the gate shut: no neighbour's deviation
-        for m in (base, apart):
-            m.coef.weight.normal_(generator=torch.Generator().manual_seed(1))
-            m.level_gate.bias.fill_(-30.0)
+    base, apart = _residual_twins(config, neighbour_level=True)
     inputs = _inputs(config, torch.Generator().manual_seed(3), ["dem"], ["s1grd"])
-
-    def run(model):
-        with torch.no_grad():
-            return model(inputs, GSD, members=3, generator=torch.Generator().manual_seed(0))
 
     def anomaly(x):
         return x - x.mean((2, 3), keepdim=True)
 
-    (m0, s0), (m1, s1) = run(base), run(apart)
+    (m0, s0), (m1, s1) = _run_three(base, inputs), _run_three(apart, inputs)
     with torch.no_grad():
         levels, weight = apart._retrieve(inputs, ["dem"], None)[1]["dem"]
     want = (levels * weight[:, :, None]).sum(1) / weight.sum(1, keepdim=True)  # (B, C)
@@ -587,20 +595,11 @@ def test_the_level_correction_is_bounded_by_the_neighbours_spread(config):
 
 @needs_data
 def test_with_the_level_bound_the_residual_gives_no_level(config):
-    base = _mixture_model(config)
-    bounded = _mixture_model(config, level_correction_bound=1.0)
-    bounded.load_state_dict(base.state_dict())
-    with torch.no_grad():  # the residual on, the gate shut: no neighbour's deviation
-        for m in (base, bounded):
-            m.coef.weight.normal_(generator=torch.Generator().manual_seed(1))
-            m.level_gate.bias.fill_(-30.0)
+    base, bounded = _residual_twins(config, level_correction_bound=1.0)
     inputs = _inputs(config, torch.Generator().manual_seed(3), ["dem"], ["s1grd"])
 
     def levels(model):
-        with torch.no_grad():
-            mean, samples = model(
-                inputs, GSD, members=3, generator=torch.Generator().manual_seed(0)
-            )
+        mean, samples = _run_three(model, inputs)
         return [x["dem"]["r30m"].mean((2, 3)) for x in [mean, *samples]]
 
     (m0, *s0), (m1, *s1) = levels(base), levels(bounded)
