@@ -606,6 +606,18 @@ def test_with_the_level_bound_the_residual_gives_no_level(config):
     for s in s1:  # every sample at the mean's level
         torch.testing.assert_close(s, m1, atol=1e-5, rtol=0)
     assert max(float((s - m0).abs().max()) for s in s0) > 1e-3  # unbounded: its own level
+    # radar is not elevation: its samples keep the residual's level
+    radar = _inputs(config, torch.Generator().manual_seed(3), ["s1grd"], ["dem"])
+    mean, samples = _run_three(bounded, radar)
+    level = {g: v.mean((2, 3)) for g, v in mean["s1grd"].items()}
+    assert (
+        max(
+            float((s["s1grd"][g].mean((2, 3)) - level[g]).abs().max())
+            for s in samples
+            for g in level
+        )
+        > 1e-3
+    )
 
 
 @pytest.mark.parametrize(

@@ -103,12 +103,12 @@ class ModelConfig:
     # the inputs fix the level (S2 L2A -> L1C) the model can learn to correct the
     # neighbours, elsewhere it keeps their level (0: no gate, the neighbours' level alone)
     head_level_gate_init: float = 0.0
-    # with the mixture: the mean head's correction of the neighbours' level (its own chip
-    # level) is bounded, smoothly (tanh), by this many times the neighbours' spread of
-    # levels (their weighted std, plus a small floor), so where near neighbours agree the
-    # level stays theirs and where they disagree the head may move it; the residual's chip
-    # level is removed, so a sample's level is the bounded mean's plus its gated share of
-    # the neighbours' deviations (0: unbounded)
+    # with the mixture, for elevation targets (units m): the mean head's correction of the
+    # neighbours' level (its own chip level) is bounded, smoothly (tanh), by this many
+    # times the neighbours' spread of levels (their weighted std, plus a small floor), so
+    # where near neighbours agree the level stays theirs and where they disagree the head
+    # may move it; the residual's chip level is removed, so a sample's level is the bounded
+    # mean's plus its gated share of the neighbours' deviations (0: unbounded)
     level_correction_bound: float = 0.0
     # the mean as a regression (training): samples are built on the mean with its gradient
     # stopped, so the mean head (and the trunk through it) learns from the squared error of

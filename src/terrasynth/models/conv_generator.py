@@ -736,14 +736,14 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The mean head predicts the difference from the neighbours' level: their mean
         per band (continuous; weighted by nearness with the mixture) or the log of their
-        class frequencies (class maps). With ``level_correction_bound``, the head's own
-        chip level (its correction of the neighbours') is at most that many times the
+        class frequencies (class maps). With ``level_correction_bound``, an elevation head's
+        own chip level (its correction of the neighbours') is at most that many times the
         neighbours' spread of levels (plus a floor) where neighbours were found."""
         found = self._found(ret)[:, None].to(ret)
         bound = None
         if near is not None:
             mean = _weighted_level(*near)
-            if self.config.level_correction_bound > 0:  # where found, bounded by their spread
+            if self._bounds_level(mod):  # where found, bounded by their spread
                 levels, weight = near  # a constraint, not learnt through
                 bound = self.config.level_correction_bound * (
                     _level_spread(levels, weight.detach()) + LEVEL_BOUND_FLOOR
@@ -780,11 +780,16 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
 
     def _level_bounded(self, mod: Modality, ret: torch.Tensor | None) -> torch.Tensor | None:
         """(B, 1, 1, 1) bool with ``level_correction_bound``: the chips whose level is the
-        neighbours' plus the mean head's bounded correction (continuous targets, neighbours
+        neighbours' plus the mean head's bounded correction (elevation targets, neighbours
         found). None otherwise."""
-        if ret is None or self.config.level_correction_bound <= 0 or mod.kind == "categorical":
+        if ret is None or not self._bounds_level(mod):
             return None
         return self._found(ret)[:, None, None, None]
+
+    def _bounds_level(self, mod: Modality) -> bool:
+        """Whether ``level_correction_bound`` applies to ``mod``: elevation targets (units m),
+        whose level the neighbours know best and the head moved most (issue 17, 13th round)."""
+        return self.config.level_correction_bound > 0 and mod.units == "m"
 
     def _head_level_share(self, e: torch.Tensor) -> torch.Tensor | None:
         """(B, 1, 1, 1) with ``head_level_gate_init``: the share of the head's and the
