@@ -11,8 +11,10 @@ from terrasynth.errors import TerrasynthError
 from terrasynth.evaluation.calibration import (
     BAND_FACTOR_RANGE,
     FACTORS,
+    LEVEL_BOUND_MULTIPLES,
     MEAN_FACTOR_RANGE,
     band_factors,
+    fit_level_bound,
     fit_spread_scale,
     mean_factors,
 )
@@ -20,7 +22,7 @@ from terrasynth.models.config import ModelConfig
 from terrasynth.models.conv_generator import ConvGenerator
 from terrasynth.models.factory import build_model
 from terrasynth.models.filters import NUM_BANDS, gaussian_blur
-from tests.conftest import MICRO_MODEL, open_micro_conv, run_cli
+from tests.conftest import MICRO_MODEL, open_micro_conv, open_zero_layers, run_cli
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.needs_data]
 
@@ -240,3 +242,44 @@ def test_mean_factors_leave_to_the_members_what_their_mean_explains():
     for *_, known in poisoned:
         known[:, 0, 0, 0] = False
     assert mean_factors(poisoned, ["g"]) == [] and mean_factors(windows, ["h"]) == []
+
+
+@pytest.fixture(scope="module")
+def bounded(small_store) -> ConvGenerator:
+    """The micro generator with the retrieval mixture, its elevation level bounded, over an
+    index of the store's training chips."""
+    from terrasynth.data.dataset import ChipDataset
+    from terrasynth.models.retrieval import build_index
+
+    base = open_micro_conv(small_store)
+    cfg = ModelConfig.from_dict(
+        {**base.config.to_dict(), "retrieval_mixture": True, "level_correction_bound": 1.0}
+    )
+    torch.manual_seed(0)
+    model = open_zero_layers(ConvGenerator(cfg).eval())
+    model.set_retrieval(build_index(ChipDataset(small_store, split="train"), cfg, progress=False))
+    return model
+
+
+def test_the_level_bound_is_scored_per_multiple_and_left_as_it_was(bounded, small_store):
+    split = _split(small_store)
+    scores = fit_level_bound(bounded, str(small_store), split, 4, 4)
+    assert bounded.config.level_correction_bound == 1.0  # restored
+    assert list(scores) == list(LEVEL_BOUND_MULTIPLES)
+    assert all(np.isfinite(v) and v > 0 for v in scores.values())
+    assert len(set(scores.values())) > 1  # the bound changes the samples
+    again = fit_level_bound(bounded, str(small_store), split, 4, 4)
+    assert again == scores  # the same noise for every call and candidate
+    assert fit_level_bound(open_micro_conv(small_store), str(small_store), split, 4, 4) is None
+
+
+def test_cli_writes_the_best_level_bound(bounded, small_store, tmp_path):
+    folder = bounded.save_pretrained(tmp_path / "bounded")
+    split = _split(small_store)
+    args = ["-m", str(folder), "-d", str(small_store), "--split", split, "--members", "4"]
+    res = run_cli("calibrate", *args, "--max-chips", "4")
+    assert res.returncode == 0, res.stderr
+    scores = fit_level_bound(bounded, str(small_store), split, 4, 4)
+    best = min(scores, key=scores.__getitem__)
+    assert ModelConfig.load(folder / "config.json").level_correction_bound == best
+    assert f"-> {best:g}" in res.stdout

@@ -918,15 +918,23 @@ def calibrate(
         bool,
         typer.Option(help="First fit the mean per band and spatial scale (mean_bands)."),
     ] = True,
+    level_bound: Annotated[
+        bool,
+        typer.Option(
+            help="Before all, refit a trained level_correction_bound (elevation) by CRPS."
+        ),
+    ] = True,
 ) -> None:
     """Fit the spread of a one-step generator per modality on the validation split.
 
     Writes ``mean_bands`` (per band and spatial scale, the mean's factor best matching the
     truth, its level kept; not with ``--no-mean``), ``spread_bands`` (per band and spatial
     scale, spread matching error; not with ``--no-bands``) and ``spread_scale`` (then the
-    factor minimising CRPS) into the model's config.json."""
+    factor minimising CRPS) into the model's config.json; first, for a model trained with
+    ``level_correction_bound``, the multiple of it with the least elevation CRPS (not with
+    ``--no-level-bound``)."""
     from terrasynth.data.store import ChipStore
-    from terrasynth.evaluation.calibration import fit_spread_scale
+    from terrasynth.evaluation.calibration import fit_level_bound, fit_spread_scale
     from terrasynth.pipeline import Pipeline
 
     if split == "test":
@@ -936,6 +944,16 @@ def calibrate(
     cfg = pipe.model.config
     if cfg.backbone != "conv_generator":
         raise TerrasynthError(f"{model}: only one-step generators (conv_generator) have a spread")
+    bounds = (
+        fit_level_bound(pipe.model, str(store), split, members, max_chips, seed=seed)
+        if level_bound
+        else None
+    )
+    if bounds:
+        best = min(bounds, key=bounds.__getitem__)
+        tried = ", ".join(f"{b:g}: {c:.4f}" for b, c in bounds.items())
+        typer.echo(f"level_correction_bound (elevation CRPS per bound): {tried} -> {best:g}")
+        cfg.level_correction_bound = best
     fits = fit_spread_scale(
         pipe.model, str(store), split, members, max_chips, seed=seed, bands=bands, mean=mean
     )

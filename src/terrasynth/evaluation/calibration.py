@@ -21,6 +21,11 @@ the truth's (less what the members' mean adds), clipped to ``MEAN_FACTOR_RANGE``
 level band keeps its factor of 1. Structure the mean invents on validation (roads drawn as
 relief, blotches of colour) shrinks towards none; structure it gets right keeps its factor
 near 1; what the shrunk mean no longer explains is error the spread is then fitted to.
+
+A model trained with ``level_correction_bound`` (elevation: the mean head's correction of the
+retrieved neighbours' level, bounded by their spread) has that bound refitted first
+(:func:`fit_level_bound`): the multiple, over a grid around the current one, whose samples
+have the least CRPS on the split's elevation chips, before any other factor.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from terrasynth.sampling.conditional import sampling_inputs
 from terrasynth.training.score_objective import fair_crps
 
 FACTORS = np.exp(np.linspace(np.log(0.25), np.log(4.0), 25))
+# multiples of the model's level_correction_bound tried by fit_level_bound
+LEVEL_BOUND_MULTIPLES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 BAND_FACTOR_RANGE = (0.05, 10.0)  # a band the residual lacks is not blown up from round-off
 MEAN_FACTOR_RANGE = (0.0, 2.0)  # none of the mean's band, up to twice it
 
@@ -129,28 +136,17 @@ def fit_spread_scale(
     model.eval()
     try:
         ds = ChipDataset(store, split=split)
-        order = ds.modalities
-        has = np.stack([ds.store.available(m)[ds.indices] for m in order], 1)
-        reg = cfg.registry
-        rasters = [m for m in cfg.raster_modalities() if m.kind == "continuous" and m.name in order]
+        rasters = [
+            m for m in cfg.raster_modalities() if m.kind == "continuous" and m.name in ds.modalities
+        ]
         gen = torch.Generator().manual_seed(seed)
         fits: dict[str, ScaleFit] = {}
         for mod in track(rasters, "calibrating", disable=not progress, transient=True):
-            ti = order.index(mod.name)
-            partners = [order.index(m) for m in order if m != mod.name and reg.get(m) is not None]
-            pick = np.flatnonzero(has[:, ti] & has[:, partners].any(1))[:max_chips]
+            pick = _chips_of(ds, mod.name, cfg, max_chips)
             if len(pick) == 0:
                 continue
             fit = fits[mod.name] = ScaleFit(mod.name, len(pick))
-            loader = DataLoader(
-                Subset(ds, pick.tolist()), batch_size=batch_size, collate_fn=collate_chips
-            )
-            windows = [
-                w
-                for chips in loader
-                for batch in tiles(chips, cfg.window_size, ds.chip_size)
-                for w in _generate(model, mod.name, batch, cfg, order, members, gen)
-            ]
+            windows = _windows_of(model, ds, pick, mod.name, members, batch_size, gen)
             groups = [g.name for g in mod.groups]
             if mean:
                 fit.mean_bands = mean_factors(windows, groups)
@@ -170,6 +166,80 @@ def fit_spread_scale(
 
 
 Window = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _chips_of(ds: ChipDataset, name: str, cfg, max_chips: int) -> np.ndarray:
+    """Indices (into ``ds``) of up to ``max_chips`` chips holding ``name`` and another of
+    the model's modalities."""
+    order = ds.modalities
+    has = np.stack([ds.store.available(m)[ds.indices] for m in order], 1)
+    partners = [order.index(m) for m in order if m != name and cfg.registry.get(m) is not None]
+    return np.flatnonzero(has[:, order.index(name)] & has[:, partners].any(1))[:max_chips]
+
+
+def _windows_of(
+    model, ds: ChipDataset, pick: np.ndarray, name: str, members: int, batch_size: int, gen
+) -> list[Window]:
+    """``name`` generated from all else on the tiles of chips ``pick`` of ``ds``."""
+    cfg = model.config
+    loader = DataLoader(Subset(ds, pick.tolist()), batch_size=batch_size, collate_fn=collate_chips)
+    return [
+        w
+        for chips in loader
+        for batch in tiles(chips, cfg.window_size, ds.chip_size)
+        for w in _generate(model, name, batch, cfg, ds.modalities, members, gen)
+    ]
+
+
+@torch.no_grad()
+def fit_level_bound(
+    model,
+    store: str,
+    split: str = "val",
+    members: int = 8,
+    max_chips: int = 64,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> dict[float, float] | None:
+    """Per multiple of the model's ``level_correction_bound`` in ``LEVEL_BOUND_MULTIPLES``:
+    the mean fair CRPS (normalised units, spread as generated, no calibration) of ``all ->
+    elevation`` samples on ``split``'s chips, the same noise for every candidate. None where
+    the model has no bound or the split no elevation chip. The config is left as it was;
+    the caller sets ``level_correction_bound`` to the best key."""
+    cfg = model.config
+    trained = float(cfg.level_correction_bound)
+    if trained <= 0:
+        return None
+    saved = cfg.level_correction_bound, dict(cfg.spread_scale), dict(cfg.spread_bands)
+    saved_mean = dict(cfg.mean_bands)
+    cfg.spread_scale, cfg.spread_bands, cfg.mean_bands = {}, {}, {}
+    model.eval()
+    try:
+        ds = ChipDataset(store, split=split)
+        names = [
+            m.name
+            for m in cfg.raster_modalities()
+            if m.kind == "continuous" and m.units == "m" and m.name in ds.modalities
+        ]
+        picks = {n: p for n in names if len(p := _chips_of(ds, n, cfg, max_chips))}
+        if not picks:
+            return None
+        scores = {}
+        for multiple in LEVEL_BOUND_MULTIPLES:
+            cfg.level_correction_bound = trained * multiple
+            gen = torch.Generator().manual_seed(seed)
+            total, count = 0.0, 0
+            for name, pick in picks.items():
+                for _, mu, res, y, known in _windows_of(
+                    model, ds, pick, name, members, batch_size, gen
+                ):
+                    crps = fair_crps(mu[None] + res, y).numpy()[known.numpy()]
+                    total, count = total + float(crps.sum()), count + crps.size
+            scores[trained * multiple] = total / max(count, 1)
+        return scores
+    finally:
+        cfg.level_correction_bound, cfg.spread_scale, cfg.spread_bands = saved
+        cfg.mean_bands = saved_mean
 
 
 def _generate(model, name: str, batch: dict, cfg, order, members, gen) -> list[Window]:
