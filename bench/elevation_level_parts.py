@@ -32,11 +32,8 @@ PROTOCOL = Path(__file__).parent / "protocols" / "issue17_9directions_8samples.j
 def watch() -> dict[str, list]:
     """Wrap the level step, the forward pass and ``level_mae``; returns what they record."""
     seen: dict[str, list] = {"parts": [], "samples": [], "levels": []}
-    add, forward, level_mae = (
-        cg.ConvGenerator._add_retrieved,
-        cg.ConvGenerator.forward,
-        (metrics.level_mae),
-    )
+    add, forward = cg.ConvGenerator._add_retrieved, cg.ConvGenerator.forward
+    level_mae = metrics.level_mae
 
     def metres(model, x):
         band = model.config.stats["dem"]["bands"]["elevation"]

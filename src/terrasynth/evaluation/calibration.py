@@ -30,6 +30,8 @@ have the least CRPS on the split's elevation chips, before any other factor.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -130,11 +132,8 @@ def fit_spread_scale(
     Units are the store-normalised ones the model works in. Modalities without chips in
     ``split`` are left out (they keep their factor)."""
     cfg = model.config
-    saved = dict(cfg.spread_scale), dict(cfg.spread_bands), dict(cfg.mean_bands)
-    # fit against the raw mean and residuals
-    cfg.spread_scale, cfg.spread_bands, cfg.mean_bands = {}, {}, {}
     model.eval()
-    try:
+    with _uncalibrated(cfg):  # fit against the raw mean and residuals
         ds = ChipDataset(store, split=split)
         rasters = [
             m for m in cfg.raster_modalities() if m.kind == "continuous" and m.name in ds.modalities
@@ -161,8 +160,23 @@ def fit_spread_scale(
                     res = rescale_bands(res.flatten(0, 1), per_group[group]).view(res.shape)
                 _accumulate(fit, mu, res, y, known.numpy())
         return fits
+
+
+@contextmanager
+def _uncalibrated(cfg) -> Iterator[None]:
+    """``cfg`` without its calibration (spread and mean factors, and the level bound it
+    holds), all restored afterwards."""
+    saved = (
+        dict(cfg.spread_scale),
+        dict(cfg.spread_bands),
+        dict(cfg.mean_bands),
+        cfg.level_correction_bound,
+    )
+    cfg.spread_scale, cfg.spread_bands, cfg.mean_bands = {}, {}, {}
+    try:
+        yield
     finally:
-        cfg.spread_scale, cfg.spread_bands, cfg.mean_bands = saved
+        cfg.spread_scale, cfg.spread_bands, cfg.mean_bands, cfg.level_correction_bound = saved
 
 
 Window = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -210,11 +224,8 @@ def fit_level_bound(
     trained = float(cfg.level_correction_bound)
     if trained <= 0:
         return None
-    saved = cfg.level_correction_bound, dict(cfg.spread_scale), dict(cfg.spread_bands)
-    saved_mean = dict(cfg.mean_bands)
-    cfg.spread_scale, cfg.spread_bands, cfg.mean_bands = {}, {}, {}
     model.eval()
-    try:
+    with _uncalibrated(cfg):
         ds = ChipDataset(store, split=split)
         names = [
             m.name
@@ -237,9 +248,6 @@ def fit_level_bound(
                     total, count = total + float(crps.sum()), count + crps.size
             scores[trained * multiple] = total / max(count, 1)
         return scores
-    finally:
-        cfg.level_correction_bound, cfg.spread_scale, cfg.spread_bands = saved
-        cfg.mean_bands = saved_mean
 
 
 def _generate(model, name: str, batch: dict, cfg, order, members, gen) -> list[Window]:
