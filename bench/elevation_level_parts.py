@@ -9,7 +9,8 @@ correction of it, and the residual generator's own chip level. This runs
 (``bench/protocols/issue17_9directions_8samples.json``) with those parts watched (wrappers
 around ``ConvGenerator._add_retrieved`` and ``ConvGenerator.forward`` that record and change
 nothing) and prints, in metres: the neighbours' level and spread, the head's correction
-before and after ``level_correction_bound``, the residual's level (samples minus the mean)
+before and after ``level_correction_bound``, the residual's level (samples minus the mean;
+bounded too with ``residual_level_bound``)
 and the error of the samples' mean level against the truth (``level_mae``, as scored).
 """
 
@@ -39,8 +40,8 @@ def watch() -> dict[str, list]:
         band = model.config.stats["dem"]["bands"]["elevation"]
         return x * band["std"], band["mean"]
 
-    def add_watched(self, mod, mu, ret, near=None):
-        out = add(self, mod, mu, ret, near)
+    def add_watched(self, mod, mu, ret, near=None, spread=None):
+        out = add(self, mod, mu, ret, near, spread)
         if mod.name == "dem" and near is not None:
             level, _ = metres(self, cg._weighted_level(*near)[:, 0])
             spread, _ = metres(self, cg._level_spread(*near)[:, 0])

@@ -571,8 +571,9 @@ def test_the_level_correction_is_bounded_by_the_neighbours_spread(config):
     assert float(bound.min()) > 0.1  # the made-up levels 0..5 disagree
     structure = torch.randn(B, 1, 32, 32, generator=torch.Generator().manual_seed(5))
     structure = structure - structure.mean((2, 3), keepdim=True)
+    spread = model._neighbour_spread(mod, near)
     for shift in (0.01, 100.0, -100.0):
-        out = model._add_retrieved(mod, {"r30m": structure + shift}, ret, near)["r30m"]
+        out = model._add_retrieved(mod, {"r30m": structure + shift}, ret, near, spread)["r30m"]
         moved = out.mean((2, 3)) - want
         assert bool((moved.abs() <= bound + 1e-5).all())
         if abs(shift) > 1:  # a far correction ends at the bound, on its side
@@ -582,13 +583,16 @@ def test_the_level_correction_is_bounded_by_the_neighbours_spread(config):
         torch.testing.assert_close(out - out.mean((2, 3), keepdim=True), structure)
     none = ret.clone()  # no neighbour found: the head's level, unbounded
     none[:, ret.shape[1] - 4] = 0.0
-    out = model._add_retrieved(mod, {"r30m": structure + 100.0}, none, near)["r30m"]
+    out = model._add_retrieved(mod, {"r30m": structure + 100.0}, none, near, spread)["r30m"]
     torch.testing.assert_close(out.mean((2, 3)) - want, torch.full_like(want, 100.0))
     # neighbours that agree exactly, or none found: the gradient stays finite
     head = (structure + 1.0).requires_grad_()
     nearness = weight.detach().requires_grad_()
+    agree = (torch.ones_like(levels), nearness)
     for row in (ret, none):
-        out = model._add_retrieved(mod, {"r30m": head}, row, (torch.ones_like(levels), nearness))
+        out = model._add_retrieved(
+            mod, {"r30m": head}, row, agree, model._neighbour_spread(mod, agree)
+        )
         out["r30m"].sum().backward()
         assert bool(torch.isfinite(head.grad).all() and torch.isfinite(nearness.grad).all())
 
@@ -618,6 +622,50 @@ def test_with_the_level_bound_the_residual_gives_no_level(config):
         )
         > 1e-3
     )
+
+
+@needs_data
+def test_with_the_residual_level_bound_each_sample_keeps_a_bounded_level(config):
+    _, removed = _residual_twins(config, level_correction_bound=1.0)
+    _, kept = _residual_twins(config, level_correction_bound=1.0, residual_level_bound=0.5)
+    inputs = _inputs(config, torch.Generator().manual_seed(3), ["dem"], ["s1grd"])
+    # each sample its own level; the relief within the chip is the same as where the
+    # residual's level is removed
+    mean, samples = _run_three(kept, inputs)
+    moved = [s["dem"]["r30m"].mean((2, 3)) - mean["dem"]["r30m"].mean((2, 3)) for s in samples]
+    assert float((moved[0] - moved[1]).abs().max()) > 1e-3
+    for s, r in zip(samples, _run_three(removed, inputs)[1], strict=True):
+        s, r = s["dem"]["r30m"], r["dem"]["r30m"]
+        torch.testing.assert_close(
+            s - s.mean((2, 3), keepdim=True), r - r.mean((2, 3), keepdim=True), atol=1e-4, rtol=1e-4
+        )
+    mod = kept.config.registry["dem"]
+    with torch.no_grad():
+        kept.coef.weight.mul_(1e3)  # residual levels far beyond the bound
+        bound = 0.5 * kept._neighbour_spread(mod, kept._retrieve(inputs, ["dem"], None)[1]["dem"])
+    mean, samples = _run_three(kept, inputs)
+    level = mean["dem"]["r30m"].mean((2, 3))
+    moved = torch.stack([s["dem"]["r30m"].mean((2, 3)) - level for s in samples])
+    assert bool((moved.abs() <= bound * (1 + 1e-4)).all())  # never beyond the bound
+    assert float((moved.abs() / bound).median()) > 0.5  # and near it
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"residual_level_bound": -1.0}, {"residual_level_bound": 1.0, "level_correction_bound": 0.0}],
+)
+def test_the_residual_level_bound_is_positive_and_needs_the_level_bound(config, change):
+    cfg = ModelConfig.from_dict(
+        {
+            **config.to_dict(),
+            "retrieval_mixture": True,
+            "retrieval_k": 3,
+            "level_correction_bound": 1.0,
+            **change,
+        }
+    )
+    with pytest.raises(TerrasynthError, match="residual_level_bound"):
+        cfg.validate()
 
 
 @pytest.mark.parametrize(

@@ -110,6 +110,11 @@ class ModelConfig:
     # may move it; the residual's chip level is removed, so a sample's level is the bounded
     # mean's plus its gated share of the neighbours' deviations (0: unbounded)
     level_correction_bound: float = 0.0
+    # with level_correction_bound: each sample's residual keeps a chip level of its own,
+    # bounded (tanh) by this many times the same spread of the neighbours' levels, so where
+    # they disagree the samples' levels spread and where they agree they do not (0: the
+    # residual's chip level is removed)
+    residual_level_bound: float = 0.0
     # the mean as a regression (training): samples are built on the mean with its gradient
     # stopped, so the mean head (and the trunk through it) learns from the squared error of
     # the mean alone, as the U-Net baseline does, and the scores train only the residual
@@ -224,6 +229,13 @@ class ModelConfig:
                 raise TerrasynthError(
                     "level_correction_bound: 0 (off) or a positive multiple, with "
                     "retrieval_mixture and retrieval_k, not beside neighbour_level"
+                )
+            if self.residual_level_bound < 0 or (
+                self.residual_level_bound > 0 and self.level_correction_bound <= 0
+            ):
+                raise TerrasynthError(
+                    "residual_level_bound: 0 (removed) or a positive multiple, with "
+                    "level_correction_bound"
                 )
             if not 0.0 < self.level_gate_init < 1.0:
                 raise TerrasynthError("level_gate_init: a share between 0 and 1 (exclusive)")

@@ -487,13 +487,14 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
             apart = self._level_apart(mod, ret)
             keep = self._head_level_share(e)
             bounded = self._level_bounded(mod, ret)
+            spread = self._neighbour_spread(mod, near) if bounded is not None else None
             if apart is not None:
                 mu = {g: torch.where(apart, _anomaly(v, keep), v) for g, v in mu.items()}
             amp = self._amplitude(mod, ret)
             if amp is not None:  # the head's structure within the chip, as rough as theirs
                 mu = {g: v + (amp[g] - 1) * _anomaly(v) for g, v in mu.items()}
             if ret is not None:
-                mu = self._add_retrieved(mod, mu, ret, near)
+                mu = self._add_retrieved(mod, mu, ret, near, spread)
             # the mean calibrated per band and spatial scale; the residual (made against
             # the raw mean: the neighbours' levels are deviations from it) is unchanged
             shrink = self.config.mean_bands.get(name)
@@ -522,8 +523,8 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                     res = {g: amp[g] * r for g, r in res.items()}
                 if apart is not None:  # the level's spread comes from the neighbours' levels
                     res = {g: torch.where(apart, _anomaly(r, keep), r) for g, r in res.items()}
-                elif bounded is not None:  # so too with the bound: the residual has no level
-                    res = {g: torch.where(bounded, _anomaly(r), r) for g, r in res.items()}
+                elif bounded is not None:  # with the bound: the residual's level bounded too
+                    res = self._residual_level(mod, res, bounded, spread)
                 if near is not None and self.neighbour_pixels:  # each pixel: a mix of levels
                     hf = _modulate(h, film_r)
                     dev = self._pixel_levels(mod, mu_r, near, self.neighbour_logits(hf))
@@ -733,27 +734,23 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         mu: dict[str, torch.Tensor],
         ret: torch.Tensor,
         near: tuple[torch.Tensor, torch.Tensor] | None = None,
+        spread: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The mean head predicts the difference from the neighbours' level: their mean
         per band (continuous; weighted by nearness with the mixture) or the log of their
-        class frequencies (class maps). With ``level_correction_bound``, an elevation head's
-        own chip level (its correction of the neighbours') is at most that many times the
-        neighbours' spread of levels (plus a floor) where neighbours were found."""
+        class frequencies (class maps). With ``spread`` (``level_correction_bound``: the
+        neighbours' spread of levels, :meth:`_neighbour_spread`), an elevation head's own
+        chip level (its correction of the neighbours') is at most that many times it where
+        neighbours were found."""
         found = self._found(ret)[:, None].to(ret)
-        bound = None
-        if near is not None:
-            mean = _weighted_level(*near)
-            if self._bounds_level(mod):  # where found, bounded by their spread
-                levels, weight = near  # a constraint, not learnt through
-                bound = self.config.level_correction_bound * (
-                    _level_spread(levels, weight.detach()) + LEVEL_BOUND_FLOOR
-                )
+        mean = _weighted_level(*near) if near is not None else None
+        bound = self.config.level_correction_bound * spread if spread is not None else None
         out, offset = {}, 0
         for g in mod.groups:
             head = mu[g.name]
             if mod.kind == "categorical":
                 level = torch.log(ret[:, : mod.num_classes] + 0.02) * found
-            elif near is not None:
+            elif mean is not None:
                 level = mean[:, offset : offset + len(g.bands)]
                 if bound is not None:  # no neighbour found: the head's level, unbounded
                     bounded = _bounded_level(head, bound[:, offset : offset + len(g.bands)])
@@ -785,6 +782,33 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         if ret is None or not self._bounds_level(mod):
             return None
         return self._found(ret)[:, None, None, None]
+
+    def _neighbour_spread(
+        self, mod: Modality, near: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor | None:
+        """(B, C) with ``level_correction_bound``: the neighbours' weighted spread of levels
+        plus ``LEVEL_BOUND_FLOOR``, the unit of the level bounds (a constraint, not learnt
+        through: the nearness weights are detached). None without neighbours."""
+        if near is None or not self._bounds_level(mod):
+            return None
+        levels, weight = near
+        return _level_spread(levels, weight.detach()) + LEVEL_BOUND_FLOOR
+
+    def _residual_level(
+        self,
+        mod: Modality,
+        res: dict[str, torch.Tensor],
+        bounded: torch.Tensor,
+        spread: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """A sample's residual per group under the level bound, in the ``bounded`` chips
+        (B, 1, 1, 1): its chip level removed or, with ``residual_level_bound`` and the
+        neighbours' ``spread`` (B, C), at most that many times it."""
+        multiple = self.config.residual_level_bound
+        if multiple <= 0 or spread is None:
+            return {g: torch.where(bounded, _anomaly(r), r) for g, r in res.items()}
+        bound = by_group(mod, multiple * spread)
+        return {g: torch.where(bounded, _bounded_level(r, bound[g]), r) for g, r in res.items()}
 
     def _bounds_level(self, mod: Modality) -> bool:
         """Whether ``level_correction_bound`` applies to ``mod``: elevation targets (units m),
