@@ -48,11 +48,11 @@ def patch_head(head: float, head_level: float) -> None:
     the neighbours' level is added."""
     original = ConvGenerator._add_retrieved
 
-    def add_retrieved(self, mod, mu, ret, near=None):
+    def add_retrieved(self, mod, mu, ret, near=None, spread=None):
         if mod.kind != "categorical":
             mu = {g: head * v for g, v in mu.items()}
             mu = {g: v - (1 - head_level) * v.mean((2, 3), keepdim=True) for g, v in mu.items()}
-        return original(self, mod, mu, ret, near)
+        return original(self, mod, mu, ret, near, spread)
 
     ConvGenerator._add_retrieved = add_retrieved
 
