@@ -626,8 +626,12 @@ def test_with_the_level_bound_the_residual_gives_no_level(config):
 
 @needs_data
 def test_with_the_residual_level_bound_each_sample_keeps_a_bounded_level(config):
-    _, removed = _residual_twins(config, level_correction_bound=1.0)
-    _, kept = _residual_twins(config, level_correction_bound=1.0, residual_level_bound=0.5)
+    """The level of a sample's calibrated deviation from the mean is bounded; its relief is
+    the same as with the residual's level removed."""
+    # a spread calibration factor of 10: the bound holds after it
+    calibrated = {"level_correction_bound": 1.0, "spread_scale": {"dem": 10.0}}
+    _, removed = _residual_twins(config, **calibrated)
+    _, kept = _residual_twins(config, **calibrated, residual_level_bound=0.5)
     inputs = _inputs(config, torch.Generator().manual_seed(3), ["dem"], ["s1grd"])
     # each sample its own level; the relief within the chip is the same as where the
     # residual's level is removed
@@ -646,7 +650,7 @@ def test_with_the_residual_level_bound_each_sample_keeps_a_bounded_level(config)
     mean, samples = _run_three(kept, inputs)
     level = mean["dem"]["r30m"].mean((2, 3))
     moved = torch.stack([s["dem"]["r30m"].mean((2, 3)) - level for s in samples])
-    assert bool((moved.abs() <= bound * (1 + 1e-4)).all())  # never beyond the bound
+    assert bool((moved.abs() <= bound + 2e-3).all())  # never beyond it (float32 of 1e4s)
     assert float((moved.abs() / bound).median()) > 0.5  # and near it
 
 

@@ -110,10 +110,11 @@ class ModelConfig:
     # may move it; the residual's chip level is removed, so a sample's level is the bounded
     # mean's plus its gated share of the neighbours' deviations (0: unbounded)
     level_correction_bound: float = 0.0
-    # with level_correction_bound: each sample's residual keeps a chip level of its own,
-    # bounded (tanh) by this many times the same spread of the neighbours' levels, so where
-    # they disagree the samples' levels spread and where they agree they do not (0: the
-    # residual's chip level is removed)
+    # with level_correction_bound: each sample's deviation from the mean (its residual and
+    # neighbours' deviations, after calibration) keeps a chip level of its own, bounded
+    # (tanh) by this many times the same spread of the neighbours' levels, so where they
+    # disagree the samples' levels spread and where they agree they do not, whatever the
+    # calibration's factors (0: the residual's own chip level is removed)
     residual_level_bound: float = 0.0
     # the mean as a regression (training): samples are built on the mean with its gradient
     # stopped, so the mean head (and the trunk through it) learns from the squared error of

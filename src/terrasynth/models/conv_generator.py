@@ -523,8 +523,8 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                     res = {g: amp[g] * r for g, r in res.items()}
                 if apart is not None:  # the level's spread comes from the neighbours' levels
                     res = {g: torch.where(apart, _anomaly(r, keep), r) for g, r in res.items()}
-                elif bounded is not None:  # with the bound: the residual's level bounded too
-                    res = self._residual_level(mod, res, bounded, spread)
+                elif bounded is not None and self.config.residual_level_bound <= 0:  # no level
+                    res = {g: torch.where(bounded, _anomaly(r), r) for g, r in res.items()}
                 if near is not None and self.neighbour_pixels:  # each pixel: a mix of levels
                     hf = _modulate(h, film_r)
                     dev = self._pixel_levels(mod, mu_r, near, self.neighbour_logits(hf))
@@ -534,7 +534,10 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
                     res = {g: res[g] + gate[:, :, None, None] * dev[g] for g in res}
                 if per_scale is not None:
                     res = {g: rescale_bands(r, per_scale[g]) for g, r in res.items()}
-                s[name] = {g: base[g] + scale * res[g] for g in mu}
+                res = {g: scale * r for g, r in res.items()}
+                if bounded is not None and self.config.residual_level_bound > 0:
+                    res = self._residual_level(mod, res, bounded, spread)
+                s[name] = {g: base[g] + res[g] for g in mu}
         if members == 1:
             return samples[0]
         return mean, samples
@@ -801,13 +804,13 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
         bounded: torch.Tensor,
         spread: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
-        """A sample's residual per group under the level bound, in the ``bounded`` chips
-        (B, 1, 1, 1): its chip level removed or, with ``residual_level_bound`` and the
-        neighbours' ``spread`` (B, C), at most that many times it."""
-        multiple = self.config.residual_level_bound
-        if multiple <= 0 or spread is None:
-            return {g: torch.where(bounded, _anomaly(r), r) for g, r in res.items()}
-        bound = by_group(mod, multiple * spread)
+        """With ``residual_level_bound``: a sample's whole deviation from the mean per group
+        (its residual and neighbours' deviations, calibrated), in the ``bounded`` chips
+        (B, 1, 1, 1), with its chip level at most that many times the neighbours' ``spread``
+        (B, C), so no calibration factor spreads the level where the neighbours agree."""
+        if spread is None:
+            return res
+        bound = by_group(mod, self.config.residual_level_bound * spread)
         return {g: torch.where(bounded, _bounded_level(r, bound[g]), r) for g, r in res.items()}
 
     def _bounds_level(self, mod: Modality) -> bool:
