@@ -107,8 +107,9 @@ class ModelConfig:
     # neighbours' level (its own chip level) is bounded, smoothly (tanh), by this many
     # times the neighbours' spread of levels (their weighted std, plus a small floor), so
     # where near neighbours agree the level stays theirs and where they disagree the head
-    # may move it; the residual's chip level is removed, so a sample's level is the bounded
-    # mean's plus its gated share of the neighbours' deviations (0: unbounded)
+    # may move it; the residual's chip level is removed (or, with residual_level_bound,
+    # bounded), so a sample's level is the bounded mean's plus its gated share of the
+    # neighbours' deviations (0: unbounded)
     level_correction_bound: float = 0.0
     # with level_correction_bound: each sample's deviation from the mean (its residual and
     # neighbours' deviations, after calibration) keeps a chip level of its own, bounded

@@ -487,7 +487,7 @@ class ConvGenerator(FullResolutionFeatures, PretrainedMixin, nn.Module):
             apart = self._level_apart(mod, ret)
             keep = self._head_level_share(e)
             bounded = self._level_bounded(mod, ret)
-            spread = self._neighbour_spread(mod, near) if bounded is not None else None
+            spread = self._neighbour_spread(mod, near)  # the level bounds' unit, or None
             if apart is not None:
                 mu = {g: torch.where(apart, _anomaly(v, keep), v) for g, v in mu.items()}
             amp = self._amplitude(mod, ret)
